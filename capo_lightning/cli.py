@@ -1,0 +1,58 @@
+"""The ``capo`` command: LightningCLI over CAPOModule and RolloutDataModule."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from capo_lightning.data.datamodule import RolloutDataModule
+from capo_lightning.module import CAPOModule
+
+_DIR_ARGS = {"dirpath": "checkpoints", "save_dir": ""}  # init arg -> sub-folder of trainer.default_root_dir
+
+
+class CapoCLI(LightningCLI):
+    """``capo fit|validate|test --config A.yaml --config B.yaml --model.lr_scheduler.init_args.warmup_ratio=0``.
+
+    Later ``--config`` files override earlier ones, dotted flags override both, and ``${...}``
+    interpolation works inside a config file (``parser_mode="omegaconf"``).
+
+    Checkpoint callbacks and loggers given without a directory are placed under
+    ``trainer.default_root_dir`` (checkpoints in ``<root>/checkpoints``, logs in ``<root>``), so
+    one flag moves a whole run and ``--ckpt_path last`` finds the previous run's last checkpoint.
+    """
+
+    def before_instantiate_classes(self) -> None:
+        """Fill missing ``dirpath``/``save_dir`` of callbacks and loggers from default_root_dir."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        root = Path(trainer.get("default_root_dir") or ".")
+        entries: list[Any] = list(trainer.get("callbacks") or [])
+        logger = trainer.get("logger")
+        entries += logger if isinstance(logger, list) else [logger]
+        for entry in entries:
+            init_args = getattr(entry, "init_args", None)
+            if init_args is None:
+                continue
+            for arg, sub in _DIR_ARGS.items():
+                if arg in init_args and init_args[arg] in (None, "", "."):
+                    init_args[arg] = str(root / sub) if sub else str(root)
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``capo`` console script; tests call ``main([...])``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    CapoCLI(
+        CAPOModule,
+        RolloutDataModule,
+        args=args,
+        auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": "omegaconf"},
+    )
+
+
+if __name__ == "__main__":
+    main()

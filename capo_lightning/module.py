@@ -1,0 +1,329 @@
+"""CAPOModule: owns the policy (and a frozen reference when needed) and runs one RL step."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from capo_lightning.batch import RolloutBatch
+from capo_lightning.forward import ForwardOut, score_responses
+from capo_lightning.objectives import GRPO, Normalizer, Objective
+from capo_lightning.objectives.functional import masked_mean as _masked_mean
+from capo_lightning.optim import WarmupCosineLR, default_optimizer
+from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
+from capo_lightning.rollout import HFEngine, RolloutEngine
+from capo_lightning.selection import Selection, Selector, TokenView
+from capo_lightning.steps import StepPlan, plan_step
+
+
+class CAPOModule(L.LightningModule):
+    """Policy-gradient fine-tuning with pluggable Objective and Selector (manual optimization).
+
+    One training step takes one rollout batch (see :mod:`capo_lightning.batch`) and runs
+    ``ppo_epochs`` passes of ``minibatches`` optimizer steps over it. With both at 1 (the paper's
+    setting) there is a single forward: the old logprobs are the detached logprobs of the training
+    forward itself, so the ratio is exactly 1. Otherwise a no-grad pass first fixes the old
+    logprobs. The selector's mask is applied before the normaliser, so rejected tokens leave both
+    numerator and denominator.
+
+    Args:
+        policy: which model to train.
+        objective: advantage estimator and loss (default GRPO).
+        selector: token selector; None keeps every token (identical to KeepAll).
+        engine: rollout engine (default HFEngine, which shares the policy).
+        optimizer: builds the optimizer from the policy's trainable parameters.
+        lr_scheduler: builds the lr schedule; stepped once per optimizer step.
+        ppo_epochs: mu, passes over each rollout batch.
+        minibatches: optimizer steps per pass; must divide N.
+        micro_batch_size: rows per forward/backward (gradient accumulation); None = whole minibatch.
+        max_grad_norm: clip the global gradient norm to this; None disables clipping (norm still logged).
+        sample_every_n_steps: print one prompt/completion/reward every n steps (0 = never).
+    """
+
+    def __init__(
+        self,
+        policy: PolicySpec | None = None,
+        objective: Objective | None = None,
+        selector: Selector | None = None,
+        engine: RolloutEngine | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        ppo_epochs: int = 1,
+        minibatches: int = 1,
+        micro_batch_size: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        sample_every_n_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("ppo_epochs", ppo_epochs), ("minibatches", minibatches), ("micro_batch_size", micro_batch_size or 1)):
+            if value < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {value}")
+        self.automatic_optimization = False
+        self.policy_spec = policy if policy is not None else PolicySpec()
+        self.objective = objective if objective is not None else GRPO()
+        self.selector = selector
+        self.engine = engine if engine is not None else HFEngine()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.ppo_epochs, self.minibatches, self.micro_batch_size = ppo_epochs, minibatches, micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.sample_every_n_steps = sample_every_n_steps
+        self.policy: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        self._reference: torch.nn.Module | None = None  # plain attribute: not a child, not checkpointed
+        self.rollout_step = 0
+        self.completions_total = 0
+        self.skipped_steps = 0
+        self._last_step_end: float | None = None
+
+    # ---- building -----------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load policy (+ reference), bind the engine and connect the DataModule. Idempotent."""
+        if self.policy is None:
+            self.policy, self.tokenizer = load_policy(self.policy_spec)
+            if self.objective.needs_reference:
+                reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+                object.__setattr__(self, "_reference", reference)  # not a child: kept out of state_dict, optimizer, DDP
+            self.engine.bind(self.policy, self.tokenizer)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "connect"):
+            context = getattr(self.policy.config, "max_position_embeddings", None)
+            datamodule.connect(self.engine, self.tokenizer, self._rollout_state, context_len=context)
+
+    def _rollout_state(self) -> tuple[int, int]:
+        return self.global_step, self.rollout_step
+
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        """The frozen reference model (None when the objective has no KL term)."""
+        return self._reference
+
+    def configure_optimizers(self) -> Any:
+        """Optimizer over the policy's trainable parameters only (never the reference)."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            scheduler.set_total_steps(max(1, self.trainer.max_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        """Make sure the policy trains (from_pretrained returns eval mode) and warn on inert settings."""
+        self.policy.train()
+        if self.ppo_epochs == 1 and self.minibatches == 1 and self.objective.uses_clipping:
+            rank_zero_info("capo: ppo_epochs = minibatches = 1, so the ratio is 1 and the clip range never acts.")
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """RolloutBatch knows how to move itself (texts stay on the host)."""
+        if isinstance(batch, RolloutBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # ---- the step -----------------------------------------------------------------------------
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, Any]:
+        """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps."""
+        t0 = time.perf_counter()
+        advantages = self.objective.advantages(batch.rewards, batch.group_ids)  # [N]
+        ref = self._reference_logprobs(batch)
+        plan = plan_step(batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size)
+        metrics: dict[str, Tensor] = {}
+        if plan.fused:
+            selection = self._fused_step(batch, advantages, ref, metrics)
+        else:
+            selection = self._multi_step(batch, advantages, ref, plan, metrics)
+        metrics.update(self._rollout_metrics(batch))
+        metrics.update({k: v for k, v in selection.metrics.items()})
+        metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0)
+        self.rollout_step += 1
+        self.completions_total += batch.num_completions * self.trainer.world_size
+        metrics["train/completions_total"] = torch.tensor(float(self.completions_total))
+        metrics["objective/skipped_steps"] = torch.tensor(float(self.skipped_steps))
+        self._log_metrics(metrics, batch.num_completions)
+        return {"selection": selection, "advantages": advantages.detach()}
+
+    def _fused_step(self, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, metrics: dict) -> Selection:
+        out = self._score(batch, need_hidden=self._needs_hidden())
+        old = out.logprobs.detach()  # [N, L]
+        selection, mask = self._select(batch, adv, old, out.hidden)
+        norm = self._normalizer(mask)
+        loss_out = self.objective(out.logprobs, old, ref, adv, mask, norm)
+        self._add(metrics, loss_out.metrics, weight=1.0)
+        self._add(metrics, {"objective/loss": loss_out.loss.detach(), "objective/entropy": _masked_mean(out.entropy, mask)}, 1.0)
+        self._backward_and_step(loss_out.loss, metrics)
+        metrics["rollout/engine_trainer_logprob_gap"] = _masked_mean((old - batch.behavior_logprobs).abs(), batch.response_mask)
+        return selection
+
+    def _multi_step(self, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict) -> Selection:
+        with torch.no_grad():
+            parts = [self._score(batch, rows, need_hidden=self._needs_hidden()) for rows in plan.chunks(batch.num_completions)]
+        old = torch.cat([p.logprobs for p in parts])  # [N, L]
+        hidden = torch.cat([p.hidden for p in parts]) if parts[0].hidden is not None else None
+        selection, mask = self._select(batch, adv, old, hidden)
+        metrics["rollout/engine_trainer_logprob_gap"] = _masked_mean((old - batch.behavior_logprobs).abs(), batch.response_mask)
+        num_updates = plan.ppo_epochs * len(plan.minibatch_rows(0))
+        for epoch in range(plan.ppo_epochs):
+            for mb_rows in plan.minibatch_rows(epoch):
+                norm = self._normalizer(mask[mb_rows])
+                total = torch.zeros((), device=old.device)
+                for rows in plan.micro_rows(mb_rows):
+                    out = self._score(batch, rows)
+                    r_ref = ref[rows] if ref is not None else None
+                    loss_out = self.objective(out.logprobs, old[rows], r_ref, adv[rows], mask[rows], norm)
+                    self.manual_backward(loss_out.loss)
+                    total = total + loss_out.loss.detach()
+                    share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0) / plan.ppo_epochs
+                    self._add(metrics, loss_out.metrics, share)
+                    self._add(metrics, {"objective/entropy": _masked_mean(out.entropy, mask[rows])}, share)
+                self._add(metrics, {"objective/loss": total}, 1.0 / num_updates)
+                self._backward_and_step(None, metrics, weight=1.0 / num_updates)
+        return selection
+
+    def _score(self, batch: RolloutBatch, rows: Tensor | None = None, need_hidden: bool = False) -> ForwardOut:
+        ids, attn = (batch.input_ids, batch.attention_mask) if rows is None else (batch.input_ids[rows], batch.attention_mask[rows])
+        return score_responses(self.policy, ids, attn, batch.response_mask.shape[1], need_hidden=need_hidden)
+
+    def _reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
+        if not self.objective.needs_reference:
+            return None
+        device = batch.input_ids.device
+        if next(self._reference.parameters()).device != device:
+            self._reference.to(device)
+        with torch.no_grad():
+            return score_responses(self._reference, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]).logprobs
+
+    def _needs_hidden(self) -> bool:
+        return self.selector is not None and self.selector.needs_hidden
+
+    def _select(self, batch: RolloutBatch, adv: Tensor, old: Tensor, hidden: Tensor | None) -> tuple[Selection, Tensor]:
+        if self.selector is None:
+            return Selection(token_mask=batch.response_mask), batch.response_mask
+        view = TokenView(
+            actions=batch.responses,
+            response_mask=batch.response_mask,
+            advantages=(adv.unsqueeze(1) if adv.dim() == 1 else adv).expand_as(old).detach(),
+            old_logprobs=old,
+            hidden=hidden,
+            lm_head=lm_head_weight(self.policy).detach() if self.selector.needs_hidden else None,
+            lr=float(self.optimizers().param_groups[0]["lr"]),
+        )
+        with torch.no_grad():
+            selection = self.selector(view)
+        return selection, batch.response_mask & selection.token_mask
+
+    def _normalizer(self, mask: Tensor) -> Normalizer:
+        world = self.trainer.world_size
+        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
+        return Normalizer.from_mask(mask, max_len=self.trainer.datamodule.sampling.max_new_tokens if self._has_dm() else None,
+                                    all_reduce=reduce, world_size=world)
+
+    def _has_dm(self) -> bool:
+        return getattr(self.trainer, "datamodule", None) is not None and hasattr(self.trainer.datamodule, "sampling")
+
+    def _backward_and_step(self, loss: Tensor | None, metrics: dict, weight: float = 1.0) -> None:
+        """Backward (if ``loss`` given), clip, and step unless the loss or gradient is not finite."""
+        opt = self.optimizers()
+        if loss is not None:
+            if not torch.isfinite(loss):
+                self._skip(opt, "loss")
+                return
+            self.manual_backward(loss)
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        if not torch.isfinite(grad_norm):
+            self._skip(opt, "gradient")
+            return
+        self._add(metrics, {"objective/grad_norm": grad_norm.detach()}, weight)
+        metrics["train/lr"] = torch.tensor(float(opt.param_groups[0]["lr"]))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _skip(self, opt: Any, what: str) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        rank_zero_warn(f"capo: non-finite {what} at rollout step {self.rollout_step}; optimizer step skipped, weights unchanged")
+
+    # ---- metrics ------------------------------------------------------------------------------
+    @staticmethod
+    def _add(metrics: dict[str, Tensor], new: dict[str, Tensor], weight: float) -> None:
+        for key, value in new.items():
+            value = value.detach().float() * weight
+            metrics[key] = metrics[key] + value if key in metrics else value
+
+    def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, Tensor]:
+        lengths = batch.response_mask.sum(dim=1).float()  # [N]
+        out = {
+            "train/reward_mean": batch.rewards.mean(),
+            "train/reward_std": batch.rewards.std() if batch.num_completions > 1 else torch.zeros(()),
+            "train/accuracy": (batch.rewards > 0.5).float().mean(),
+            "rollout/response_length_mean": lengths.mean(),
+            "rollout/response_length_max": lengths.max(),
+            "rollout/truncated_frac": batch.truncated.float().mean(),
+            "rollout/staleness": torch.tensor(float(self.global_step - batch.policy_version)),
+        }
+        out.update({k: torch.tensor(float(v)) for k, v in batch.stats.items()})
+        return out
+
+    def _log_metrics(self, metrics: dict[str, Tensor], batch_size: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            metrics["time/step_s"] = torch.tensor(now - self._last_step_end)
+        self._last_step_end = now
+        sync = self.trainer.world_size > 1
+        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=sync)
+        self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=batch_size)
+
+    def on_train_batch_end(self, outputs: Any, batch: RolloutBatch, batch_idx: int) -> None:
+        """Push the new weights to the engine (a no-op for engines that share the policy)."""
+        self.engine.sync_weights(self.policy, self.global_step)
+        if self.sample_every_n_steps and batch.texts is not None and self.rollout_step % self.sample_every_n_steps == 0:
+            t = batch.texts
+            rank_zero_info(f"[step {self.rollout_step}] reward={float(batch.rewards[0]):.2f}\n{t.prompts[0]}{t.completions[0]}\n(gold: {t.answers[0]})")
+
+    def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        """Log the mean reward of completions sampled with the validation settings."""
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        """Same as validation, logged under ``test/``."""
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: RolloutBatch, prefix: str) -> None:
+        n, sync = batch.num_completions, self.trainer.world_size > 1
+        values = {
+            f"{prefix}/reward_mean": batch.rewards.mean(),
+            f"{prefix}/accuracy": (batch.rewards > 0.5).float().mean(),
+            f"{prefix}/response_length_mean": batch.response_mask.sum(1).float().mean(),
+            f"{prefix}/truncated_frac": batch.truncated.float().mean(),
+        }
+        self.log_dict(values, batch_size=n, sync_dist=sync, on_epoch=True, on_step=False)
+
+    # ---- checkpoint -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the data position and counters next to the weights."""
+        checkpoint["capo_state"] = {
+            "rollout_step": self.rollout_step,
+            "completions_total": self.completions_total,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the data position, so the next batch is the one the interrupted run would have seen."""
+        state = checkpoint.get("capo_state", {})
+        self.rollout_step = int(state.get("rollout_step", 0))
+        self.completions_total = int(state.get("completions_total", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+

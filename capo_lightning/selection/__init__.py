@@ -1,0 +1,9 @@
+"""Token selectors. Short names here work on the CLI: ``--model.selector=KeepAll``.
+
+The package is ``selection``, not ``selectors``: ``selectors`` is a stdlib module that asyncio imports.
+"""
+
+from capo_lightning.selection.base import Selection, Selector, TokenView
+from capo_lightning.selection.keep_all import KeepAll
+
+__all__ = ["KeepAll", "Selection", "Selector", "TokenView"]

@@ -1,0 +1,40 @@
+"""The Selector contract: decide which response tokens enter the gradient."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+
+@dataclass
+class TokenView:
+    """Everything a selector may look at for one step; every tensor is detached."""
+
+    actions: Tensor  # [N, L] sampled token ids
+    response_mask: Tensor  # [N, L] bool
+    advantages: Tensor  # [N, L] sequence advantages broadcast over tokens
+    old_logprobs: Tensor  # [N, L]
+    hidden: Tensor | None  # [N, L, d] LM-head input (after the final norm); None if the selector needs none
+    lm_head: Tensor | None  # [V, d] full LM-head weight
+    lr: float  # learning rate the coming optimizer step will use
+
+
+@dataclass
+class Selection:
+    """A selector's decision: the token mask plus what it measured on the way."""
+
+    token_mask: Tensor  # [N, L] bool, True = keep
+    shifts: dict[str, Tensor] = field(default_factory=dict)  # per-token [N, L] or scalar shifts, for monitors
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # "select/..." -> scalar
+
+
+class Selector(nn.Module, ABC):
+    """Chooses tokens for the gradient; never computes a loss. Called under ``torch.no_grad()``."""
+
+    needs_hidden: bool = False  # whether TokenView.hidden and .lm_head must be filled
+
+    @abstractmethod
+    def forward(self, view: TokenView) -> Selection:
+        """Return the mask (and shifts, metrics) for ``view``."""

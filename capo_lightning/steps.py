@@ -1,0 +1,51 @@
+"""How one rollout batch is cut into optimizer steps (minibatches) and forward passes (micro-batches)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """``ppo_epochs`` passes over N rows, each split into ``minibatches`` optimizer steps, each
+    accumulated over micro-batches of at most ``micro_batch_size`` rows."""
+
+    num_rows: int
+    ppo_epochs: int
+    minibatches: int
+    micro_batch_size: int
+    seed: int = 0
+
+    @property
+    def fused(self) -> bool:
+        """One forward serves old logprobs, selection and loss (mu = 1, one minibatch, one micro-batch)."""
+        return self.ppo_epochs == 1 and self.minibatches == 1 and self.micro_batch_size >= self.num_rows
+
+    def minibatch_rows(self, epoch: int) -> list[Tensor]:
+        """Row indices of each minibatch in pass ``epoch``: one fixed shuffle per epoch (the first pass keeps order)."""
+        if epoch == 0:
+            order = torch.arange(self.num_rows)
+        else:
+            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return list(order.chunk(self.minibatches))
+
+    def micro_rows(self, rows: Tensor) -> list[Tensor]:
+        """Split a minibatch's rows into micro-batches."""
+        return list(rows.split(self.micro_batch_size))
+
+    def chunks(self, num_rows: int) -> list[Tensor]:
+        """Micro-batch-sized chunks of all rows, for no-grad scoring passes."""
+        return list(torch.arange(num_rows).split(self.micro_batch_size))
+
+
+def plan_step(num_rows: int, ppo_epochs: int, minibatches: int, micro_batch_size: int | None) -> StepPlan:
+    """Validate and build the plan; ``minibatches`` must divide N so every step sees equal work."""
+    if num_rows % minibatches:
+        raise ValueError(
+            f"model.minibatches={minibatches} does not divide the {num_rows} completions of a step "
+            "(data.prompts_per_step x data.group_size); pick a divisor"
+        )
+    return StepPlan(num_rows, ppo_epochs, minibatches, micro_batch_size or num_rows)

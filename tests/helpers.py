@@ -1,0 +1,38 @@
+"""Small real components used by tests: a reward with variance on random models, a batch recorder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+
+def length_reward(completions: list[str], answers: list[str], **columns: Any) -> list[float]:
+    """Reward = response length in characters / 10: varies within a group even for a random model,
+    so advantages (and gradients) are non-zero in tests on the tiny model."""
+    return [len(c) / 10.0 for c in completions]
+
+
+class BatchRecorder(L.Callback):
+    """Appends what each training batch contained, and when it was trained on, to a JSONL file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        record = {
+            "global_step": trainer.global_step,
+            "policy_version": batch.policy_version,
+            "rollout_step": batch.rollout_step,
+            "prompts": batch.texts.prompts,
+            "completions": batch.texts.completions,
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records written by :class:`BatchRecorder`."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,104 @@
+"""The ``capo`` command, run in-process through ``cli.main`` (and once as a real console script)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from capo_lightning.cli import main
+from tests.conftest import ROOT
+from tests.helpers import read_records
+
+TINY = str(ROOT / "conf/debug/tiny_cpu.yaml")
+
+
+def tiny_args(root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", TINY, f"--trainer.default_root_dir={root}", *extra]
+
+
+def read_metrics(root: Path) -> list[dict[str, str]]:
+    files = sorted(root.glob("logs/version_*/metrics.csv"))
+    assert files, f"no metrics.csv under {root}"
+    with files[-1].open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_fit_runs_two_steps_and_logs_csv(tmp_path: Path) -> None:
+    main(tiny_args(tmp_path))
+    rows = [r for r in read_metrics(tmp_path) if r.get("train/reward_mean")]
+    assert len(rows) == 2
+    assert [float(r["train/completions_total"]) for r in rows] == [8.0, 16.0]  # 2 prompts x 4 samples per step
+    assert all(float(r["time/train_s"]) > 0 for r in rows)
+    assert rows[1]["time/step_s"] and float(rows[1]["time/step_s"]) > 0
+    assert (tmp_path / "checkpoints/last.ckpt").exists()
+    config = next(tmp_path.glob("logs/version_*/config.yaml")).read_text()
+    assert "capo_lightning.objectives.GRPO" in config
+
+
+def test_resume_from_last_continues_at_the_same_step_and_data(tmp_path: Path) -> None:
+    recorder = "tests.helpers.BatchRecorder"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    main(tiny_args(straight, "--trainer.max_steps=3", f"--trainer.callbacks+={recorder}",
+                   f"--trainer.callbacks.path={straight / 'b.jsonl'}"))
+    main(tiny_args(resumed, "--trainer.max_steps=2"))
+    main(tiny_args(resumed, "--trainer.max_steps=3", "--ckpt_path=last", f"--trainer.callbacks+={recorder}",
+                   f"--trainer.callbacks.path={resumed / 'b.jsonl'}"))
+    full, cont = read_records(straight / "b.jsonl"), read_records(resumed / "b.jsonl")
+    assert len(full) == 3 and len(cont) == 1
+    assert cont[0]["global_step"] == 2 and cont[0]["rollout_step"] == 2
+    assert cont[0]["prompts"] == full[2]["prompts"]
+    assert cont[0]["completions"] == full[2]["completions"]  # same weights, same sampling seed
+    a = torch.load(straight / "checkpoints/last.ckpt", weights_only=False)
+    b = torch.load(resumed / "checkpoints/last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 3
+    for key, value in a["state_dict"].items():  # equal only if optimizer moments were restored too
+        assert torch.allclose(value, b["state_dict"][key], atol=1e-6), key
+
+
+def test_config_typo_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(tiny_args(tmp_path, "--model.objetive=GRPO"))
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "objetive" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_model_path_fails_with_the_field_name(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model.policy.name_or_path"):
+        main(tiny_args(tmp_path, "--model.policy.name_or_path=/nonexistent/model"))
+
+
+def test_prompt_longer_than_budget_fails_with_the_field_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data.max_prompt_tokens"):
+        main(tiny_args(tmp_path, "--data.max_prompt_tokens=5"))
+
+
+def test_print_config_shows_documented_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", TINY, "--print_config"])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    for key in ("ppo_epochs: 1", "group_size: 4", "class_path: capo_lightning.objectives.GRPO", "max_new_tokens: 16"):
+        assert key in out
+
+
+@pytest.mark.skipif(shutil.which("capo") is None and not (Path(sys.executable).parent / "capo").exists(),
+                    reason="console script not installed")
+def test_console_script_help_lists_subcommands_and_documents_arguments() -> None:
+    exe = shutil.which("capo") or str(Path(sys.executable).parent / "capo")
+    top = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0
+    for sub in ("fit", "validate", "test"):
+        assert sub in top.stdout
+    fit = subprocess.run([exe, "fit", "--help"], capture_output=True, text=True, timeout=120)
+    assert fit.returncode == 0
+    assert "--model.ppo_epochs" in fit.stdout
+    assert "passes over each rollout batch" in fit.stdout  # the docstring is the help text
+    assert "--data.group_size" in fit.stdout

@@ -1,0 +1,142 @@
+"""One real training step of CAPOModule on the tiny model, through a real Lightning Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from capo_lightning.data.datamodule import RolloutDataModule
+from capo_lightning.data.prompts import ArithmeticSource
+from capo_lightning.module import CAPOModule
+from capo_lightning.objectives import GRPO
+from capo_lightning.policy import PolicySpec
+from capo_lightning.rollout import SamplingConfig
+from capo_lightning.selection import KeepAll
+from tests.helpers import BatchRecorder, length_reward, read_records
+
+
+def make_datamodule(**overrides) -> RolloutDataModule:
+    kwargs = dict(
+        train_source=ArithmeticSource(seed=1, max_value=20),
+        prompts_per_step=2,
+        group_size=4,
+        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0),
+        reward_fn=length_reward,
+        max_prompt_tokens=96,
+    )
+    kwargs.update(overrides)
+    return RolloutDataModule(**kwargs)
+
+
+def make_trainer(max_steps: int, callbacks: list | None = None, **kwargs) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [], **kwargs,
+    )
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2)
+
+
+def test_training_step_changes_every_policy_parameter_and_not_the_reference(tiny_model_dir: Path) -> None:
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), objective=GRPO(beta=0.1), optimizer=adamw)
+    module.configure_model()
+    assert module.reference is not None
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    ref_before = {n: p.detach().clone() for n, p in module.reference.named_parameters()}
+    make_trainer(1).fit(module, datamodule=make_datamodule())
+    unchanged = [n for n, p in module.policy.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, f"parameters the step did not update: {unchanged}"
+    for n, p in module.reference.named_parameters():
+        assert torch.equal(p, ref_before[n]), n
+        assert not p.requires_grad
+    # the reference is neither a registered child nor in the checkpointed state
+    assert not any(k.startswith("_reference") for k in module.state_dict())
+
+
+def test_optimizer_holds_only_policy_parameters(tiny_model_dir: Path) -> None:
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), objective=GRPO(beta=0.1), optimizer=adamw)
+    trainer = make_trainer(1)
+    trainer.fit(module, datamodule=make_datamodule())
+    held = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    policy_ids = {id(p) for p in module.policy.parameters()}
+    assert held == policy_ids
+    assert not held & {id(p) for p in module.reference.parameters()}
+
+
+def test_no_reference_model_when_beta_is_zero(tiny_model_dir: Path) -> None:
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), objective=GRPO(beta=0.0))
+    module.configure_model()
+    assert module.reference is None
+
+
+def _one_step(model_dir: Path, selector, batch) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    module = CAPOModule(policy=PolicySpec(str(model_dir)), selector=selector, optimizer=adamw)
+    trainer = make_trainer(1)
+    trainer.fit(module, train_dataloaders=[batch])
+    params = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    return params, {k: v.clone() for k, v in trainer.callback_metrics.items()}
+
+
+def test_keep_all_is_bit_identical_to_no_selector(tiny_model_dir: Path) -> None:
+    dm = make_datamodule()
+    gen = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
+    gen.configure_model()
+    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
+    batch = dm.rollout([dm.train_source.item(i) for i in range(2)], 4, SamplingConfig(max_new_tokens=12, seed=3), 0, 0)
+    params_none, metrics_none = _one_step(tiny_model_dir, None, batch)
+    params_keep, metrics_keep = _one_step(tiny_model_dir, KeepAll(), batch)
+    assert metrics_none["objective/loss"].item() == metrics_keep["objective/loss"].item()
+    assert metrics_none["objective/grad_norm"].item() == metrics_keep["objective/grad_norm"].item()
+    assert metrics_none["objective/grad_norm"].item() > 0
+    for name, value in params_none.items():
+        assert torch.equal(value, params_keep[name]), name
+
+
+def test_rollouts_come_from_the_weights_that_train_on_them(tiny_model_dir: Path, tmp_path: Path) -> None:
+    records = tmp_path / "batches.jsonl"
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw)
+    trainer = make_trainer(4, callbacks=[BatchRecorder(str(records))])
+    trainer.fit(module, datamodule=make_datamodule())
+    seen = read_records(records)
+    assert [r["global_step"] for r in seen] == [0, 1, 2, 3]
+    assert [r["policy_version"] for r in seen] == [0, 1, 2, 3]  # staleness 0
+    assert trainer.callback_metrics["rollout/staleness"].item() == 0.0
+    # behaviour logprobs (sampling time) equal the trainer's logprobs of the same weights
+    assert trainer.callback_metrics["rollout/engine_trainer_logprob_gap"].item() < 1e-4
+
+
+def test_nan_loss_skips_the_step_and_keeps_weights(tiny_model_dir: Path) -> None:
+    def nan_reward(completions, answers, **_):
+        return [float(i % 2) for i in range(len(completions))]
+
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    # poison the objective: a NaN advantage turns the loss into NaN
+    module.objective.advantages = lambda rewards, group_ids: torch.full_like(rewards, float("nan"))
+    trainer = make_trainer(2)
+    trainer.fit(module, datamodule=make_datamodule(reward_fn=nan_reward))
+    assert module.skipped_steps == 2
+    assert trainer.callback_metrics["objective/skipped_steps"].item() == 2.0
+    for n, p in module.policy.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("ppo_epochs,minibatches,micro", [(2, 1, None), (1, 2, 2), (1, 1, 3)])
+def test_multi_pass_paths_train_and_ratio_departs_from_one(tiny_model_dir: Path, ppo_epochs, minibatches, micro) -> None:
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw, ppo_epochs=ppo_epochs,
+                        minibatches=minibatches, micro_batch_size=micro)
+    trainer = make_trainer(1)
+    trainer.fit(module, datamodule=make_datamodule())
+    assert trainer.global_step == ppo_epochs * minibatches
+    ratio = trainer.callback_metrics["objective/ratio_mean"].item()
+    if ppo_epochs * minibatches > 1:
+        assert ratio != 1.0  # later updates see weights that already moved
+    else:
+        assert ratio == pytest.approx(1.0, abs=1e-6)
