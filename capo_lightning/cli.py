@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.module import CAPOModule
 
 _DIR_ARGS = {"dirpath": "checkpoints", "save_dir": ""}  # init arg -> sub-folder of trainer.default_root_dir
+
+
+class CapoArgumentParser(LightningArgumentParser):
+    """Adds "did you mean ...?" to errors about unknown keys (a typo in a YAML or a flag)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        """Append close matches of the offending key, then report as jsonargparse does."""
+        parser = getattr(ex, "subcommand_parser", None) or self
+        hint = _suggest(message, parser)
+        super().error(message + hint if hint else message, ex)
+
+
+def _suggest(message: str, parser: LightningArgumentParser) -> str:
+    match = re.search(r"(?:option|arguments:)\s*'?-*([\w.]+)", message)
+    if match is None:
+        return ""
+    keys = [o.lstrip("-") for a in parser._actions for o in a.option_strings if o.startswith("--") and not o.endswith(".help")]
+    close = difflib.get_close_matches(match.group(1), keys, n=3, cutoff=0.75)
+    return f". Did you mean: {', '.join('--' + k for k in close)}?" if close else ""
 
 
 class CapoCLI(LightningCLI):
@@ -50,6 +71,7 @@ def main(args: ArgsType = None) -> None:
         RolloutDataModule,
         args=args,
         auto_configure_optimizers=False,
+        parser_class=CapoArgumentParser,
         parser_kwargs={"parser_mode": "omegaconf"},
     )
 

@@ -45,6 +45,8 @@ class CAPOModule(L.LightningModule):
         micro_batch_size: rows per forward/backward (gradient accumulation); None = whole minibatch.
         max_grad_norm: clip the global gradient norm to this; None disables clipping (norm still logged).
         sample_every_n_steps: print one prompt/completion/reward every n steps (0 = never).
+        max_consecutive_skips: stop the run after this many optimizer steps in a row with a
+            non-finite loss or gradient (each such step is skipped, leaving the weights unchanged).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class CAPOModule(L.LightningModule):
         micro_batch_size: int | None = None,
         max_grad_norm: float | None = 1.0,
         sample_every_n_steps: int = 0,
+        max_consecutive_skips: int = 20,
     ) -> None:
         super().__init__()
         for name, value in (("ppo_epochs", ppo_epochs), ("minibatches", minibatches), ("micro_batch_size", micro_batch_size or 1)):
@@ -75,6 +78,8 @@ class CAPOModule(L.LightningModule):
         self.ppo_epochs, self.minibatches, self.micro_batch_size = ppo_epochs, minibatches, micro_batch_size
         self.max_grad_norm = max_grad_norm
         self.sample_every_n_steps = sample_every_n_steps
+        self.max_consecutive_skips = max_consecutive_skips
+        self._consecutive_skips = 0
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self._reference: torch.nn.Module | None = None  # plain attribute: not a child, not checkpointed
@@ -132,6 +137,7 @@ class CAPOModule(L.LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, Any]:
         """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps."""
         t0 = time.perf_counter()
+        staleness = torch.tensor(float(self.global_step - batch.policy_version))
         advantages = self.objective.advantages(batch.rewards, batch.group_ids)  # [N]
         ref = self._reference_logprobs(batch)
         plan = plan_step(batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size)
@@ -141,6 +147,7 @@ class CAPOModule(L.LightningModule):
         else:
             selection = self._multi_step(batch, advantages, ref, plan, metrics)
         metrics.update(self._rollout_metrics(batch))
+        metrics["rollout/staleness"] = staleness
         metrics.update({k: v for k, v in selection.metrics.items()})
         metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0)
         self.rollout_step += 1
@@ -246,14 +253,28 @@ class CAPOModule(L.LightningModule):
         metrics["train/lr"] = torch.tensor(float(opt.param_groups[0]["lr"]))
         opt.step()
         opt.zero_grad(set_to_none=True)
+        self._consecutive_skips = 0
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
 
     def _skip(self, opt: Any, what: str) -> None:
+        """Drop the gradient and take an empty optimizer step: weights and Adam moments stay as they
+        were, but the step counts towards max_steps and the schedule, so a run cannot stall."""
         opt.zero_grad(set_to_none=True)
+        opt.step()  # every grad is None: torch optimizers leave such parameters untouched
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
         self.skipped_steps += 1
-        rank_zero_warn(f"capo: non-finite {what} at rollout step {self.rollout_step}; optimizer step skipped, weights unchanged")
+        self._consecutive_skips += 1
+        rank_zero_warn(f"capo: non-finite {what} at rollout step {self.rollout_step}; update skipped, weights unchanged")
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            raise FloatingPointError(
+                f"{self._consecutive_skips} consecutive optimizer steps had a non-finite {what}; stopping. "
+                "The last checkpoint holds the last finite weights; lower the learning rate "
+                "(model.optimizer.init_args.lr) or raise model.max_consecutive_skips"
+            )
 
     # ---- metrics ------------------------------------------------------------------------------
     @staticmethod
@@ -271,7 +292,6 @@ class CAPOModule(L.LightningModule):
             "rollout/response_length_mean": lengths.mean(),
             "rollout/response_length_max": lengths.max(),
             "rollout/truncated_frac": batch.truncated.float().mean(),
-            "rollout/staleness": torch.tensor(float(self.global_step - batch.policy_version)),
         }
         out.update({k: torch.tensor(float(v)) for k, v in batch.stats.items()})
         return out

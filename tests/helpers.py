@@ -36,3 +36,16 @@ class BatchRecorder(L.Callback):
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Records written by :class:`BatchRecorder`."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class FixedBatches:
+    """A sized iterable over ready-made batches: feeds the same rollouts to several runs."""
+
+    def __init__(self, batches: list[Any]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)

@@ -67,7 +67,17 @@ def test_config_typo_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture
     assert exc.value.code != 0
     err = capsys.readouterr().err
     assert "objetive" in err
+    assert "Did you mean: --model.objective" in err
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_yaml_typo_is_named_with_a_suggestion(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  ppo_epoch: 2\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", TINY, "--config", str(typo)])
+    err = capsys.readouterr().err
+    assert "model.ppo_epoch" in err and "--model.ppo_epochs" in err
 
 
 def test_missing_model_path_fails_with_the_field_name(tmp_path: Path) -> None:

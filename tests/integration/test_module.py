@@ -15,7 +15,7 @@ from capo_lightning.objectives import GRPO
 from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout import SamplingConfig
 from capo_lightning.selection import KeepAll
-from tests.helpers import BatchRecorder, length_reward, read_records
+from tests.helpers import BatchRecorder, FixedBatches, length_reward, read_records
 
 
 def make_datamodule(**overrides) -> RolloutDataModule:
@@ -78,7 +78,7 @@ def _one_step(model_dir: Path, selector, batch) -> tuple[dict, dict]:
     torch.manual_seed(0)
     module = CAPOModule(policy=PolicySpec(str(model_dir)), selector=selector, optimizer=adamw)
     trainer = make_trainer(1)
-    trainer.fit(module, train_dataloaders=[batch])
+    trainer.fit(module, train_dataloaders=FixedBatches([batch]))
     params = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     return params, {k: v.clone() for k, v in trainer.callback_metrics.items()}
 
@@ -122,6 +122,7 @@ def test_nan_loss_skips_the_step_and_keeps_weights(tiny_model_dir: Path) -> None
     module.objective.advantages = lambda rewards, group_ids: torch.full_like(rewards, float("nan"))
     trainer = make_trainer(2)
     trainer.fit(module, datamodule=make_datamodule(reward_fn=nan_reward))
+    assert trainer.global_step == 2  # skipped steps still count, so the run ends
     assert module.skipped_steps == 2
     assert trainer.callback_metrics["objective/skipped_steps"].item() == 2.0
     for n, p in module.policy.named_parameters():
@@ -140,3 +141,12 @@ def test_multi_pass_paths_train_and_ratio_departs_from_one(tiny_model_dir: Path,
         assert ratio != 1.0  # later updates see weights that already moved
     else:
         assert ratio == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_run_of_non_finite_steps_stops_with_a_clear_error(tiny_model_dir: Path) -> None:
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw, max_consecutive_skips=3)
+    module.configure_model()
+    module.objective.advantages = lambda rewards, group_ids: torch.full_like(rewards, float("inf"))
+    with pytest.raises(FloatingPointError, match="max_consecutive_skips"):
+        make_trainer(10).fit(module, datamodule=make_datamodule())
+    assert module.skipped_steps == 3
