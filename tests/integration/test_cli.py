@@ -112,3 +112,44 @@ def test_console_script_help_lists_subcommands_and_documents_arguments() -> None
     assert "--model.ppo_epochs" in fit.stdout
     assert "passes over each rollout batch" in fit.stdout  # the docstring is the help text
     assert "--data.group_size" in fit.stdout
+
+
+def test_jsonl_prompts_train_end_to_end(tmp_path: Path) -> None:
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"prompt": "What is 2 + 3?", "answer": "5", "level": 1}\n{"prompt": "What is 7 - 4?", "answer": 3}\n')
+    main(tiny_args(tmp_path, "--trainer.max_steps=1", "--data.train_source=capo_lightning.data.prompts.JsonlSource",
+                   f"--data.train_source.path={data}"))
+    rows = [r for r in read_metrics(tmp_path) if r.get("train/reward_mean")]
+    assert len(rows) == 1
+
+
+def test_jsonl_row_without_answer_names_file_and_line(tmp_path: Path) -> None:
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"prompt": "What is 2 + 3?", "answer": "5"}\n{"prompt": "What is 7 - 4?"}\n')
+    with pytest.raises(Exception, match=r"line 2") as exc:
+        main(tiny_args(tmp_path, "--data.train_source=capo_lightning.data.prompts.JsonlSource",
+                       f"--data.train_source.path={data}"))
+    assert "broken.jsonl" in str(exc.value) and "answer" in str(exc.value)
+
+
+def test_empty_prompt_file_is_rejected(tmp_path: Path) -> None:
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    with pytest.raises(Exception, match="empty.jsonl"):
+        main(tiny_args(tmp_path, "--data.train_source=capo_lightning.data.prompts.JsonlSource",
+                       f"--data.train_source.path={data}"))
+
+
+def test_prompt_plus_response_longer_than_the_context_is_rejected(tmp_path: Path) -> None:
+    # the tiny model has a 512-token context
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        main(tiny_args(tmp_path, "--data.max_prompt_tokens=600"))
+
+
+def test_validate_and_test_from_a_checkpoint(tmp_path: Path) -> None:
+    main(tiny_args(tmp_path, "--trainer.max_steps=1"))
+    ckpt = tmp_path / "checkpoints/last.ckpt"
+    for sub, key in (("validate", "val/reward_mean"), ("test", "test/reward_mean")):
+        main([sub, "--config", TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}"])
+        rows = [r for r in read_metrics(tmp_path) if r.get(key)]
+        assert rows and 0.0 <= float(rows[-1][key]) <= 1.0, sub
