@@ -68,6 +68,8 @@ def _quiet_known_warnings() -> None:
     """Silence warnings that are expected here and only hide the real ones."""
     # RolloutBatch moves itself; Lightning notes the override on every run
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    # checkpoints are written after the optimizer step on purpose: global_step and weights agree
+    warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
     # a Lightning 2.6 / torch 2.13 deprecation inside Lightning itself
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 

@@ -150,3 +150,39 @@ def test_a_run_of_non_finite_steps_stops_with_a_clear_error(tiny_model_dir: Path
     with pytest.raises(FloatingPointError, match="max_consecutive_skips"):
         make_trainer(10).fit(module, datamodule=make_datamodule())
     assert module.skipped_steps == 3
+
+
+class _InterruptAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_leaves_a_checkpoint_that_resumes_at_the_same_data(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from capo_lightning.callbacks import InterruptCheckpoint
+
+    ckdir = tmp_path / "checkpoints"
+    straight = tmp_path / "straight.jsonl"
+    make_trainer(3, callbacks=[BatchRecorder(str(straight))]).fit(
+        CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw), datamodule=make_datamodule())
+    try:
+        L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                  callbacks=[InterruptCheckpoint(str(ckdir)), _InterruptAt(2)]).fit(
+            CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw), datamodule=make_datamodule())
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    assert (ckdir / "last-interrupted.ckpt").exists()
+    resumed = tmp_path / "resumed.jsonl"
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
+                        callbacks=[ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=0), BatchRecorder(str(resumed))])
+    trainer.fit(CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw), datamodule=make_datamodule(),
+                ckpt_path="last")
+    full, cont = read_records(straight), read_records(resumed)
+    assert [r["global_step"] for r in cont] == [2]
+    assert cont[0]["prompts"] == full[2]["prompts"]
+    assert cont[0]["completions"] == full[2]["completions"]

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import operator
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +282,8 @@ def test_reasoning_gym_bad_arguments(kwargs: dict[str, Any], fragment: str) -> N
 HAS_DATASETS = importlib.util.find_spec("datasets") is not None
 
 
-@pytest.mark.skipif(HAS_DATASETS, reason="datasets is installed; see the loading test")
-def test_hf_source_without_datasets_names_install_command() -> None:
+def test_hf_source_without_datasets_names_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail as if absent
     with pytest.raises(ImportError, match="pip install datasets"):
         HFDatasetSource()
 
