@@ -1,0 +1,79 @@
+"""Collation layout, schedule values worked by hand, and the step plan."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from capo_lightning.data.collate import collate_completions
+from capo_lightning.data.datamodule import RolloutDataModule
+from capo_lightning.data.prompts import JsonlSource
+from capo_lightning.optim import WarmupCosineLR
+from capo_lightning.rollout import Completion
+from capo_lightning.steps import plan_step
+
+
+def test_collate_left_pads_prompts_and_right_pads_responses() -> None:
+    comps = [
+        Completion(prompt_ids=[5, 6, 7], token_ids=[8, 2], logprobs=[-0.1, -0.2], finish_reason="stop", text="a"),
+        Completion(prompt_ids=[9], token_ids=[10, 11, 12], logprobs=[-1.0, -2.0, -3.0], finish_reason="length", text="b"),
+    ]
+    b = collate_completions(comps, [1.0, 0.0], [0, 0], pad_id=0, policy_version=4)
+    assert b.input_ids.tolist() == [[5, 6, 7, 8, 2, 0], [0, 0, 9, 10, 11, 12]]
+    assert b.attention_mask.tolist() == [[True] * 5 + [False], [False, False, True, True, True, True]]
+    assert b.response_mask.tolist() == [[True, True, False], [True, True, True]]
+    assert b.prompt_len == 3 and b.responses.tolist() == [[8, 2, 0], [10, 11, 12]]
+    torch.testing.assert_close(b.behavior_logprobs, torch.tensor([[-0.1, -0.2, 0.0], [-1.0, -2.0, -3.0]]))
+    assert b.truncated.tolist() == [False, True]
+    assert b.policy_version == 4
+    sub = b.select(torch.tensor([1]))
+    assert sub.input_ids.tolist() == [[0, 0, 9, 10, 11, 12]] and sub.texts is None
+
+
+def test_rollout_batch_validate_rejects_bad_shapes() -> None:
+    comps = [Completion([1], [2], [-0.5], "stop", "x")]
+    b = collate_completions(comps, [0.0], [0], pad_id=0, policy_version=0)
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="rewards"):
+        replace(b, rewards=torch.zeros(3)).validate()
+
+
+def test_warmup_cosine_values_worked_by_hand() -> None:
+    # base lr 1.0, 10 steps, warmup ratio 0.2 -> 2 warmup steps: factors 1/3, 2/3;
+    # then cosine over the remaining 8 steps: step 2 -> 1.0, step 6 -> 0.5 * (1 + cos(pi/2)) = 0.5
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, warmup_ratio=0.2)
+    assert sched.factor(0) == 1.0  # total unknown yet: flat
+    sched.set_total_steps(10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 3)
+    assert [round(sched.factor(s), 6) for s in (0, 1, 2, 6)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 0.5]
+    assert sched.factor(10) == pytest.approx(0.0)
+    floor = WarmupCosineLR(opt, warmup_ratio=0.0, total_steps=4, min_lr_ratio=0.1)
+    assert floor.factor(4) == pytest.approx(0.1)
+    assert floor.factor(2) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_plan_requires_minibatches_to_divide_the_step() -> None:
+    with pytest.raises(ValueError, match="model.minibatches"):
+        plan_step(10, 1, 3, None)
+    plan = plan_step(8, 2, 2, 3)
+    assert not plan.fused
+    rows = plan.minibatch_rows(1)
+    assert sorted(torch.cat(rows).tolist()) == list(range(8))  # a permutation of every row
+    assert [len(r) for r in plan.micro_rows(rows[0])] == [3, 1]
+    assert plan_step(8, 1, 1, None).fused
+
+
+def test_prompt_order_is_a_pure_function_of_step(tmp_path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(f'{{"prompt": "q{i}", "answer": "{i}"}}\n' for i in range(5)))
+    a = RolloutDataModule(train_source=JsonlSource(str(path)), prompts_per_step=2, seed=3)
+    b = RolloutDataModule(train_source=JsonlSource(str(path)), prompts_per_step=2, seed=3)
+    firsts = [[a._train_item(step, j).prompt for j in range(2)] for step in range(5)]
+    assert firsts == [[b._train_item(step, j).prompt for j in range(2)] for step in reversed(range(5))][::-1]
+    # 5 steps x 2 prompts = 2 epochs of 5 prompts: each epoch is a permutation of the file
+    flat = [p for pair in firsts for p in pair]
+    assert sorted(flat[:5]) == [f"q{i}" for i in range(5)] and sorted(flat[5:]) == [f"q{i}" for i in range(5)]
