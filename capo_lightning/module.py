@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from capo_lightning.batch import RolloutBatch
 from capo_lightning.forward import ForwardOut, score_responses
 from capo_lightning.objectives import GRPO, Normalizer, Objective
 from capo_lightning.objectives.functional import masked_mean as _masked_mean
+from capo_lightning.objectives.functional import truncated_importance_weight, zero_std_group_fraction
 from capo_lightning.optim import WarmupCosineLR, default_optimizer
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
@@ -47,6 +49,9 @@ class CAPOModule(L.LightningModule):
         sample_every_n_steps: print one prompt/completion/reward every n steps (0 = never).
         max_consecutive_skips: stop the run after this many optimizer steps in a row with a
             non-finite loss or gradient (each such step is skipped, leaving the weights unchanged).
+        mask_truncated: drop completions that hit max_new_tokens from the loss (DAPO's overlong filtering).
+        tis_cap: multiply each token's loss by min(pi_old / pi_engine, tis_cap), the truncated importance
+            weight that corrects for engine/trainer logprob mismatch (TIS); None disables it.
     """
 
     def __init__(
@@ -63,6 +68,8 @@ class CAPOModule(L.LightningModule):
         max_grad_norm: float | None = 1.0,
         sample_every_n_steps: int = 0,
         max_consecutive_skips: int = 20,
+        mask_truncated: bool = False,
+        tis_cap: float | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("ppo_epochs", ppo_epochs), ("minibatches", minibatches), ("micro_batch_size", micro_batch_size or 1)):
@@ -79,6 +86,10 @@ class CAPOModule(L.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.sample_every_n_steps = sample_every_n_steps
         self.max_consecutive_skips = max_consecutive_skips
+        self.mask_truncated = mask_truncated
+        if tis_cap is not None and tis_cap <= 0:
+            raise ValueError(f"model.tis_cap must be > 0 (typically 2), got {tis_cap}; None disables it")
+        self.tis_cap = tis_cap
         self._consecutive_skips = 0
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -125,7 +136,15 @@ class CAPOModule(L.LightningModule):
         """Make sure the policy trains (from_pretrained returns eval mode) and warn on inert settings."""
         self.policy.train()
         if self.ppo_epochs == 1 and self.minibatches == 1 and self.objective.uses_clipping:
-            rank_zero_info("capo: ppo_epochs = minibatches = 1, so the ratio is 1 and the clip range never acts.")
+            rank_zero_warn(
+                "capo: model.ppo_epochs = model.minibatches = 1, so the ratio is exactly 1 and the clip range "
+                f"({type(self.objective).__name__} clip_low/clip_high) never acts; raise either to use it."
+            )
+        if self.tis_cap is not None and self.engine.shares_policy:
+            rank_zero_warn(
+                f"capo: model.tis_cap is set but {type(self.engine).__name__} samples with the policy itself, so "
+                "engine and trainer logprobs agree and the importance weight is ~1; it matters with vLLM."
+            )
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """RolloutBatch knows how to move itself (texts stay on the host)."""
@@ -138,6 +157,8 @@ class CAPOModule(L.LightningModule):
         """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps."""
         t0 = time.perf_counter()
         staleness = torch.tensor(float(self.global_step - batch.policy_version))
+        if self.mask_truncated:
+            batch = replace(batch, response_mask=batch.response_mask & ~batch.truncated.unsqueeze(1))
         advantages = self.objective.advantages(batch.rewards, batch.group_ids)  # [N]
         ref = self._reference_logprobs(batch)
         plan = plan_step(batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size)
@@ -147,6 +168,7 @@ class CAPOModule(L.LightningModule):
         else:
             selection = self._multi_step(batch, advantages, ref, plan, metrics)
         metrics.update(self._rollout_metrics(batch))
+        metrics["rollout/frac_zero_std_groups"] = zero_std_group_fraction(batch.rewards, batch.group_ids)
         metrics["rollout/staleness"] = staleness
         metrics.update({k: v for k, v in selection.metrics.items()})
         metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0)
@@ -162,7 +184,8 @@ class CAPOModule(L.LightningModule):
         old = out.logprobs.detach()  # [N, L]
         selection, mask = self._select(batch, adv, old, out.hidden)
         norm = self._normalizer(mask)
-        loss_out = self.objective(out.logprobs, old, ref, adv, mask, norm)
+        metrics["objective/normalizer"] = torch.tensor(norm.denominator(self.objective.aggregation))
+        loss_out = self.objective(out.logprobs, old, ref, adv, mask, norm, self._tis(old, batch.behavior_logprobs))
         self._add(metrics, loss_out.metrics, weight=1.0)
         self._add(metrics, {"objective/loss": loss_out.loss.detach(), "objective/entropy": _masked_mean(out.entropy, mask)}, 1.0)
         self._backward_and_step(loss_out.loss, metrics)
@@ -180,11 +203,14 @@ class CAPOModule(L.LightningModule):
         for epoch in range(plan.ppo_epochs):
             for mb_rows in plan.minibatch_rows(epoch):
                 norm = self._normalizer(mask[mb_rows])
+                self._add(metrics, {"objective/normalizer": torch.tensor(norm.denominator(self.objective.aggregation))},
+                          1.0 / num_updates)
                 total = torch.zeros((), device=old.device)
                 for rows in plan.micro_rows(mb_rows):
                     out = self._score(batch, rows)
                     r_ref = ref[rows] if ref is not None else None
-                    loss_out = self.objective(out.logprobs, old[rows], r_ref, adv[rows], mask[rows], norm)
+                    weights = self._tis(old[rows], batch.behavior_logprobs[rows])
+                    loss_out = self.objective(out.logprobs, old[rows], r_ref, adv[rows], mask[rows], norm, weights)
                     self.manual_backward(loss_out.loss)
                     total = total + loss_out.loss.detach()
                     share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0) / plan.ppo_epochs
@@ -207,6 +233,11 @@ class CAPOModule(L.LightningModule):
         with torch.no_grad():
             return score_responses(self._reference, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]).logprobs
 
+    def _tis(self, old: Tensor, behavior: Tensor) -> Tensor | None:
+        if self.tis_cap is None:
+            return None
+        return truncated_importance_weight(old, behavior, self.tis_cap)
+
     def _needs_hidden(self) -> bool:
         return self.selector is not None and self.selector.needs_hidden
 
@@ -227,13 +258,20 @@ class CAPOModule(L.LightningModule):
         return selection, batch.response_mask & selection.token_mask
 
     def _normalizer(self, mask: Tensor) -> Normalizer:
+        """Global counts of ``mask`` summed over ranks (gradients then match any data split)."""
         world = self.trainer.world_size
         reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
-        return Normalizer.from_mask(mask, max_len=self.trainer.datamodule.sampling.max_new_tokens if self._has_dm() else None,
-                                    all_reduce=reduce, world_size=world)
+        return Normalizer.from_mask(mask, max_len=self._constant_len(mask), all_reduce=reduce, world_size=world)
 
-    def _has_dm(self) -> bool:
-        return getattr(self.trainer, "datamodule", None) is not None and hasattr(self.trainer.datamodule, "sampling")
+    def _constant_len(self, mask: Tensor) -> int:
+        """Dr.GRPO's constant L: the objective's max_len, else the rollout budget, else the padded length."""
+        fixed = getattr(self.objective, "max_len", None)
+        if fixed is not None:
+            return int(fixed)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "sampling"):
+            return int(datamodule.sampling.max_new_tokens)
+        return int(mask.shape[1])
 
     def _backward_and_step(self, loss: Tensor | None, metrics: dict, weight: float = 1.0) -> None:
         """Backward (if ``loss`` given), clip, and step unless the loss or gradient is not finite."""

@@ -5,19 +5,34 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.collate import collate_completions
 from capo_lightning.data.prompts import ArithmeticSource, PromptItem, PromptSource
 from capo_lightning.rewards.math import math_reward
-from capo_lightning.rollout.engine import RolloutEngine, SamplingConfig
+from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
 RewardFn = Callable[..., list[float]]
+
+
+@dataclass
+class _Group:
+    """The G scored completions of one prompt."""
+
+    item: PromptItem
+    prompt: str  # formatted
+    completions: list[Completion]
+    rewards: list[float]
+
+    def varies(self, tol: float = 1e-6) -> bool:
+        """True when the rewards differ (max - min > tol), i.e. the group has a learning signal."""
+        return max(self.rewards) - min(self.rewards) > tol
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -45,6 +60,10 @@ class RolloutDataModule(L.LightningDataModule):
         max_prompt_tokens: longest allowed formatted prompt, in tokens.
         steps_per_epoch: length of one pass of the train stream (an epoch is bookkeeping only).
         seed: seeds prompt order and sampling.
+        dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards all agree and refill with
+            fresh prompts until B varied groups are found.
+        max_sampling_rounds: generation rounds per step at most, with dynamic sampling; then the batch
+            is topped up with zero-variance groups and a warning is logged.
     """
 
     def __init__(
@@ -65,6 +84,8 @@ class RolloutDataModule(L.LightningDataModule):
         max_prompt_tokens: int = 512,
         steps_per_epoch: int = 100,
         seed: int = 0,
+        dynamic_sampling: bool = False,
+        max_sampling_rounds: int = 4,
     ) -> None:
         super().__init__()
         for name, value in (("prompts_per_step", prompts_per_step), ("group_size", group_size),
@@ -90,10 +111,14 @@ class RolloutDataModule(L.LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.steps_per_epoch = steps_per_epoch
         self.seed = seed
+        if max_sampling_rounds < 1:
+            raise ValueError(f"data.max_sampling_rounds must be >= 1, got {max_sampling_rounds}")
+        self.dynamic_sampling = dynamic_sampling
+        self.max_sampling_rounds = max_sampling_rounds
         self.engine: RolloutEngine | None = None
         self.tokenizer: Any = None
         self._state_fn: Callable[[], tuple[int, int]] = lambda: (0, 0)
-        self._perms: dict[int, list[int]] = {}
+        self._perms: dict[tuple[int, int], list[int]] = {}
 
     # ---- wiring -------------------------------------------------------------------------------
     def connect(self, engine: RolloutEngine, tokenizer: Any, state_fn: Callable[[], tuple[int, int]],
@@ -140,7 +165,11 @@ class RolloutDataModule(L.LightningDataModule):
         version, step = self._state_fn()
         items = [self._train_item(step, j) for j in range(self.prompts_per_step)]
         sampling = replace(self.sampling, seed=self.seed * 1_000_003 + step * 7919 + self._rank())
-        return self.rollout(items, self.group_size, sampling, version, step)
+        groups, stats = self._sample_groups(items, self.group_size, sampling)
+        if self.dynamic_sampling:
+            groups, more = self._keep_varied_groups(groups, step, sampling)
+            stats.update(more)
+        return self._collate(groups, version, step, stats)
 
     def _eval_batch(self, source: PromptSource, indices: list[int]) -> RolloutBatch:
         version, step = self._state_fn()
@@ -150,25 +179,69 @@ class RolloutDataModule(L.LightningDataModule):
 
     def rollout(self, items: list[PromptItem], n: int, sampling: SamplingConfig, version: int, step: int) -> RolloutBatch:
         """Generate ``n`` completions per item, score them and collate a RolloutBatch."""
+        groups, stats = self._sample_groups(items, n, sampling)
+        return self._collate(groups, version, step, stats)
+
+    def _sample_groups(self, items: list[PromptItem], n: int, sampling: SamplingConfig) -> tuple[list[_Group], dict]:
+        """Generate and score ``n`` completions for each item."""
         if self.engine is None:
-            raise RuntimeError("RolloutDataModule used before connect(); the CAPOModule connects it in setup()")
+            raise RuntimeError("RolloutDataModule used before connect(); the CAPOModule connects it in configure_model()")
         prompts = [self.format_prompt(item.prompt) for item in items]
         t0 = time.perf_counter()
         completions = self.engine.generate(prompts, n, sampling)
         gen_s = time.perf_counter() - t0
-        answers = [item.answer for item in items for _ in range(n)]
-        texts = [c.text for c in completions]
         t1 = time.perf_counter()
-        rewards = self._score(texts, answers, [item.columns for item in items for _ in range(n)])
+        rewards = self._score(completions, [item for item in items for _ in range(n)], sampling.max_new_tokens)
         reward_s = time.perf_counter() - t1
-        group_ids = [j for j in range(len(items)) for _ in range(n)]
+        groups = [
+            _Group(item, prompt, completions[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n])
+            for j, (item, prompt) in enumerate(zip(items, prompts))
+        ]
+        tokens = sum(len(c.token_ids) for c in completions)
+        return groups, {"time/generate_s": gen_s, "time/reward_s": reward_s, "rollout/tokens_per_s": tokens / max(gen_s, 1e-9)}
+
+    def _keep_varied_groups(self, groups: list[_Group], step: int, sampling: SamplingConfig) -> tuple[list[_Group], dict]:
+        """DAPO's dynamic sampling: keep groups whose rewards differ; refill with fresh prompts.
+
+        At most ``max_sampling_rounds`` generation rounds; if B varied groups are still missing, the
+        batch is topped up with zero-variance groups (advantage 0, no gradient) so every rank keeps
+        exactly B groups, and a warning says so.
+        """
+        b = self.prompts_per_step
+        kept = [g for g in groups if g.varies()]
+        dropped = [g for g in groups if not g.varies()]
+        generated, rounds = len(groups), 1
+        while len(kept) < b and rounds < self.max_sampling_rounds:
+            items = [self._refill_item(step, rounds, j) for j in range(b)]
+            more, extra = self._sample_groups(items, self.group_size, replace(sampling, seed=sampling.seed + 104_729 * rounds))
+            kept += [g for g in more if g.varies()]
+            dropped += [g for g in more if not g.varies()]
+            generated, rounds = generated + len(more), rounds + 1
+        filled = max(0, b - len(kept))
+        if filled:
+            rank_zero_warn(
+                f"capo: dynamic sampling found {len(kept)} of {b} groups with varied rewards in "
+                f"{rounds} rounds (data.max_sampling_rounds); {filled} zero-variance groups fill the batch"
+            )
+        batch_groups = (kept + dropped[:filled])[:b]
+        stats = {
+            "rollout/sampling_rounds": float(rounds),
+            "rollout/groups_generated": float(generated),
+            "rollout/groups_kept_frac": len(kept) / generated,
+            "rollout/groups_filled": float(filled),
+        }
+        return batch_groups, stats
+
+    def _collate(self, groups: list[_Group], version: int, step: int, stats: dict) -> RolloutBatch:
+        n = len(groups[0].completions)
         batch = collate_completions(
-            completions, rewards, group_ids, pad_id=self.tokenizer.pad_token_id, policy_version=version,
-            rollout_step=step, prompts=[p for p in prompts for _ in range(n)], answers=answers,
+            [c for g in groups for c in g.completions],
+            [r for g in groups for r in g.rewards],
+            [j for j in range(len(groups)) for _ in range(n)],
+            pad_id=self.tokenizer.pad_token_id, policy_version=version, rollout_step=step,
+            prompts=[g.prompt for g in groups for _ in range(n)], answers=[g.item.answer for g in groups for _ in range(n)],
         )
-        tokens = float(batch.response_mask.sum())
-        batch.stats.update({"time/generate_s": gen_s, "time/reward_s": reward_s,
-                            "rollout/tokens_per_s": tokens / max(gen_s, 1e-9)})
+        batch.stats.update(stats)
         return batch
 
     def format_prompt(self, question: str) -> str:
@@ -189,11 +262,17 @@ class RolloutDataModule(L.LightningDataModule):
             )
         return text
 
-    def _score(self, texts: list[str], answers: list[str], columns: list[dict[str, Any]]) -> list[float]:
-        keys = sorted(set().union(*columns)) if columns else []
-        cols = {k: [c.get(k) for c in columns] for k in keys}
-        rewards = [float(r) for r in self.reward_fn(texts, answers, **cols)]
-        name = getattr(self.reward_fn, "__name__", repr(self.reward_fn))
+    def _score(self, completions: list[Completion], items: list[PromptItem], max_new_tokens: int) -> list[float]:
+        """Call the reward function with each item's columns plus ``completion_tokens``, ``truncated``
+        and ``max_new_tokens`` (what length-aware rewards such as OverlongPenalty read)."""
+        texts = [c.text for c in completions]
+        keys = sorted(set().union(*(item.columns for item in items)))
+        cols: dict[str, list[Any]] = {k: [item.columns.get(k) for item in items] for k in keys}
+        cols["completion_tokens"] = [len(c.token_ids) for c in completions]
+        cols["truncated"] = [c.finish_reason == "length" for c in completions]
+        cols["max_new_tokens"] = [max_new_tokens] * len(completions)
+        rewards = [float(r) for r in self.reward_fn(texts, [item.answer for item in items], **cols)]
+        name = getattr(self.reward_fn, "__name__", type(self.reward_fn).__name__)
         if len(rewards) != len(texts):
             raise ValueError(f"data.reward_fn {name} returned {len(rewards)} rewards for {len(texts)} completions")
         if not all(math.isfinite(r) for r in rewards):
@@ -201,19 +280,30 @@ class RolloutDataModule(L.LightningDataModule):
         return rewards
 
     def _train_item(self, step: int, j: int) -> PromptItem:
-        world, rank = self._world(), self._rank()
-        index = (step * world + rank) * self.prompts_per_step + j
-        size = self.train_source.size
-        if size is None:
-            return self.train_source.item(index)
-        epoch, pos = divmod(index, size)
-        return self.train_source.item(self._perm(epoch, size)[pos])
+        """Prompt j of rollout step ``step`` on this rank: a pure function of (seed, step, rank, j)."""
+        index = (step * self._world() + self._rank()) * self.prompts_per_step + j
+        return self._source_item(index, stream=0)
 
-    def _perm(self, epoch: int, size: int) -> list[int]:
-        if epoch not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms = {epoch: torch.randperm(size, generator=gen).tolist()}  # keep one epoch cached
-        return self._perms[epoch]
+    def _refill_item(self, step: int, round_: int, j: int) -> PromptItem:
+        """Prompt j of dynamic-sampling round ``round_`` (>= 1): drawn from a separate, seeded stream."""
+        rounds = max(1, self.max_sampling_rounds - 1)
+        index = ((step * rounds + round_ - 1) * self._world() + self._rank()) * self.prompts_per_step + j
+        return self._source_item(index, stream=1)
+
+    def _source_item(self, index: int, stream: int) -> PromptItem:
+        size = self.train_source.size
+        if size is None:  # unbounded generators: the refill stream lives far above any training index
+            return self.train_source.item(index + stream * 10**12)
+        epoch, pos = divmod(index, size)
+        return self.train_source.item(self._perm(stream, epoch, size)[pos])
+
+    def _perm(self, stream: int, epoch: int, size: int) -> list[int]:
+        key = (stream, epoch)
+        if key not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919 * stream)
+            self._perms = {k: v for k, v in self._perms.items() if k[0] != stream}  # one epoch per stream
+            self._perms[key] = torch.randperm(size, generator=gen).tolist()
+        return self._perms[key]
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self._has_trainer() else 0

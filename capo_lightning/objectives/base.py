@@ -38,6 +38,14 @@ class Normalizer:
             counts = all_reduce(counts)
         return cls(num_sequences=float(counts[0]), num_tokens=float(counts[1]), world_size=world_size, max_len=max_len)
 
+    def denominator(self, aggregation: str) -> float:
+        """The resolved denominator of ``aggregation`` (logged as ``objective/normalizer``)."""
+        if aggregation == "token_mean":
+            return self.num_tokens
+        if aggregation == "seq_mean_token_sum_norm":
+            return float(self.max_len or 0) * self.num_sequences
+        return self.num_sequences
+
 
 @dataclass
 class LossOutput:
@@ -81,6 +89,7 @@ class Objective(nn.Module, ABC):
         advantages: Tensor,
         mask: Tensor,
         norm: Normalizer,
+        token_weights: Tensor | None = None,
     ) -> LossOutput:
         """Loss of one micro-batch.
 
@@ -91,4 +100,5 @@ class Objective(nn.Module, ABC):
             advantages: [n] or [n, L].
             mask: [n, L] bool, tokens that enter the loss (response mask and selector mask combined).
             norm: global denominators of the step.
+            token_weights: [n, L] detached per-token factors (e.g. truncated importance weights), or None.
         """

@@ -126,6 +126,25 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, norm: Normalizer) -> Tens
     return total * norm.world_size
 
 
+def truncated_importance_weight(old_logprobs: Tensor, behavior_logprobs: Tensor, cap: float) -> Tensor:
+    """Truncated importance weight min(pi_old / pi_behavior, cap) per token, detached (Yao et al. 2025, TIS).
+
+    Corrects for the sampling engine's logprobs differing from the trainer's (vLLM kernels, bf16):
+    the samples come from pi_behavior while the surrogate is written for pi_old.
+    """
+    log_ratio = (old_logprobs - behavior_logprobs).clamp(max=20.0)  # [N, L]
+    return torch.exp(log_ratio).clamp(max=cap).detach()
+
+
+def zero_std_group_fraction(rewards: Tensor, group_ids: Tensor, tol: float = 1e-6) -> Tensor:
+    """Fraction of groups whose rewards all agree (max - min <= tol): their advantages are 0."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    hi = torch.full((num_groups,), -torch.inf, device=rewards.device).scatter_reduce(0, inverse, rewards.float(), "amax")
+    lo = torch.full((num_groups,), torch.inf, device=rewards.device).scatter_reduce(0, inverse, rewards.float(), "amin")
+    return ((hi - lo) <= tol).float().mean() if num_groups else torch.zeros(())
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``values`` over True entries of ``mask`` (0 when the mask is empty)."""
     mask_f = mask.to(values.dtype)
