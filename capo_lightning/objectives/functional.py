@@ -15,6 +15,7 @@ from capo_lightning.objectives.base import Normalizer
 
 Aggregation = Literal["seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean"]
 AGGREGATIONS: tuple[str, ...] = ("seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean")
+CONSTANT_TOL = 1e-6  # rewards of a group within this range count as all equal
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-4) -> Tensor:
@@ -22,7 +23,8 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale_by_std: bool = Tr
 
     ``std`` is the Bessel-corrected (unbiased) standard deviation over the group, as in the
     DeepSeekMath GRPO code and the CAPO official code. A group of one sample gets advantage 0
-    (there is no baseline to compare with), and a group whose rewards all agree gets 0.
+    (there is no baseline to compare with), and a group whose rewards all agree (max - min <=
+    ``CONSTANT_TOL``) gets exactly 0, whatever the float rounding of its mean.
 
     Args:
         rewards: [N] float rewards.
@@ -44,8 +46,12 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale_by_std: bool = Tr
         sq = torch.zeros_like(sums).index_add_(0, inverse, centred**2)  # [num_groups]
         std = (sq / (counts - 1).clamp(min=1)).sqrt()  # [num_groups], unbiased
         centred = centred / (std[inverse] + eps)
-    singleton = counts[inverse] < 2  # [N]
-    return torch.where(singleton, torch.zeros_like(centred), centred)
+    # groups of one, and groups whose rewards agree up to float noise (the fp32 mean of 16 x 0.7 is
+    # off by ~6e-8, which the std would blow up), get exactly 0
+    hi = torch.full_like(sums, -torch.inf).scatter_reduce(0, inverse, rewards, "amax")
+    lo = torch.full_like(sums, torch.inf).scatter_reduce(0, inverse, rewards, "amin")
+    no_signal = (counts[inverse] < 2) | ((hi - lo)[inverse] <= CONSTANT_TOL)  # [N]
+    return torch.where(no_signal, torch.zeros_like(centred), centred)
 
 
 def clipped_surrogate(
@@ -136,7 +142,7 @@ def truncated_importance_weight(old_logprobs: Tensor, behavior_logprobs: Tensor,
     return torch.exp(log_ratio).clamp(max=cap).detach()
 
 
-def zero_std_group_fraction(rewards: Tensor, group_ids: Tensor, tol: float = 1e-6) -> Tensor:
+def zero_std_group_fraction(rewards: Tensor, group_ids: Tensor, tol: float = CONSTANT_TOL) -> Tensor:
     """Fraction of groups whose rewards all agree (max - min <= tol): their advantages are 0."""
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0

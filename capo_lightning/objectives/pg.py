@@ -21,8 +21,10 @@ class ClippedPolicyGradient(Objective):
     def __init__(self, eps: float, clip_low: float, clip_high: float, beta: float, dual_clip: float | None) -> None:
         super().__init__()
         name = type(self).__name__
-        if clip_low < 0 or clip_high < 0:
-            raise ValueError(f"{name} clip_low/clip_high must be >= 0, got {clip_low}/{clip_high}")
+        if not 0 <= clip_low < 1 or clip_high < 0:
+            raise ValueError(f"{name} needs 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}/{clip_high}")
+        if eps < 0:
+            raise ValueError(f"{name} eps must be >= 0, got {eps}")
         if beta < 0:
             raise ValueError(f"{name} beta must be >= 0, got {beta}; use 0 to disable the KL term")
         if dual_clip is not None and dual_clip <= 1:

@@ -1,0 +1,86 @@
+"""RolloutDataModule on the tiny model: reward columns, dynamic sampling, its limit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from capo_lightning.data.datamodule import RolloutDataModule
+from capo_lightning.data.prompts import ArithmeticSource
+from capo_lightning.module import CAPOModule
+from capo_lightning.policy import PolicySpec
+from capo_lightning.rollout import SamplingConfig
+from tests.integration.test_module import adamw, make_trainer
+
+SEEN: dict[str, list] = {}
+
+
+def odd_answers_vary(completions, answers, **columns):
+    """Constant reward for prompts with an even answer; length-based (varied) for odd answers."""
+    SEEN.setdefault("columns", []).append(sorted(columns))
+    return [0.0 if int(a) % 2 == 0 else len(c) / 10.0 for c, a in zip(completions, answers)]
+
+
+def constant_reward(completions, answers, **columns):
+    return [1.0] * len(completions)
+
+
+def connected(tiny_model_dir: Path, **kwargs) -> RolloutDataModule:
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
+    module.configure_model()
+    dm = RolloutDataModule(train_source=ArithmeticSource(seed=2, max_value=20), prompts_per_step=4, group_size=4,
+                           sampling=SamplingConfig(max_new_tokens=10, temperature=1.0), max_prompt_tokens=96, **kwargs)
+    dm.connect(module.engine, module.tokenizer, lambda: (0, 0))
+    return dm
+
+
+def groups_of(batch):
+    return {int(g): batch.rewards[batch.group_ids == g].tolist() for g in batch.group_ids.unique()}
+
+
+def test_reward_functions_receive_length_columns(tiny_model_dir: Path) -> None:
+    SEEN.clear()
+    dm = connected(tiny_model_dir, reward_fn=odd_answers_vary)
+    batch = next(iter(dm.train_dataloader()))
+    assert SEEN["columns"][0] == ["completion_tokens", "max_new_tokens", "truncated"]
+    assert batch.num_completions == 16
+
+
+def test_dynamic_sampling_keeps_only_groups_with_reward_variance(tiny_model_dir: Path) -> None:
+    plain = next(iter(connected(tiny_model_dir, reward_fn=odd_answers_vary).train_dataloader()))
+    assert any(max(r) == min(r) for r in groups_of(plain).values())  # without it: constant groups are in
+    dm = connected(tiny_model_dir, reward_fn=odd_answers_vary, dynamic_sampling=True, max_sampling_rounds=8)
+    batch = next(iter(dm.train_dataloader()))
+    groups = groups_of(batch)
+    assert len(groups) == 4 and batch.num_completions == 16
+    assert all(max(r) > min(r) for r in groups.values())
+    assert batch.stats["rollout/groups_filled"] == 0.0
+    assert batch.stats["rollout/sampling_rounds"] >= 1
+    assert batch.stats["rollout/groups_generated"] == 4 * batch.stats["rollout/sampling_rounds"]
+
+
+def test_dynamic_sampling_stops_at_the_limit_and_the_run_continues(tiny_model_dir: Path) -> None:
+    dm = RolloutDataModule(train_source=ArithmeticSource(seed=2, max_value=20), prompts_per_step=2, group_size=4,
+                           sampling=SamplingConfig(max_new_tokens=8), max_prompt_tokens=96,
+                           reward_fn=constant_reward, dynamic_sampling=True, max_sampling_rounds=3)
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw)
+    trainer = make_trainer(2)
+    with pytest.warns(UserWarning, match="dynamic sampling found 0 of 2 groups"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 2
+    metrics = trainer.callback_metrics
+    assert metrics["rollout/sampling_rounds"].item() == 3.0
+    assert metrics["rollout/groups_filled"].item() == 2.0
+    assert metrics["rollout/groups_kept_frac"].item() == 0.0
+    assert metrics["rollout/frac_zero_std_groups"].item() == 1.0
+
+
+def test_refill_prompts_are_deterministic_and_differ_from_training_prompts(tiny_model_dir: Path) -> None:
+    a = connected(tiny_model_dir, dynamic_sampling=True)
+    b = connected(tiny_model_dir, dynamic_sampling=True)
+    refill = [a._refill_item(5, 1, j).prompt for j in range(4)]
+    assert refill == [b._refill_item(5, 1, j).prompt for j in range(4)]
+    # the refill stream is not the training stream replayed: step 5's training prompts differ
+    assert refill != [a._train_item(5, j).prompt for j in range(4)]
+    assert refill != [a._refill_item(5, 2, j).prompt for j in range(4)]  # nor is the next round

@@ -1,0 +1,178 @@
+"""Invariances of one CAPOModule step on the tiny model, through a real Lightning Trainer.
+
+The gradient of one optimizer step must not depend on how its rows are cut into micro-batches
+(fused single pass vs. the two-pass path with a no-grad pass for old logprobs) nor on how they are
+spread over DDP ranks. The optimizer is plain SGD, whose update is exactly -lr * gradient, so a wrong
+normaliser (a factor of 2 from micro-batches or ranks) shows up in the update; Adam's first step
+(~ -lr * sign(g)) would hide it. Also: multi-pass steps really clip, and inert settings warn at startup.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from capo_lightning.data.datamodule import RolloutDataModule
+from capo_lightning.data.prompts import ArithmeticSource
+from capo_lightning.module import CAPOModule
+from capo_lightning.objectives import DAPO, GRPO, REINFORCE, DrGRPO
+from capo_lightning.policy import PolicySpec
+from capo_lightning.rollout import SamplingConfig
+from tests.helpers import FixedBatches, length_reward
+
+OBJECTIVES = {"GRPO": GRPO, "DrGRPO": DrGRPO, "DAPO": DAPO, "REINFORCE": REINFORCE}
+
+
+class SGD:
+    """Picklable optimizer factory (ddp_spawn pickles the module): plain SGD, update = -lr * grad."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def __call__(self, params):
+        return torch.optim.SGD(params, lr=self.lr)
+
+
+class RankBatches:
+    """A sized iterable that yields ``per_rank[r]`` on DDP rank r (rank 0 when not distributed)."""
+
+    def __init__(self, per_rank: list) -> None:
+        self.per_rank = per_rank
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return iter([self.per_rank[rank]])
+
+
+def _trainer(max_steps: int = 1, **kwargs) -> L.Trainer:
+    base = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False)
+    base.update(kwargs)
+    return L.Trainer(**base)
+
+
+def _module(model_dir: Path, objective: str = "GRPO", lr: float = 1.0, **kwargs) -> CAPOModule:
+    kwargs.setdefault("max_grad_norm", None)
+    return CAPOModule(policy=PolicySpec(str(model_dir)), objective=OBJECTIVES[objective](), optimizer=SGD(lr), **kwargs)
+
+
+def _flat(module: CAPOModule) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.policy.parameters()])
+
+
+def _train(model_dir: Path, batches, objective: str = "GRPO", lr: float = 1.0, trainer_kwargs: dict | None = None,
+           **module_kwargs) -> tuple[torch.Tensor, dict, CAPOModule]:
+    """One fit on ``batches`` from fresh weights; returns (flat parameter update, callback metrics, module)."""
+    torch.manual_seed(0)
+    module = _module(model_dir, objective, lr, **module_kwargs)
+    module.configure_model()  # before fit: ddp_spawn copies rank-0 weights back only into an existing policy
+    before = _flat(module)
+    trainer = _trainer(**(trainer_kwargs or {}))
+    trainer.fit(module, train_dataloaders=batches)
+    metrics = {k: v.detach().clone() for k, v in trainer.callback_metrics.items()}
+    return _flat(module) - before, metrics, module
+
+
+def _assert_same_update(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    scale = float(want.abs().max())
+    assert scale > 1e-4, f"{what}: the reference update is ~0 ({scale}), the comparison would be vacuous"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale, msg=lambda m: f"{what}: {m}")
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 1e-5, f"{what}: relative update error {rel:.2e}"
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny_model_dir: Path) -> dict:
+    """Real rollouts of the tiny policy, generated once: 2 prompts x 4 and 4 prompts x 4 samples."""
+    dm = RolloutDataModule(train_source=ArithmeticSource(seed=1, max_value=20), prompts_per_step=2, group_size=4,
+                           sampling=SamplingConfig(max_new_tokens=12, temperature=1.0), reward_fn=length_reward,
+                           max_prompt_tokens=96)
+    gen = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
+    gen.configure_model()
+    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
+    small = dm.rollout([dm.train_source.item(i) for i in range(2)], 4, sampling, 0, 0)
+    large = dm.rollout([dm.train_source.item(i) for i in range(4)], 4, sampling, 0, 0)
+    for batch in (small, large):
+        lengths = batch.response_mask.sum(1)
+        assert lengths.unique().numel() > 1, "rollouts of equal length would not test the normalisers"
+        for g in batch.group_ids.unique():
+            assert batch.rewards[batch.group_ids == g].std() > 0, "every group needs reward variance"
+    return {"small": small, "large": large}
+
+
+# ---- 1. micro-batch invariance ------------------------------------------------------------------
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_update_does_not_depend_on_micro_batch_size(tiny_model_dir: Path, rollouts: dict, objective: str) -> None:
+    batch = rollouts["small"]  # N = 8
+    fused, m_fused, _ = _train(tiny_model_dir, FixedBatches([batch]), objective, micro_batch_size=None)
+    assert m_fused["objective/ratio_mean"].item() == 1.0
+    for micro in (4, 2):  # two-pass path: a no-grad pass fixes the old logprobs, then 2 or 4 micro-batches
+        split, m_split, _ = _train(tiny_model_dir, FixedBatches([batch]), objective, micro_batch_size=micro)
+        _assert_same_update(split, fused, f"{objective} micro_batch_size={micro} vs None")
+        for key in ("objective/loss", "objective/normalizer", "objective/grad_norm", "objective/ratio_mean"):
+            torch.testing.assert_close(m_split[key], m_fused[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+# ---- 2. DDP: two ranks with half the groups each == one process with all of them ------------------
+@pytest.mark.parametrize("objective", ["GRPO", "DAPO"])
+def test_two_process_ddp_update_equals_single_process(tiny_model_dir: Path, rollouts: dict, objective: str) -> None:
+    batch = rollouts["large"]  # 4 groups of 4
+    halves = [batch.select(torch.nonzero((batch.group_ids == 2 * r) | (batch.group_ids == 2 * r + 1)).squeeze(1))
+              for r in range(2)]
+    tokens = [int(h.response_mask.sum()) for h in halves]
+    assert tokens[0] != tokens[1], "ranks with equal token counts would not test DAPO's global token mean"
+    single, m_single, _ = _train(tiny_model_dir, FixedBatches([batch]), objective)
+    ddp, m_ddp, _ = _train(tiny_model_dir, RankBatches(halves), objective,
+                           trainer_kwargs=dict(strategy="ddp_spawn", devices=2))
+    _assert_same_update(ddp, single, f"{objective}: 2-process DDP vs 1 process")
+    # the normaliser is the global count in both runs
+    assert m_ddp["objective/normalizer"].item() == pytest.approx(m_single["objective/normalizer"].item())
+
+
+# ---- 3. ppo_epochs / minibatches > 1 really move the ratio and clip --------------------------------
+@pytest.mark.parametrize("ppo_epochs,minibatches", [(2, 1), (1, 2)])
+def test_multi_pass_step_moves_ratio_and_clips(tiny_model_dir: Path, rollouts: dict, ppo_epochs: int,
+                                               minibatches: int) -> None:
+    _, metrics, _ = _train(tiny_model_dir, FixedBatches([rollouts["small"]]), "GRPO", lr=5.0,
+                           trainer_kwargs=dict(max_steps=ppo_epochs * minibatches),
+                           ppo_epochs=ppo_epochs, minibatches=minibatches)
+    assert abs(metrics["objective/ratio_mean"].item() - 1.0) > 1e-3
+    clipped = metrics["objective/clip_frac_low"].item() + metrics["objective/clip_frac_high"].item()
+    assert clipped > 0
+
+
+def test_single_pass_step_has_ratio_one_and_no_clipping(tiny_model_dir: Path, rollouts: dict) -> None:
+    _, metrics, _ = _train(tiny_model_dir, FixedBatches([rollouts["small"]]), "GRPO", lr=5.0)
+    assert metrics["objective/ratio_mean"].item() == 1.0
+    assert metrics["objective/clip_frac_low"].item() == 0.0
+    assert metrics["objective/clip_frac_high"].item() == 0.0
+
+
+# ---- 4. startup warnings for inert settings -------------------------------------------------------
+CLIP_WARNING = "clip range"
+TIS_WARNING = "tis_cap is set"
+
+
+@pytest.mark.parametrize("ppo_epochs,tis_cap,expected", [
+    (1, None, {CLIP_WARNING}),
+    (2, 2.0, {TIS_WARNING}),
+    (1, 2.0, {CLIP_WARNING, TIS_WARNING}),
+    (2, None, set()),
+])
+def test_startup_warns_about_inert_settings(tiny_model_dir: Path, rollouts: dict, ppo_epochs: int,
+                                            tis_cap: float | None, expected: set) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(tiny_model_dir, FixedBatches([rollouts["small"]]), "GRPO", lr=0.1,
+               trainer_kwargs=dict(max_steps=ppo_epochs), ppo_epochs=ppo_epochs, tis_cap=tis_cap)
+    messages = [str(w.message) for w in caught if str(w.message).startswith("capo:")]
+    seen = {key for key in (CLIP_WARNING, TIS_WARNING) if any(key in m for m in messages)}
+    assert seen == expected, messages
