@@ -277,7 +277,7 @@ class CAPOModule(L.LightningModule):
         """Backward (if ``loss`` given), clip, and step unless the loss or gradient is not finite."""
         opt = self.optimizers()
         if loss is not None:
-            if not torch.isfinite(loss):
+            if self._any_rank_non_finite(loss):  # every rank must agree, or DDP's all-reduce would hang
                 self._skip(opt, "loss")
                 return
             self.manual_backward(loss)
@@ -295,6 +295,12 @@ class CAPOModule(L.LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+
+    def _any_rank_non_finite(self, loss: Tensor) -> bool:
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        return bool(bad > 0)
 
     def _skip(self, opt: Any, what: str) -> None:
         """Drop the gradient and take an empty optimizer step: weights and Adam moments stay as they

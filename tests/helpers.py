@@ -49,3 +49,22 @@ class FixedBatches:
 
     def __iter__(self):
         return iter(self.batches)
+
+
+def _grpo():
+    from capo_lightning.objectives import GRPO
+
+    return GRPO
+
+
+class RankOneNaNGRPO(_grpo()):
+    """GRPO whose advantages are NaN on DDP rank 1 only: one rank's loss is non-finite."""
+
+    def advantages(self, rewards, group_ids):
+        import torch
+        import torch.distributed as dist
+
+        adv = super().advantages(rewards, group_ids)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() == 1:
+            adv = torch.full_like(adv, float("nan"))
+        return adv

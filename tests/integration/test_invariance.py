@@ -141,7 +141,7 @@ def test_two_process_ddp_update_equals_single_process(tiny_model_dir: Path, roll
 @pytest.mark.parametrize("ppo_epochs,minibatches", [(2, 1), (1, 2)])
 def test_multi_pass_step_moves_ratio_and_clips(tiny_model_dir: Path, rollouts: dict, ppo_epochs: int,
                                                minibatches: int) -> None:
-    _, metrics, _ = _train(tiny_model_dir, FixedBatches([rollouts["small"]]), "GRPO", lr=5.0,
+    _, metrics, _ = _train(tiny_model_dir, FixedBatches([rollouts["small"]]), "GRPO", lr=2.0,
                            trainer_kwargs=dict(max_steps=ppo_epochs * minibatches),
                            ppo_epochs=ppo_epochs, minibatches=minibatches)
     assert abs(metrics["objective/ratio_mean"].item() - 1.0) > 1e-3
@@ -150,7 +150,7 @@ def test_multi_pass_step_moves_ratio_and_clips(tiny_model_dir: Path, rollouts: d
 
 
 def test_single_pass_step_has_ratio_one_and_no_clipping(tiny_model_dir: Path, rollouts: dict) -> None:
-    _, metrics, _ = _train(tiny_model_dir, FixedBatches([rollouts["small"]]), "GRPO", lr=5.0)
+    _, metrics, _ = _train(tiny_model_dir, FixedBatches([rollouts["small"]]), "GRPO", lr=2.0)
     assert metrics["objective/ratio_mean"].item() == 1.0
     assert metrics["objective/clip_frac_low"].item() == 0.0
     assert metrics["objective/clip_frac_high"].item() == 0.0
@@ -176,3 +176,46 @@ def test_startup_warns_about_inert_settings(tiny_model_dir: Path, rollouts: dict
     messages = [str(w.message) for w in caught if str(w.message).startswith("capo:")]
     seen = {key for key in (CLIP_WARNING, TIS_WARNING) if any(key in m for m in messages)}
     assert seen == expected, messages
+
+
+NAN_ON_ONE_RANK = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+os.environ["HF_HUB_OFFLINE"] = "1"
+import lightning as L
+from capo_lightning.module import CAPOModule
+from capo_lightning.policy import PolicySpec
+from tests.helpers import RankOneNaNGRPO
+from tests.integration.test_invariance import SGD, RankBatches
+
+if __name__ == "__main__":
+    batch = torch.load({batches!r}, weights_only=False)
+    module = CAPOModule(policy=PolicySpec({model!r}), objective=RankOneNaNGRPO(), optimizer=SGD(1.0), max_grad_norm=None)
+    module.configure_model()
+    before = torch.cat([p.detach().flatten().clone() for p in module.policy.parameters()])
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=RankBatches([batch, batch]))
+    after = torch.cat([p.detach().flatten() for p in module.policy.parameters()])
+    print("UNCHANGED", bool(torch.equal(before, after)))  # ddp_spawn copies rank-0 weights back
+"""
+
+
+def test_ddp_non_finite_loss_on_one_rank_skips_on_every_rank_without_hanging(
+    tiny_model_dir: Path, rollouts: dict, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    path = tmp_path / "batches.pt"
+    torch.save(rollouts["small"], path)
+    script = tmp_path / "nan_one_rank.py"
+    script.write_text(NAN_ON_ONE_RANK.format(root=str(ROOT), batches=str(path), model=str(tiny_model_dir)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert "UNCHANGED True" in done.stdout  # both ranks skipped: rank 0's finite update was not applied
+    assert "`max_steps=2` reached" in out  # and the run went on to its end instead of hanging
+    assert out.count("non-finite loss at rollout step") >= 2
