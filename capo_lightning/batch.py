@@ -68,7 +68,15 @@ class RolloutBatch:
         """Move every tensor field to ``device``; texts and stats stay on the host."""
         moved: dict[str, Any] = {
             name: getattr(self, name).to(device)
-            for name in ("input_ids", "attention_mask", "response_mask", "behavior_logprobs", "rewards", "group_ids", "truncated")
+            for name in (
+                "input_ids",
+                "attention_mask",
+                "response_mask",
+                "behavior_logprobs",
+                "rewards",
+                "group_ids",
+                "truncated",
+            )
         }
         return replace(self, **moved)
 
@@ -76,7 +84,15 @@ class RolloutBatch:
         """A sub-batch of the given rows (a minibatch); ``rows`` is a [n] long index tensor."""
         picked = {
             name: getattr(self, name)[rows]
-            for name in ("input_ids", "attention_mask", "response_mask", "behavior_logprobs", "rewards", "group_ids", "truncated")
+            for name in (
+                "input_ids",
+                "attention_mask",
+                "response_mask",
+                "behavior_logprobs",
+                "rewards",
+                "group_ids",
+                "truncated",
+            )
         }
         return replace(self, **picked, texts=None)
 

@@ -31,7 +31,12 @@ def _suggest(message: str, parser: LightningArgumentParser) -> str:
     match = re.search(r"(?:option|arguments:)\s*'?-*([\w.]+)", message)
     if match is None:
         return ""
-    keys = [o.lstrip("-") for a in parser._actions for o in a.option_strings if o.startswith("--") and not o.endswith(".help")]
+    keys = [
+        o.lstrip("-")
+        for a in parser._actions
+        for o in a.option_strings
+        if o.startswith("--") and not o.endswith(".help")
+    ]
     close = difflib.get_close_matches(match.group(1), keys, n=3, cutoff=0.75)
     return f". Did you mean: {', '.join('--' + k for k in close)}?" if close else ""
 

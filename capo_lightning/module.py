@@ -17,11 +17,12 @@ from capo_lightning.batch import RolloutBatch
 from capo_lightning.forward import ForwardOut, score_responses
 from capo_lightning.objectives import GRPO, Normalizer, Objective
 from capo_lightning.objectives.functional import masked_mean as _masked_mean
-from capo_lightning.objectives.functional import truncated_importance_weight, zero_std_group_fraction
+from capo_lightning.objectives.functional import truncated_importance_weight
 from capo_lightning.optim import WarmupCosineLR, default_optimizer
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
 from capo_lightning.selection import Selection, Selector, TokenView
+from capo_lightning.step_metrics import accumulate, eval_metrics, rollout_metrics, sample_text
 from capo_lightning.steps import StepPlan, plan_step
 
 
@@ -72,7 +73,11 @@ class CAPOModule(L.LightningModule):
         tis_cap: float | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("ppo_epochs", ppo_epochs), ("minibatches", minibatches), ("micro_batch_size", micro_batch_size or 1)):
+        for name, value in (
+            ("ppo_epochs", ppo_epochs),
+            ("minibatches", minibatches),
+            ("micro_batch_size", micro_batch_size or 1),
+        ):
             if value < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {value}")
         self.automatic_optimization = False
@@ -167,8 +172,7 @@ class CAPOModule(L.LightningModule):
             selection = self._fused_step(batch, advantages, ref, metrics)
         else:
             selection = self._multi_step(batch, advantages, ref, plan, metrics)
-        metrics.update(self._rollout_metrics(batch))
-        metrics["rollout/frac_zero_std_groups"] = zero_std_group_fraction(batch.rewards, batch.group_ids)
+        metrics.update(rollout_metrics(batch))
         metrics["rollout/staleness"] = staleness
         metrics.update({k: v for k, v in selection.metrics.items()})
         metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0)
@@ -186,25 +190,41 @@ class CAPOModule(L.LightningModule):
         norm = self._normalizer(mask)
         metrics["objective/normalizer"] = torch.tensor(norm.denominator(self.objective.aggregation))
         loss_out = self.objective(out.logprobs, old, ref, adv, mask, norm, self._tis(old, batch.behavior_logprobs))
-        self._add(metrics, loss_out.metrics, weight=1.0)
-        self._add(metrics, {"objective/loss": loss_out.loss.detach(), "objective/entropy": _masked_mean(out.entropy, mask)}, 1.0)
+        accumulate(metrics, loss_out.metrics, weight=1.0)
+        accumulate(
+            metrics,
+            {"objective/loss": loss_out.loss.detach(), "objective/entropy": _masked_mean(out.entropy, mask)},
+            1.0,
+        )
         self._backward_and_step(loss_out.loss, metrics)
-        metrics["rollout/engine_trainer_logprob_gap"] = _masked_mean((old - batch.behavior_logprobs).abs(), batch.response_mask)
+        metrics["rollout/engine_trainer_logprob_gap"] = _masked_mean(
+            (old - batch.behavior_logprobs).abs(), batch.response_mask
+        )
         return selection
 
-    def _multi_step(self, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict) -> Selection:
+    def _multi_step(
+        self, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict
+    ) -> Selection:
         with torch.no_grad():
-            parts = [self._score(batch, rows, need_hidden=self._needs_hidden()) for rows in plan.chunks(batch.num_completions)]
+            parts = [
+                self._score(batch, rows, need_hidden=self._needs_hidden())
+                for rows in plan.chunks(batch.num_completions)
+            ]
         old = torch.cat([p.logprobs for p in parts])  # [N, L]
         hidden = torch.cat([p.hidden for p in parts]) if parts[0].hidden is not None else None
         selection, mask = self._select(batch, adv, old, hidden)
-        metrics["rollout/engine_trainer_logprob_gap"] = _masked_mean((old - batch.behavior_logprobs).abs(), batch.response_mask)
+        metrics["rollout/engine_trainer_logprob_gap"] = _masked_mean(
+            (old - batch.behavior_logprobs).abs(), batch.response_mask
+        )
         num_updates = plan.ppo_epochs * len(plan.minibatch_rows(0))
         for epoch in range(plan.ppo_epochs):
             for mb_rows in plan.minibatch_rows(epoch):
                 norm = self._normalizer(mask[mb_rows])
-                self._add(metrics, {"objective/normalizer": torch.tensor(norm.denominator(self.objective.aggregation))},
-                          1.0 / num_updates)
+                accumulate(
+                    metrics,
+                    {"objective/normalizer": torch.tensor(norm.denominator(self.objective.aggregation))},
+                    1.0 / num_updates,
+                )
                 total = torch.zeros((), device=old.device)
                 for rows in plan.micro_rows(mb_rows):
                     out = self._score(batch, rows)
@@ -214,14 +234,18 @@ class CAPOModule(L.LightningModule):
                     self.manual_backward(loss_out.loss)
                     total = total + loss_out.loss.detach()
                     share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0) / plan.ppo_epochs
-                    self._add(metrics, loss_out.metrics, share)
-                    self._add(metrics, {"objective/entropy": _masked_mean(out.entropy, mask[rows])}, share)
-                self._add(metrics, {"objective/loss": total}, 1.0 / num_updates)
+                    accumulate(metrics, loss_out.metrics, share)
+                    accumulate(metrics, {"objective/entropy": _masked_mean(out.entropy, mask[rows])}, share)
+                accumulate(metrics, {"objective/loss": total}, 1.0 / num_updates)
                 self._backward_and_step(None, metrics, weight=1.0 / num_updates)
         return selection
 
     def _score(self, batch: RolloutBatch, rows: Tensor | None = None, need_hidden: bool = False) -> ForwardOut:
-        ids, attn = (batch.input_ids, batch.attention_mask) if rows is None else (batch.input_ids[rows], batch.attention_mask[rows])
+        ids, attn = (
+            (batch.input_ids, batch.attention_mask)
+            if rows is None
+            else (batch.input_ids[rows], batch.attention_mask[rows])
+        )
         return score_responses(self.policy, ids, attn, batch.response_mask.shape[1], need_hidden=need_hidden)
 
     def _reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
@@ -231,7 +255,9 @@ class CAPOModule(L.LightningModule):
         if next(self._reference.parameters()).device != device:
             self._reference.to(device)
         with torch.no_grad():
-            return score_responses(self._reference, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]).logprobs
+            return score_responses(
+                self._reference, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]
+            ).logprobs
 
     def _tis(self, old: Tensor, behavior: Tensor) -> Tensor | None:
         if self.tis_cap is None:
@@ -287,7 +313,7 @@ class CAPOModule(L.LightningModule):
         if not torch.isfinite(grad_norm):
             self._skip(opt, "gradient")
             return
-        self._add(metrics, {"objective/grad_norm": grad_norm.detach()}, weight)
+        accumulate(metrics, {"objective/grad_norm": grad_norm.detach()}, weight)
         metrics["train/lr"] = torch.tensor(float(opt.param_groups[0]["lr"]))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -312,7 +338,9 @@ class CAPOModule(L.LightningModule):
             scheduler.step()
         self.skipped_steps += 1
         self._consecutive_skips += 1
-        rank_zero_warn(f"capo: non-finite {what} at rollout step {self.rollout_step}; update skipped, weights unchanged")
+        rank_zero_warn(
+            f"capo: non-finite {what} at rollout step {self.rollout_step}; update skipped, weights unchanged"
+        )
         if self._consecutive_skips >= self.max_consecutive_skips:
             raise FloatingPointError(
                 f"{self._consecutive_skips} consecutive optimizer steps had a non-finite {what}; stopping. "
@@ -321,40 +349,26 @@ class CAPOModule(L.LightningModule):
             )
 
     # ---- metrics ------------------------------------------------------------------------------
-    @staticmethod
-    def _add(metrics: dict[str, Tensor], new: dict[str, Tensor], weight: float) -> None:
-        for key, value in new.items():
-            value = value.detach().float() * weight
-            metrics[key] = metrics[key] + value if key in metrics else value
-
-    def _rollout_metrics(self, batch: RolloutBatch) -> dict[str, Tensor]:
-        lengths = batch.response_mask.sum(dim=1).float()  # [N]
-        out = {
-            "train/reward_mean": batch.rewards.mean(),
-            "train/reward_std": batch.rewards.std() if batch.num_completions > 1 else torch.zeros(()),
-            "train/accuracy": (batch.rewards > 0.5).float().mean(),
-            "rollout/response_length_mean": lengths.mean(),
-            "rollout/response_length_max": lengths.max(),
-            "rollout/truncated_frac": batch.truncated.float().mean(),
-        }
-        out.update({k: torch.tensor(float(v)) for k, v in batch.stats.items()})
-        return out
-
     def _log_metrics(self, metrics: dict[str, Tensor], batch_size: int) -> None:
         now = time.perf_counter()
         if self._last_step_end is not None:
             metrics["time/step_s"] = torch.tensor(now - self._last_step_end)
         self._last_step_end = now
         sync = self.trainer.world_size > 1
-        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=sync)
+        self.log_dict(
+            {k: v.float() for k, v in metrics.items()},
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch_size,
+            sync_dist=sync,
+        )
         self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=batch_size)
 
     def on_train_batch_end(self, outputs: Any, batch: RolloutBatch, batch_idx: int) -> None:
         """Push the new weights to the engine (a no-op for engines that share the policy)."""
         self.engine.sync_weights(self.policy, self.global_step)
         if self.sample_every_n_steps and batch.texts is not None and self.rollout_step % self.sample_every_n_steps == 0:
-            t = batch.texts
-            rank_zero_info(f"[step {self.rollout_step}] reward={float(batch.rewards[0]):.2f}\n{t.prompts[0]}{t.completions[0]}\n(gold: {t.answers[0]})")
+            rank_zero_info(sample_text(batch, self.rollout_step))
 
     def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         """Log the mean reward of completions sampled with the validation settings."""
@@ -365,14 +379,13 @@ class CAPOModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: RolloutBatch, prefix: str) -> None:
-        n, sync = batch.num_completions, self.trainer.world_size > 1
-        values = {
-            f"{prefix}/reward_mean": batch.rewards.mean(),
-            f"{prefix}/accuracy": (batch.rewards > 0.5).float().mean(),
-            f"{prefix}/response_length_mean": batch.response_mask.sum(1).float().mean(),
-            f"{prefix}/truncated_frac": batch.truncated.float().mean(),
-        }
-        self.log_dict(values, batch_size=n, sync_dist=sync, on_epoch=True, on_step=False)
+        self.log_dict(
+            eval_metrics(batch, prefix),
+            batch_size=batch.num_completions,
+            sync_dist=self.trainer.world_size > 1,
+            on_epoch=True,
+            on_step=False,
+        )
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -389,5 +402,3 @@ class CAPOModule(L.LightningModule):
         self.rollout_step = int(state.get("rollout_step", 0))
         self.completions_total = int(state.get("completions_total", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
-
-

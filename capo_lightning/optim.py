@@ -11,7 +11,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW with the HF Trainer defaults the CAPO runs used (betas 0.9/0.999, eps 1e-8, no weight
-    decay) at lr 1e-6. Configure another one with ``model.optimizer: {class_path: torch.optim.AdamW, init_args: {lr: ...}}``.
+    decay) at lr 1e-6. Configure another one with
+    ``model.optimizer: {class_path: torch.optim.AdamW, init_args: {lr: ...}}``.
     """
     return torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 

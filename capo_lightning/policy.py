@@ -23,8 +23,16 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as _QWEN2_SPLIT
 
 BUNDLED_SMOLLM2 = "bundled:smollm2-135m-instruct"
@@ -339,4 +347,3 @@ def _train_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<|endoftext|>",
         chat_template=_CHATML_TEMPLATE, model_max_length=512,
     )  # fmt: skip
-

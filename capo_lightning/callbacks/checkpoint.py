@@ -30,5 +30,7 @@ class InterruptCheckpoint(Checkpoint):
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
         path = folder / self.FILENAME
         trainer.save_checkpoint(path)
-        rank_zero_info(f"capo: {type(exception).__name__} at step {trainer.global_step}; saved {path} "
-                       "(resume with --ckpt_path last)")
+        rank_zero_info(
+            f"capo: {type(exception).__name__} at step {trainer.global_step}; saved {path} "
+            "(resume with --ckpt_path last)"
+        )

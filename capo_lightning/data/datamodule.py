@@ -88,9 +88,14 @@ class RolloutDataModule(L.LightningDataModule):
         max_sampling_rounds: int = 4,
     ) -> None:
         super().__init__()
-        for name, value in (("prompts_per_step", prompts_per_step), ("group_size", group_size),
-                            ("val_samples", val_samples), ("val_batch_size", val_batch_size),
-                            ("steps_per_epoch", steps_per_epoch), ("max_prompt_tokens", max_prompt_tokens)):
+        for name, value in (
+            ("prompts_per_step", prompts_per_step),
+            ("group_size", group_size),
+            ("val_samples", val_samples),
+            ("val_batch_size", val_batch_size),
+            ("steps_per_epoch", steps_per_epoch),
+            ("max_prompt_tokens", max_prompt_tokens),
+        ):
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
         self.train_source = train_source if train_source is not None else ArithmeticSource(seed=seed)
@@ -99,8 +104,10 @@ class RolloutDataModule(L.LightningDataModule):
         self.prompts_per_step = prompts_per_step
         self.group_size = group_size
         self.sampling = sampling if sampling is not None else SamplingConfig()
-        self.val_sampling = val_sampling if val_sampling is not None else SamplingConfig(
-            max_new_tokens=self.sampling.max_new_tokens, temperature=0.6, top_p=0.95, top_k=0
+        self.val_sampling = (
+            val_sampling
+            if val_sampling is not None
+            else SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, temperature=0.6, top_p=0.95, top_k=0)
         )
         self.val_samples = val_samples
         self.val_prompts = val_prompts
@@ -121,8 +128,13 @@ class RolloutDataModule(L.LightningDataModule):
         self._perms: dict[tuple[int, int], list[int]] = {}
 
     # ---- wiring -------------------------------------------------------------------------------
-    def connect(self, engine: RolloutEngine, tokenizer: Any, state_fn: Callable[[], tuple[int, int]],
-                context_len: int | None = None) -> None:
+    def connect(
+        self,
+        engine: RolloutEngine,
+        tokenizer: Any,
+        state_fn: Callable[[], tuple[int, int]],
+        context_len: int | None = None,
+    ) -> None:
         """Attach what exists only once the policy is built.
 
         Args:
@@ -177,7 +189,9 @@ class RolloutDataModule(L.LightningDataModule):
         sampling = replace(self.val_sampling, seed=self.seed + 17 * indices[0])
         return self.rollout(items, self.val_samples, sampling, version, step)
 
-    def rollout(self, items: list[PromptItem], n: int, sampling: SamplingConfig, version: int, step: int) -> RolloutBatch:
+    def rollout(
+        self, items: list[PromptItem], n: int, sampling: SamplingConfig, version: int, step: int
+    ) -> RolloutBatch:
         """Generate ``n`` completions per item, score them and collate a RolloutBatch."""
         groups, stats = self._sample_groups(items, n, sampling)
         return self._collate(groups, version, step, stats)
@@ -185,7 +199,9 @@ class RolloutDataModule(L.LightningDataModule):
     def _sample_groups(self, items: list[PromptItem], n: int, sampling: SamplingConfig) -> tuple[list[_Group], dict]:
         """Generate and score ``n`` completions for each item."""
         if self.engine is None:
-            raise RuntimeError("RolloutDataModule used before connect(); the CAPOModule connects it in configure_model()")
+            raise RuntimeError(
+                "RolloutDataModule used before connect(); the CAPOModule connects it in configure_model()"
+            )
         prompts = [self.format_prompt(item.prompt) for item in items]
         t0 = time.perf_counter()
         completions = self.engine.generate(prompts, n, sampling)
@@ -198,9 +214,15 @@ class RolloutDataModule(L.LightningDataModule):
             for j, (item, prompt) in enumerate(zip(items, prompts))
         ]
         tokens = sum(len(c.token_ids) for c in completions)
-        return groups, {"time/generate_s": gen_s, "time/reward_s": reward_s, "rollout/tokens_per_s": tokens / max(gen_s, 1e-9)}
+        return groups, {
+            "time/generate_s": gen_s,
+            "time/reward_s": reward_s,
+            "rollout/tokens_per_s": tokens / max(gen_s, 1e-9),
+        }
 
-    def _keep_varied_groups(self, groups: list[_Group], step: int, sampling: SamplingConfig) -> tuple[list[_Group], dict]:
+    def _keep_varied_groups(
+        self, groups: list[_Group], step: int, sampling: SamplingConfig
+    ) -> tuple[list[_Group], dict]:
         """DAPO's dynamic sampling: keep groups whose rewards differ; refill with fresh prompts.
 
         At most ``max_sampling_rounds`` generation rounds; if B varied groups are still missing, the
@@ -213,7 +235,9 @@ class RolloutDataModule(L.LightningDataModule):
         generated, rounds = len(groups), 1
         while len(kept) < b and rounds < self.max_sampling_rounds:
             items = [self._refill_item(step, rounds, j) for j in range(b)]
-            more, extra = self._sample_groups(items, self.group_size, replace(sampling, seed=sampling.seed + 104_729 * rounds))
+            more, extra = self._sample_groups(
+                items, self.group_size, replace(sampling, seed=sampling.seed + 104_729 * rounds)
+            )
             kept += [g for g in more if g.varies()]
             dropped += [g for g in more if not g.varies()]
             generated, rounds = generated + len(more), rounds + 1
@@ -238,8 +262,11 @@ class RolloutDataModule(L.LightningDataModule):
             [c for g in groups for c in g.completions],
             [r for g in groups for r in g.rewards],
             [j for j in range(len(groups)) for _ in range(n)],
-            pad_id=self.tokenizer.pad_token_id, policy_version=version, rollout_step=step,
-            prompts=[g.prompt for g in groups for _ in range(n)], answers=[g.item.answer for g in groups for _ in range(n)],
+            pad_id=self.tokenizer.pad_token_id,
+            policy_version=version,
+            rollout_step=step,
+            prompts=[g.prompt for g in groups for _ in range(n)],
+            answers=[g.item.answer for g in groups for _ in range(n)],
         )
         batch.stats.update(stats)
         return batch

@@ -56,7 +56,9 @@ class ClippedPolicyGradient(Objective):
         metrics: dict[str, Tensor] = {}
         if self.beta > 0:
             if ref_logprobs is None:
-                raise ValueError(f"{type(self).__name__} with beta > 0 needs ref_logprobs (the module builds a reference)")
+                raise ValueError(
+                    f"{type(self).__name__} with beta > 0 needs ref_logprobs (the module builds a reference)"
+                )
             kl = F.k3_kl(logprobs, ref_logprobs)  # [n, L]
             per_token = per_token + self.beta * kl
             metrics["objective/kl"] = F.masked_mean(kl.detach(), mask)

@@ -29,12 +29,20 @@ class OverlongPenalty:
     """
 
     def __init__(
-        self, reward_fn: Callable[..., list[float]] = math_reward, cache_fraction: float = 0.2, factor: float = 1.0,
+        self,
+        reward_fn: Callable[..., list[float]] = math_reward,
+        cache_fraction: float = 0.2,
+        factor: float = 1.0,
         max_tokens: int | None = None,
     ) -> None:
         if not 0 < cache_fraction <= 1:
             raise ValueError(f"OverlongPenalty cache_fraction must be in (0, 1], got {cache_fraction}")
-        self.reward_fn, self.cache_fraction, self.factor, self.max_tokens = reward_fn, cache_fraction, factor, max_tokens
+        self.reward_fn, self.cache_fraction, self.factor, self.max_tokens = (
+            reward_fn,
+            cache_fraction,
+            factor,
+            max_tokens,
+        )
         self.__name__ = f"OverlongPenalty({getattr(reward_fn, '__name__', type(reward_fn).__name__)})"
 
     def penalty(self, length: int, max_tokens: int) -> float:

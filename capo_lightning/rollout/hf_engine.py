@@ -90,7 +90,9 @@ class HFEngine(RolloutEngine):
             cols.append(logp.gather(1, responses[:, j : j + 1]))  # [n, 1]
         return torch.cat(cols, dim=1)
 
-    def _completion(self, prompt_ids: Tensor, response: Tensor, logprobs: Tensor, sampling: SamplingConfig) -> Completion:
+    def _completion(
+        self, prompt_ids: Tensor, response: Tensor, logprobs: Tensor, sampling: SamplingConfig
+    ) -> Completion:
         eos = torch.tensor(self._eos_ids(), device=response.device)
         is_eos = torch.isin(response, eos)  # [L]
         if bool(is_eos.any()):

@@ -44,11 +44,24 @@ def test_fit_runs_two_steps_and_logs_csv(tmp_path: Path) -> None:
 def test_resume_from_last_continues_at_the_same_step_and_data(tmp_path: Path) -> None:
     recorder = "tests.helpers.BatchRecorder"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    main(tiny_args(straight, "--trainer.max_steps=3", f"--trainer.callbacks+={recorder}",
-                   f"--trainer.callbacks.path={straight / 'b.jsonl'}"))
+    main(
+        tiny_args(
+            straight,
+            "--trainer.max_steps=3",
+            f"--trainer.callbacks+={recorder}",
+            f"--trainer.callbacks.path={straight / 'b.jsonl'}",
+        )
+    )
     main(tiny_args(resumed, "--trainer.max_steps=2"))
-    main(tiny_args(resumed, "--trainer.max_steps=3", "--ckpt_path=last", f"--trainer.callbacks+={recorder}",
-                   f"--trainer.callbacks.path={resumed / 'b.jsonl'}"))
+    main(
+        tiny_args(
+            resumed,
+            "--trainer.max_steps=3",
+            "--ckpt_path=last",
+            f"--trainer.callbacks+={recorder}",
+            f"--trainer.callbacks.path={resumed / 'b.jsonl'}",
+        )
+    )
     full, cont = read_records(straight / "b.jsonl"), read_records(resumed / "b.jsonl")
     assert len(full) == 3 and len(cont) == 1
     assert cont[0]["global_step"] == 2 and cont[0]["rollout_step"] == 2
@@ -99,8 +112,10 @@ def test_print_config_shows_documented_defaults(capsys: pytest.CaptureFixture[st
         assert key in out
 
 
-@pytest.mark.skipif(shutil.which("capo") is None and not (Path(sys.executable).parent / "capo").exists(),
-                    reason="console script not installed")
+@pytest.mark.skipif(
+    shutil.which("capo") is None and not (Path(sys.executable).parent / "capo").exists(),
+    reason="console script not installed",
+)
 def test_console_script_help_lists_subcommands_and_documents_arguments() -> None:
     exe = shutil.which("capo") or str(Path(sys.executable).parent / "capo")
     top = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
@@ -116,9 +131,17 @@ def test_console_script_help_lists_subcommands_and_documents_arguments() -> None
 
 def test_jsonl_prompts_train_end_to_end(tmp_path: Path) -> None:
     data = tmp_path / "math.jsonl"
-    data.write_text('{"prompt": "What is 2 + 3?", "answer": "5", "level": 1}\n{"prompt": "What is 7 - 4?", "answer": 3}\n')
-    main(tiny_args(tmp_path, "--trainer.max_steps=1", "--data.train_source=capo_lightning.data.prompts.JsonlSource",
-                   f"--data.train_source.path={data}"))
+    data.write_text(
+        '{"prompt": "What is 2 + 3?", "answer": "5", "level": 1}\n{"prompt": "What is 7 - 4?", "answer": 3}\n'
+    )
+    main(
+        tiny_args(
+            tmp_path,
+            "--trainer.max_steps=1",
+            "--data.train_source=capo_lightning.data.prompts.JsonlSource",
+            f"--data.train_source.path={data}",
+        )
+    )
     rows = [r for r in read_metrics(tmp_path) if r.get("train/reward_mean")]
     assert len(rows) == 1
 
@@ -127,8 +150,13 @@ def test_jsonl_row_without_answer_names_file_and_line(tmp_path: Path) -> None:
     data = tmp_path / "broken.jsonl"
     data.write_text('{"prompt": "What is 2 + 3?", "answer": "5"}\n{"prompt": "What is 7 - 4?"}\n')
     with pytest.raises(Exception, match=r"line 2") as exc:
-        main(tiny_args(tmp_path, "--data.train_source=capo_lightning.data.prompts.JsonlSource",
-                       f"--data.train_source.path={data}"))
+        main(
+            tiny_args(
+                tmp_path,
+                "--data.train_source=capo_lightning.data.prompts.JsonlSource",
+                f"--data.train_source.path={data}",
+            )
+        )
     assert "broken.jsonl" in str(exc.value) and "answer" in str(exc.value)
 
 
@@ -136,8 +164,13 @@ def test_empty_prompt_file_is_rejected(tmp_path: Path) -> None:
     data = tmp_path / "empty.jsonl"
     data.write_text("\n")
     with pytest.raises(Exception, match="empty.jsonl"):
-        main(tiny_args(tmp_path, "--data.train_source=capo_lightning.data.prompts.JsonlSource",
-                       f"--data.train_source.path={data}"))
+        main(
+            tiny_args(
+                tmp_path,
+                "--data.train_source=capo_lightning.data.prompts.JsonlSource",
+                f"--data.train_source.path={data}",
+            )
+        )
 
 
 def test_prompt_plus_response_longer_than_the_context_is_rejected(tmp_path: Path) -> None:

@@ -22,8 +22,11 @@ def test_the_config_tree_is_found() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "conf")))
 def test_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # fragments (objective/, selector/, ...) are stacked on a complete config, as users do
-    args = ["fit", "--config", str(path)] if path == BASE or path.name == "quickstart.yaml" else \
-        ["fit", "--config", str(BASE), "--config", str(path)]
+    args = (
+        ["fit", "--config", str(path)]
+        if path == BASE or path.name == "quickstart.yaml"
+        else ["fit", "--config", str(BASE), "--config", str(path)]
+    )
     with pytest.raises(SystemExit) as exc:
         main([*args, "--print_config"])
     assert exc.value.code in (0, None)

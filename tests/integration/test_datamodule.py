@@ -29,8 +29,14 @@ def constant_reward(completions, answers, **columns):
 def connected(tiny_model_dir: Path, **kwargs) -> RolloutDataModule:
     module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
     module.configure_model()
-    dm = RolloutDataModule(train_source=ArithmeticSource(seed=2, max_value=20), prompts_per_step=4, group_size=4,
-                           sampling=SamplingConfig(max_new_tokens=10, temperature=1.0), max_prompt_tokens=96, **kwargs)
+    dm = RolloutDataModule(
+        train_source=ArithmeticSource(seed=2, max_value=20),
+        prompts_per_step=4,
+        group_size=4,
+        sampling=SamplingConfig(max_new_tokens=10, temperature=1.0),
+        max_prompt_tokens=96,
+        **kwargs,
+    )
     dm.connect(module.engine, module.tokenizer, lambda: (0, 0))
     return dm
 
@@ -61,9 +67,16 @@ def test_dynamic_sampling_keeps_only_groups_with_reward_variance(tiny_model_dir:
 
 
 def test_dynamic_sampling_stops_at_the_limit_and_the_run_continues(tiny_model_dir: Path) -> None:
-    dm = RolloutDataModule(train_source=ArithmeticSource(seed=2, max_value=20), prompts_per_step=2, group_size=4,
-                           sampling=SamplingConfig(max_new_tokens=8), max_prompt_tokens=96,
-                           reward_fn=constant_reward, dynamic_sampling=True, max_sampling_rounds=3)
+    dm = RolloutDataModule(
+        train_source=ArithmeticSource(seed=2, max_value=20),
+        prompts_per_step=2,
+        group_size=4,
+        sampling=SamplingConfig(max_new_tokens=8),
+        max_prompt_tokens=96,
+        reward_fn=constant_reward,
+        dynamic_sampling=True,
+        max_sampling_rounds=3,
+    )
     module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw)
     trainer = make_trainer(2)
     with pytest.warns(UserWarning, match="dynamic sampling found 0 of 2 groups"):

@@ -52,8 +52,15 @@ class RankBatches:
 
 
 def _trainer(max_steps: int = 1, **kwargs) -> L.Trainer:
-    base = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False)
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     base.update(kwargs)
     return L.Trainer(**base)
 
@@ -67,8 +74,14 @@ def _flat(module: CAPOModule) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in module.policy.parameters()])
 
 
-def _train(model_dir: Path, batches, objective: str = "GRPO", lr: float = 1.0, trainer_kwargs: dict | None = None,
-           **module_kwargs) -> tuple[torch.Tensor, dict, CAPOModule]:
+def _train(
+    model_dir: Path,
+    batches,
+    objective: str = "GRPO",
+    lr: float = 1.0,
+    trainer_kwargs: dict | None = None,
+    **module_kwargs,
+) -> tuple[torch.Tensor, dict, CAPOModule]:
     """One fit on ``batches`` from fresh weights; returns (flat parameter update, callback metrics, module)."""
     torch.manual_seed(0)
     module = _module(model_dir, objective, lr, **module_kwargs)
@@ -91,9 +104,14 @@ def _assert_same_update(got: torch.Tensor, want: torch.Tensor, what: str) -> Non
 @pytest.fixture(scope="module")
 def rollouts(tiny_model_dir: Path) -> dict:
     """Real rollouts of the tiny policy, generated once: 2 prompts x 4 and 4 prompts x 4 samples."""
-    dm = RolloutDataModule(train_source=ArithmeticSource(seed=1, max_value=20), prompts_per_step=2, group_size=4,
-                           sampling=SamplingConfig(max_new_tokens=12, temperature=1.0), reward_fn=length_reward,
-                           max_prompt_tokens=96)
+    dm = RolloutDataModule(
+        train_source=ArithmeticSource(seed=1, max_value=20),
+        prompts_per_step=2,
+        group_size=4,
+        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0),
+        reward_fn=length_reward,
+        max_prompt_tokens=96,
+    )
     gen = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
     gen.configure_model()
     dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
@@ -118,20 +136,25 @@ def test_update_does_not_depend_on_micro_batch_size(tiny_model_dir: Path, rollou
         split, m_split, _ = _train(tiny_model_dir, FixedBatches([batch]), objective, micro_batch_size=micro)
         _assert_same_update(split, fused, f"{objective} micro_batch_size={micro} vs None")
         for key in ("objective/loss", "objective/normalizer", "objective/grad_norm", "objective/ratio_mean"):
-            torch.testing.assert_close(m_split[key], m_fused[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+            torch.testing.assert_close(
+                m_split[key], m_fused[key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
+            )
 
 
 # ---- 2. DDP: two ranks with half the groups each == one process with all of them ------------------
 @pytest.mark.parametrize("objective", ["GRPO", "DAPO"])
 def test_two_process_ddp_update_equals_single_process(tiny_model_dir: Path, rollouts: dict, objective: str) -> None:
     batch = rollouts["large"]  # 4 groups of 4
-    halves = [batch.select(torch.nonzero((batch.group_ids == 2 * r) | (batch.group_ids == 2 * r + 1)).squeeze(1))
-              for r in range(2)]
+    halves = [
+        batch.select(torch.nonzero((batch.group_ids == 2 * r) | (batch.group_ids == 2 * r + 1)).squeeze(1))
+        for r in range(2)
+    ]
     tokens = [int(h.response_mask.sum()) for h in halves]
     assert tokens[0] != tokens[1], "ranks with equal token counts would not test DAPO's global token mean"
     single, m_single, _ = _train(tiny_model_dir, FixedBatches([batch]), objective)
-    ddp, m_ddp, _ = _train(tiny_model_dir, RankBatches(halves), objective,
-                           trainer_kwargs=dict(strategy="ddp_spawn", devices=2))
+    ddp, m_ddp, _ = _train(
+        tiny_model_dir, RankBatches(halves), objective, trainer_kwargs=dict(strategy="ddp_spawn", devices=2)
+    )
     _assert_same_update(ddp, single, f"{objective}: 2-process DDP vs 1 process")
     # the normaliser is the global count in both runs
     assert m_ddp["objective/normalizer"].item() == pytest.approx(m_single["objective/normalizer"].item())
@@ -139,11 +162,18 @@ def test_two_process_ddp_update_equals_single_process(tiny_model_dir: Path, roll
 
 # ---- 3. ppo_epochs / minibatches > 1 really move the ratio and clip --------------------------------
 @pytest.mark.parametrize("ppo_epochs,minibatches", [(2, 1), (1, 2)])
-def test_multi_pass_step_moves_ratio_and_clips(tiny_model_dir: Path, rollouts: dict, ppo_epochs: int,
-                                               minibatches: int) -> None:
-    _, metrics, _ = _train(tiny_model_dir, FixedBatches([rollouts["small"]]), "GRPO", lr=2.0,
-                           trainer_kwargs=dict(max_steps=ppo_epochs * minibatches),
-                           ppo_epochs=ppo_epochs, minibatches=minibatches)
+def test_multi_pass_step_moves_ratio_and_clips(
+    tiny_model_dir: Path, rollouts: dict, ppo_epochs: int, minibatches: int
+) -> None:
+    _, metrics, _ = _train(
+        tiny_model_dir,
+        FixedBatches([rollouts["small"]]),
+        "GRPO",
+        lr=2.0,
+        trainer_kwargs=dict(max_steps=ppo_epochs * minibatches),
+        ppo_epochs=ppo_epochs,
+        minibatches=minibatches,
+    )
     assert abs(metrics["objective/ratio_mean"].item() - 1.0) > 1e-3
     clipped = metrics["objective/clip_frac_low"].item() + metrics["objective/clip_frac_high"].item()
     assert clipped > 0
@@ -161,18 +191,29 @@ CLIP_WARNING = "clip range"
 TIS_WARNING = "tis_cap is set"
 
 
-@pytest.mark.parametrize("ppo_epochs,tis_cap,expected", [
-    (1, None, {CLIP_WARNING}),
-    (2, 2.0, {TIS_WARNING}),
-    (1, 2.0, {CLIP_WARNING, TIS_WARNING}),
-    (2, None, set()),
-])
-def test_startup_warns_about_inert_settings(tiny_model_dir: Path, rollouts: dict, ppo_epochs: int,
-                                            tis_cap: float | None, expected: set) -> None:
+@pytest.mark.parametrize(
+    "ppo_epochs,tis_cap,expected",
+    [
+        (1, None, {CLIP_WARNING}),
+        (2, 2.0, {TIS_WARNING}),
+        (1, 2.0, {CLIP_WARNING, TIS_WARNING}),
+        (2, None, set()),
+    ],
+)
+def test_startup_warns_about_inert_settings(
+    tiny_model_dir: Path, rollouts: dict, ppo_epochs: int, tis_cap: float | None, expected: set
+) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _train(tiny_model_dir, FixedBatches([rollouts["small"]]), "GRPO", lr=0.1,
-               trainer_kwargs=dict(max_steps=ppo_epochs), ppo_epochs=ppo_epochs, tis_cap=tis_cap)
+        _train(
+            tiny_model_dir,
+            FixedBatches([rollouts["small"]]),
+            "GRPO",
+            lr=0.1,
+            trainer_kwargs=dict(max_steps=ppo_epochs),
+            ppo_epochs=ppo_epochs,
+            tis_cap=tis_cap,
+        )
     messages = [str(w.message) for w in caught if str(w.message).startswith("capo:")]
     seen = {key for key in (CLIP_WARNING, TIS_WARNING) if any(key in m for m in messages)}
     assert seen == expected, messages
@@ -190,7 +231,9 @@ from tests.integration.test_invariance import SGD, RankBatches
 
 if __name__ == "__main__":
     batch = torch.load({batches!r}, weights_only=False)
-    module = CAPOModule(policy=PolicySpec({model!r}), objective=RankOneNaNGRPO(), optimizer=SGD(1.0), max_grad_norm=None)
+    module = CAPOModule(
+        policy=PolicySpec({model!r}), objective=RankOneNaNGRPO(), optimizer=SGD(1.0), max_grad_norm=None
+    )
     module.configure_model()
     before = torch.cat([p.detach().flatten().clone() for p in module.policy.parameters()])
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,

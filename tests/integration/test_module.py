@@ -33,8 +33,15 @@ def make_datamodule(**overrides) -> RolloutDataModule:
 
 def make_trainer(max_steps: int, callbacks: list | None = None, **kwargs) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [], **kwargs,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks or [],
+        **kwargs,
     )
 
 
@@ -130,9 +137,16 @@ def test_nan_loss_skips_the_step_and_keeps_weights(tiny_model_dir: Path) -> None
 
 
 @pytest.mark.parametrize("ppo_epochs,minibatches,micro", [(2, 1, None), (1, 2, 2), (1, 1, 3)])
-def test_multi_pass_paths_train_and_ratio_departs_from_one(tiny_model_dir: Path, ppo_epochs, minibatches, micro) -> None:
-    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw, ppo_epochs=ppo_epochs,
-                        minibatches=minibatches, micro_batch_size=micro)
+def test_multi_pass_paths_train_and_ratio_departs_from_one(
+    tiny_model_dir: Path, ppo_epochs, minibatches, micro
+) -> None:
+    module = CAPOModule(
+        policy=PolicySpec(str(tiny_model_dir)),
+        optimizer=adamw,
+        ppo_epochs=ppo_epochs,
+        minibatches=minibatches,
+        micro_batch_size=micro,
+    )
     trainer = make_trainer(1)
     trainer.fit(module, datamodule=make_datamodule())
     assert trainer.global_step == ppo_epochs * minibatches
@@ -161,7 +175,9 @@ class _InterruptAt(L.Callback):
             raise KeyboardInterrupt
 
 
-def test_interrupted_run_leaves_a_checkpoint_that_resumes_at_the_same_data(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_interrupted_run_leaves_a_checkpoint_that_resumes_at_the_same_data(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from capo_lightning.callbacks import InterruptCheckpoint
@@ -169,20 +185,54 @@ def test_interrupted_run_leaves_a_checkpoint_that_resumes_at_the_same_data(tiny_
     ckdir = tmp_path / "checkpoints"
     straight = tmp_path / "straight.jsonl"
     make_trainer(3, callbacks=[BatchRecorder(str(straight))]).fit(
-        CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw), datamodule=make_datamodule())
+        CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw), datamodule=make_datamodule()
+    )
     try:
-        L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
-                  callbacks=[InterruptCheckpoint(str(ckdir)), _InterruptAt(2)]).fit(
-            CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw), datamodule=make_datamodule())
+        L.Trainer(
+            accelerator="cpu",
+            max_steps=3,
+            logger=False,
+            enable_progress_bar=False,
+            default_root_dir=tmp_path,
+            callbacks=[InterruptCheckpoint(str(ckdir)), _InterruptAt(2)],
+        ).fit(CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw), datamodule=make_datamodule())
     except (KeyboardInterrupt, SystemExit):
         pass
     assert (ckdir / "last-interrupted.ckpt").exists()
     resumed = tmp_path / "resumed.jsonl"
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
-                        callbacks=[ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=0), BatchRecorder(str(resumed))])
-    trainer.fit(CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw), datamodule=make_datamodule(),
-                ckpt_path="last")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=0), BatchRecorder(str(resumed))],
+    )
+    trainer.fit(
+        CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=adamw),
+        datamodule=make_datamodule(),
+        ckpt_path="last",
+    )
     full, cont = read_records(straight), read_records(resumed)
     assert [r["global_step"] for r in cont] == [2]
     assert cont[0]["prompts"] == full[2]["prompts"]
     assert cont[0]["completions"] == full[2]["completions"]
+
+
+def test_mask_truncated_drops_truncated_completions_from_the_loss(tiny_model_dir: Path) -> None:
+    from capo_lightning.objectives import DAPO
+
+    dm = make_datamodule(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0))
+    gen = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
+    gen.configure_model()
+    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
+    batch = dm.rollout([dm.train_source.item(i) for i in range(4)], 4, SamplingConfig(max_new_tokens=6, seed=1), 0, 0)
+    assert 0 < int(batch.truncated.sum()) < batch.num_completions, "need a mix of truncated and finished rows"
+    seen = {}
+    for flag in (False, True):
+        module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), objective=DAPO(), mask_truncated=flag)
+        trainer = make_trainer(1)
+        trainer.fit(module, train_dataloaders=FixedBatches([batch]))
+        seen[flag] = trainer.callback_metrics["objective/normalizer"].item()
+    # DAPO's denominator is the number of kept tokens: all response tokens, or those of finished rows only
+    assert seen[False] == float(batch.response_mask.sum())
+    assert seen[True] == float((batch.response_mask & ~batch.truncated.unsqueeze(1)).sum())

@@ -18,7 +18,9 @@ from capo_lightning.steps import plan_step
 def test_collate_left_pads_prompts_and_right_pads_responses() -> None:
     comps = [
         Completion(prompt_ids=[5, 6, 7], token_ids=[8, 2], logprobs=[-0.1, -0.2], finish_reason="stop", text="a"),
-        Completion(prompt_ids=[9], token_ids=[10, 11, 12], logprobs=[-1.0, -2.0, -3.0], finish_reason="length", text="b"),
+        Completion(
+            prompt_ids=[9], token_ids=[10, 11, 12], logprobs=[-1.0, -2.0, -3.0], finish_reason="length", text="b"
+        ),
     ]
     b = collate_completions(comps, [1.0, 0.0], [0, 0], pad_id=0, policy_version=4)
     assert b.input_ids.tolist() == [[5, 6, 7, 8, 2, 0], [0, 0, 9, 10, 11, 12]]

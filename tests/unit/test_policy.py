@@ -17,13 +17,13 @@ from transformers import AutoTokenizer
 from capo_lightning.policy import (
     BUNDLED_SMOLLM2,
     PolicySpec,
+    _build_once,
     build_tiny_model,
     lm_head_weight,
     load_policy,
     load_tokenizer,
     resolve_model_dir,
 )
-from capo_lightning.policy import _build_once
 
 QUESTION = [{"role": "user", "content": "What is 2+3? Answer with a number."}]
 
@@ -79,7 +79,10 @@ def test_tiny_tokenizer_survives_autotokenizer_reload(policy_tiny_dir: Path) -> 
     raw = Tokenizer.from_file(str(policy_tiny_dir / "tokenizer.json"))
     tok = AutoTokenizer.from_pretrained(policy_tiny_dir)
     text = tok.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Alice has 12 apples. Ünï \\boxed{19}"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Alice has 12 apples. Ünï \\boxed{19}"},
+        ],
         tokenize=False,
         add_generation_prompt=True,
     )

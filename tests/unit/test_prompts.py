@@ -76,10 +76,7 @@ def test_arithmetic_respects_ranges_ops_and_terms(config: dict[str, Any]) -> Non
         operands, ops = tokens[0::2], tokens[1::2]
         assert len(operands) == num_terms
         assert set(ops) <= allowed_ops
-        assert all(
-            config.get("min_value", 0) <= int(value) <= config.get("max_value", 99)
-            for value in operands
-        )
+        assert all(config.get("min_value", 0) <= int(value) <= config.get("max_value", 99) for value in operands)
 
 
 def test_arithmetic_is_deterministic_across_instances() -> None:
@@ -252,9 +249,7 @@ def test_reasoning_gym_items_are_deterministic_and_serialisable(task: str) -> No
 
 
 def test_reasoning_gym_config_is_passed_through() -> None:
-    source = ReasoningGymSource(
-        task="basic_arithmetic", size=20, config={"min_terms": 2, "max_terms": 2}
-    )
+    source = ReasoningGymSource(task="basic_arithmetic", size=20, config={"min_terms": 2, "max_terms": 2})
     assert {source.item(i).columns["metadata"]["num_terms"] for i in range(20)} == {2}
 
 

@@ -199,9 +199,7 @@ def test_format_reward_length_mismatch_raises() -> None:
 
 
 def test_math_reward_keeps_order_and_ignores_columns() -> None:
-    rewards = math_reward(
-        ["\\boxed{1}", "\\boxed{3}", "\\boxed{3}"], ["1", "2", "3"], task=["a", "b", "c"]
-    )
+    rewards = math_reward(["\\boxed{1}", "\\boxed{3}", "\\boxed{3}"], ["1", "2", "3"], task=["a", "b", "c"])
     assert rewards == [1.0, 0.0, 1.0]
 
 

@@ -1,0 +1,54 @@
+"""Metric dictionaries of a step, kept out of the module so the step pipeline stays readable.
+
+Keys are namespaced and stable (see README "Metrics"): ``train/*`` rewards, ``rollout/*`` sampling
+side, ``objective/*`` loss side, ``time/*`` timings, ``val/*`` and ``test/*`` evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from capo_lightning.batch import RolloutBatch
+from capo_lightning.objectives.functional import zero_std_group_fraction
+
+
+def accumulate(metrics: dict[str, Tensor], new: dict[str, Tensor], weight: float = 1.0) -> None:
+    """Add ``weight`` x each value of ``new`` into ``metrics`` (a weighted mean over updates or micro-batches)."""
+    for key, value in new.items():
+        value = value.detach().float() * weight
+        metrics[key] = metrics[key] + value if key in metrics else value
+
+
+def rollout_metrics(batch: RolloutBatch) -> dict[str, Tensor]:
+    """Reward and sampling statistics of a training batch, plus the DataModule's own stats."""
+    lengths = batch.response_mask.sum(dim=1).float()  # [N]
+    out = {
+        "train/reward_mean": batch.rewards.mean(),
+        "train/reward_std": batch.rewards.std() if batch.num_completions > 1 else torch.zeros(()),
+        "train/accuracy": (batch.rewards > 0.5).float().mean(),
+        "rollout/response_length_mean": lengths.mean(),
+        "rollout/response_length_max": lengths.max(),
+        "rollout/truncated_frac": batch.truncated.float().mean(),
+        "rollout/frac_zero_std_groups": zero_std_group_fraction(batch.rewards, batch.group_ids),
+    }
+    out.update({k: torch.tensor(float(v)) for k, v in batch.stats.items()})
+    return out
+
+
+def eval_metrics(batch: RolloutBatch, prefix: str) -> dict[str, Tensor]:
+    """Validation/test statistics of one batch of sampled completions (averaged over the epoch)."""
+    return {
+        f"{prefix}/reward_mean": batch.rewards.mean(),
+        f"{prefix}/accuracy": (batch.rewards > 0.5).float().mean(),
+        f"{prefix}/response_length_mean": batch.response_mask.sum(1).float().mean(),
+        f"{prefix}/truncated_frac": batch.truncated.float().mean(),
+    }
+
+
+def sample_text(batch: RolloutBatch, step: int) -> str:
+    """One prompt, its completion, reward and gold answer, for the console."""
+    t = batch.texts
+    return (
+        f"[step {step}] reward={float(batch.rewards[0]):.2f}\n{t.prompts[0]}{t.completions[0]}\n(gold: {t.answers[0]})"
+    )
