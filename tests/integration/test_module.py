@@ -226,7 +226,10 @@ def test_mask_truncated_drops_truncated_completions_from_the_loss(tiny_model_dir
     gen.configure_model()
     dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
     batch = dm.rollout([dm.train_source.item(i) for i in range(4)], 4, SamplingConfig(max_new_tokens=6, seed=1), 0, 0)
-    assert 0 < int(batch.truncated.sum()) < batch.num_completions, "need a mix of truncated and finished rows"
+    # the random tiny model rarely stops by itself: flag every other row as finished instead
+    from dataclasses import replace
+
+    batch = replace(batch, truncated=torch.arange(batch.num_completions) % 2 == 0)
     seen = {}
     for flag in (False, True):
         module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), objective=DAPO(), mask_truncated=flag)
