@@ -113,6 +113,8 @@ class CAPOModule(L.LightningModule):
                 reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
                 object.__setattr__(self, "_reference", reference)  # not a child: kept out of state_dict, optimizer, DDP
             self.engine.bind(self.policy, self.tokenizer)
+            if self.selector is not None and hasattr(self.selector, "build"):
+                self.selector.build(*lm_head_weight(self.policy).shape)  # state exists before a restore
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "connect"):
             context = getattr(self.policy.config, "max_position_embeddings", None)
@@ -278,10 +280,14 @@ class CAPOModule(L.LightningModule):
             hidden=hidden,
             lm_head=lm_head_weight(self.policy).detach() if self.selector.needs_hidden else None,
             lr=float(self.optimizers().param_groups[0]["lr"]),
+            all_reduce=self._sum_over_ranks if self.trainer.world_size > 1 else None,
         )
         with torch.no_grad():
             selection = self.selector(view)
         return selection, batch.response_mask & selection.token_mask
+
+    def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     def _normalizer(self, mask: Tensor) -> Normalizer:
         """Global counts of ``mask`` summed over ranks (gradients then match any data split)."""

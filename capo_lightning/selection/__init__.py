@@ -4,6 +4,7 @@ The package is ``selection``, not ``selectors``: ``selectors`` is a stdlib modul
 """
 
 from capo_lightning.selection.base import Selection, Selector, TokenView
+from capo_lightning.selection.capo import CAPOSelector
 from capo_lightning.selection.keep_all import KeepAll
 
-__all__ = ["KeepAll", "Selection", "Selector", "TokenView"]
+__all__ = ["CAPOSelector", "KeepAll", "Selection", "Selector", "TokenView"]

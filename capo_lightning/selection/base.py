@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ class TokenView:
     hidden: Tensor | None  # [N, L, d] LM-head input (after the final norm); None if the selector needs none
     lm_head: Tensor | None  # [V, d] full LM-head weight
     lr: float  # learning rate the coming optimizer step will use
+    all_reduce: Callable[[Tensor], Tensor] | None = None  # sums a tensor over ranks (None: one process)
 
 
 @dataclass

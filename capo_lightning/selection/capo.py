@@ -1,0 +1,220 @@
+"""CAPOSelector: keep the tokens whose predicted policy and objective shifts are small."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from capo_lightning.selection import curvature as C
+from capo_lightning.selection.base import Selection, Selector, TokenView
+
+
+class CAPOSelector(Selector):
+    """Curvature-Aware Policy Optimization token selection (Melo, Abate & Gal, arXiv 2510.00819).
+
+    For every valid response token, the last-layer model of :mod:`~capo_lightning.selection.curvature`
+    predicts the policy shift m_F and the objective shift m_H of the update that token alone would
+    cause, and the token is kept iff m_F < delta_F and -tau_H < m_H < tau_H (``symmetric``) or
+    0 <= m_H < tau_H. The mask only changes which tokens enter the loss, so it composes with any
+    objective (CAPO = GRPO + this, Dr.CAPO, ReinCAPO, DAPO + CAPO).
+
+    Choices, following the official code where the paper is ambiguous (capo-method.md section 8):
+    m_H includes the first-order term; the window is symmetric; each token's candidate step is the
+    shadow-Adam step as if its gradient were the whole batch gradient (not 1/N-scaled); the shadow
+    Adam keeps m, v per vocabulary row and one step counter, falls back to the raw gradient while
+    empty, and is advanced once per selection with the per-row mean gradient of the accepted tokens
+    (all ranks). With ``enforce=False`` nothing is masked and the state is never advanced, so the
+    logged shifts use raw-gradient directions, exactly like the paper's baseline curves (Fig. 3).
+    Departure: everything runs in fp32 (the code used the model's bf16).
+
+    Args:
+        delta_f: policy-shift threshold delta_F (CAPO 1e-4, Dr.CAPO 1e-3, ReinCAPO 1e-5).
+        tau_h: objective-shift threshold tau_H (CAPO 0.01, Dr.CAPO 5e-4, ReinCAPO 0.1).
+        symmetric: keep -tau_H < m_H < tau_H; False keeps 0 <= m_H < tau_H.
+        top_k: size of each token's softmax subspace (the paper: 50); >= V is the exact model.
+        optimizer_model: "adam" (the shadow Adam) or "sgd" (direction = gradient).
+        betas: shadow-Adam betas (HF defaults, as the paper's runs).
+        eps: shadow-Adam epsilon.
+        enforce: apply the mask; False only measures and reports.
+        token_chunk: tokens per logits block; None sizes it from the vocabulary.
+    """
+
+    needs_hidden = True
+
+    def __init__(
+        self,
+        delta_f: float = 1e-4,
+        tau_h: float = 0.01,
+        symmetric: bool = True,
+        top_k: int = 50,
+        optimizer_model: str = "adam",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        enforce: bool = True,
+        token_chunk: int | None = None,
+    ) -> None:
+        super().__init__()
+        if optimizer_model not in ("adam", "sgd"):
+            raise ValueError(f"CAPOSelector optimizer_model must be 'adam' or 'sgd', got {optimizer_model!r}")
+        if delta_f <= 0 or tau_h <= 0 or top_k < 1:
+            raise ValueError(f"CAPOSelector needs delta_f > 0, tau_h > 0, top_k >= 1; got {delta_f}, {tau_h}, {top_k}")
+        self.delta_f, self.tau_h, self.symmetric, self.top_k = delta_f, tau_h, symmetric, top_k
+        self.optimizer_model, self.betas, self.eps = optimizer_model, tuple(betas), eps
+        self.enforce, self.token_chunk = enforce, token_chunk
+        self.register_buffer("adam_m", torch.zeros(0, 0))  # [V, d] once built
+        self.register_buffer("adam_v", torch.zeros(0, 0))  # [V, d]
+        self.register_buffer("adam_step", torch.zeros((), dtype=torch.long))
+
+    def build(self, num_vocab: int, hidden_size: int) -> None:
+        """Allocate the shadow-Adam state for a [V, d] LM head (before a checkpoint is restored)."""
+        if self.optimizer_model == "adam" and tuple(self.adam_m.shape) != (num_vocab, hidden_size):
+            device = self.adam_m.device
+            self.adam_m = torch.zeros(num_vocab, hidden_size, device=device)
+            self.adam_v = torch.zeros(num_vocab, hidden_size, device=device)
+
+    # ---- the decision -------------------------------------------------------------------------
+    def forward(self, view: TokenView) -> Selection:
+        """Mask [N, L], per-token and global shifts, and rejection metrics for one step."""
+        valid = view.response_mask  # [N, L]
+        lm_head = view.lm_head.float()
+        self.build(*lm_head.shape)
+        hidden = view.hidden[valid].float()  # [T, d]
+        adv = view.advantages[valid].float()  # [T]
+        top = C.topk_policy(hidden, lm_head, view.actions[valid], self.top_k, self.token_chunk)
+        shifts = self._token_shifts(top, hidden, adv, view.lr)
+        ok_f, ok_h = self._tests(shifts)
+        keep_flat = ok_f & ok_h if self.enforce else torch.ones_like(ok_f)
+        seq = valid.nonzero()[:, 0]  # [T] sequence of each token
+        reduce = view.all_reduce
+        pre = self._global(top, hidden, adv, seq, torch.ones_like(keep_flat), view.lr, lm_head.shape[0], reduce)
+        post = self._global(top, hidden, adv, seq, keep_flat, view.lr, lm_head.shape[0], reduce)
+        if self.enforce and self.optimizer_model == "adam":
+            self._advance(post["g_rows"], post["touched"])
+        mask = torch.zeros_like(valid)
+        mask[valid] = keep_flat
+        mask |= ~valid  # padding positions are the response mask's business, not ours
+        token_f, token_h = torch.zeros(valid.shape, device=valid.device), torch.zeros(valid.shape, device=valid.device)
+        token_f[valid], token_h[valid] = shifts.fisher, shifts.hessian
+        out_shifts = {
+            "token_fisher": token_f, "token_hessian": token_h,
+            "global_fisher": pre["fisher"], "global_hessian": pre["hessian"],
+            "masked_global_fisher": post["fisher"], "masked_global_hessian": post["hessian"],
+        }  # fmt: skip
+        metrics = self._metrics(shifts, ok_f, ok_h, keep_flat, pre, post)
+        return Selection(token_mask=mask, shifts=out_shifts, metrics=metrics)
+
+    def _tests(self, shifts: C.Shifts) -> tuple[Tensor, Tensor]:
+        ok_f = shifts.fisher < self.delta_f
+        low = -self.tau_h < shifts.hessian if self.symmetric else shifts.hessian >= 0
+        return ok_f, low & (shifts.hessian < self.tau_h)
+
+    def _direction(self, grads: Tensor, ids: Tensor) -> Tensor:
+        if self.optimizer_model == "sgd":
+            return grads
+        step = int(self.adam_step)
+        return C.adam_direction(grads, self.adam_m[ids], self.adam_v[ids], step, self.betas, self.eps)
+
+    def _token_shifts(self, top: C.TopK, hidden: Tensor, adv: Tensor, lr: float) -> C.Shifts:
+        """Token-level shifts, chunked so [chunk, k, d] is the largest block."""
+        parts = []
+        chunk = max(1, C.LOGIT_BUDGET // max(1, top.ids.shape[1] * hidden.shape[1]))
+        for s in range(0, hidden.shape[0], chunk):
+            sub = C.TopK(top.ids[s : s + chunk], top.probs[s : s + chunk], top.onehot[s : s + chunk])
+            grads = C.token_gradients(sub, hidden[s : s + chunk], adv[s : s + chunk])  # [c, k, d]
+            direction = self._direction(grads, sub.ids)
+            parts.append(C.shifts_from_direction(sub, hidden[s : s + chunk], adv[s : s + chunk], grads, direction, lr))
+        if not parts:
+            empty = torch.zeros(0, device=hidden.device)
+            return C.Shifts(empty, empty, empty, empty, empty)
+        return C.Shifts(*(torch.cat([getattr(p, f) for p in parts]) for f in C.Shifts.__dataclass_fields__))
+
+    # ---- batch ("global") level -----------------------------------------------------------------
+    def _global(
+        self,
+        top: C.TopK,
+        hidden: Tensor,
+        adv: Tensor,
+        seq: Tensor,
+        keep: Tensor,
+        lr: float,
+        num_vocab: int,
+        reduce: Callable[[Tensor], Tensor] | None,
+    ) -> dict[str, Tensor]:
+        """Shifts of the step built from the kept tokens' per-row mean gradient (all ranks)."""
+        sums, counts = (
+            torch.zeros(num_vocab, hidden.shape[1], device=hidden.device),
+            torch.zeros(num_vocab, device=hidden.device),
+        )
+        chunk = max(1, C.LOGIT_BUDGET // max(1, top.ids.shape[1] * hidden.shape[1]))
+        for s in range(0, hidden.shape[0], chunk):
+            sub = C.TopK(top.ids[s : s + chunk], top.probs[s : s + chunk], top.onehot[s : s + chunk])
+            grads = C.token_gradients(sub, hidden[s : s + chunk], adv[s : s + chunk])
+            part_s, part_c = C.row_gradient_sums(sub, grads, keep[s : s + chunk], num_vocab)
+            sums += part_s
+            counts += part_c
+        if reduce is not None:
+            sums, counts = reduce(sums), reduce(counts)
+        touched = counts > 0  # [V]
+        g_rows = torch.zeros_like(sums)
+        g_rows[touched] = sums[touched] / counts[touched].unsqueeze(1)
+        d_rows = torch.zeros_like(sums)
+        d_rows[touched] = self._direction(g_rows[touched], touched.nonzero().squeeze(1))
+        first = (g_rows * d_rows).sum()
+        u = torch.cat([  # [T, k]: the step direction on each token's subspace rows, in token chunks
+            torch.einsum("tkd,td->tk", d_rows[top.ids[s : s + chunk]], hidden[s : s + chunk])
+            for s in range(0, hidden.shape[0], chunk)
+        ]) if hidden.shape[0] else torch.zeros(0, top.ids.shape[1], device=hidden.device)  # fmt: skip
+        s_vec = top.onehot - top.probs
+        su2 = (s_vec * u).sum(-1) ** 2
+        ff = (top.probs * u * u).sum(-1) - (top.probs * u).sum(-1) ** 2
+        fisher = 0.5 * lr**2 * _seq_then_batch_mean(su2, seq, keep)
+        hessian = lr * first + 0.5 * lr**2 * _seq_then_batch_mean(adv * (su2 - ff), seq, keep)
+        return {"fisher": fisher, "hessian": hessian, "g_rows": g_rows, "touched": touched}
+
+    def _advance(self, g_rows: Tensor, touched: Tensor) -> None:
+        """One shadow-Adam step on the touched rows with the accepted-token mean gradient."""
+        b1, b2 = self.betas
+        g = g_rows[touched]
+        self.adam_m[touched] = b1 * self.adam_m[touched] + (1 - b1) * g
+        self.adam_v[touched] = b2 * self.adam_v[touched] + (1 - b2) * g * g
+        self.adam_step += 1
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def _metrics(self, shifts: C.Shifts, ok_f: Tensor, ok_h: Tensor, keep: Tensor, pre: dict, post: dict) -> dict:
+        n = max(1, ok_f.numel())
+        out = {
+            "select/token_reject_rate": (~(ok_f & ok_h)).sum().float() / n,
+            "select/reject_rate_fisher": (~ok_f).sum().float() / n,
+            "select/reject_rate_hessian": (~ok_h).sum().float() / n,
+            "curvature/global_fisher": pre["fisher"], "curvature/global_hessian": pre["hessian"],
+            "curvature/masked_global_fisher": post["fisher"], "curvature/masked_global_hessian": post["hessian"],
+        }  # fmt: skip
+        for name, values in (("fisher", shifts.fisher), ("hessian", shifts.hessian)):
+            out.update(_stats(f"curvature/token_{name}", values))
+            out.update(_stats(f"curvature/masked_token_{name}", values[keep]))
+        return out
+
+
+def _stats(prefix: str, values: Tensor) -> dict[str, Tensor]:
+    if values.numel() == 0:
+        zero = torch.zeros((), device=values.device)
+        return {f"{prefix}_{s}": zero for s in ("mean", "max", "p50", "p95")}
+    q = torch.quantile(values.float(), torch.tensor([0.5, 0.95], device=values.device))
+    return {
+        f"{prefix}_mean": values.mean(),
+        f"{prefix}_max": values.max(),
+        f"{prefix}_p50": q[0],
+        f"{prefix}_p95": q[1],
+    }
+
+
+def _seq_then_batch_mean(values: Tensor, seq: Tensor, keep: Tensor) -> Tensor:
+    """Mean over kept tokens within each sequence, then over sequences that have any (the code's order)."""
+    if not bool(keep.any()):
+        return torch.zeros((), device=values.device)
+    ids, inverse = torch.unique(seq[keep], return_inverse=True)
+    sums = torch.zeros(ids.numel(), device=values.device).index_add_(0, inverse, values[keep])
+    counts = torch.zeros(ids.numel(), device=values.device).index_add_(0, inverse, torch.ones_like(values[keep]))
+    return (sums / counts).mean()

@@ -1,0 +1,145 @@
+"""CAPO's last-layer curvature model as pure fp32 functions (capo-method.md sections 2.2 to 2.7).
+
+Everything lives in the LM-head subspace of each token: its top-k vocabulary rows. For token t with
+hidden state h_t (the LM-head input), sampled token a_t and advantage A_t:
+
+    pi_t  = softmax of the top-k logits W[ids_t] h_t            [k]   (k = V gives the exact model)
+    s_t   = e_{a_t} - pi_t                                      [k]   (the code's ``v``)
+    G_t   = A_t s_t h_t^T                                        [k, d] last-layer gradient of A log pi(a)
+    D_t   = optimizer-model direction per unit lr                [k, d] (SGD: G_t; Adam: shadow-Adam step)
+    u_t   = D_t h_t                                              [k]   predicted logit change per unit lr
+    m_F   = 1/2 lr^2 (s_t . u_t)^2                                     policy shift (sampled Fisher form)
+    m_H   = lr <G_t, D_t> + 1/2 lr^2 A_t [(s_t . u_t)^2 - u_t^T (diag pi - pi pi^T) u_t]   objective shift
+
+Nothing of shape [N, L, V] or [T, V, d] is built: logits come from token chunks of h @ W^T, and
+[chunk, k, d] blocks are the largest temporaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LOGIT_BUDGET = 2**25  # elements of one [chunk, V] logits block (128 MiB in fp32)
+
+
+@dataclass
+class TopK:
+    """The top-k renormalised policy of each token."""
+
+    ids: Tensor  # [T, k] long, vocabulary rows
+    probs: Tensor  # [T, k] fp32, softmax over the k logits
+    onehot: Tensor  # [T, k] fp32, e_a inside the top-k set
+
+
+def token_chunk(num_vocab: int, budget: int = LOGIT_BUDGET) -> int:
+    """Tokens per chunk so one [chunk, V] logits block stays within ``budget`` elements."""
+    return max(1, budget // max(1, num_vocab))
+
+
+def topk_policy(hidden: Tensor, lm_head: Tensor, actions: Tensor, k: int, chunk: int | None = None) -> TopK:
+    """Top-k renormalised softmax of h W^T per token, computed in token chunks.
+
+    If a sampled token is not among the top k (possible with top_p/temperature > 1 sampling), it
+    replaces the k-th entry so e_a is always defined; with the paper's top-50 sampling it never is.
+
+    Args:
+        hidden: [T, d] LM-head inputs.
+        lm_head: [V, d] LM-head weight.
+        actions: [T] sampled token ids.
+        k: size of the subspace; k >= V means the full vocabulary (exact).
+        chunk: tokens per logits block; None sizes it from V.
+    """
+    num_vocab = lm_head.shape[0]
+    k = min(k, num_vocab)
+    chunk = chunk or token_chunk(num_vocab)
+    weight = lm_head.float()
+    ids_parts, val_parts = [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = hidden[start : start + chunk].float() @ weight.T  # [c, V]
+        vals, ids = logits.topk(k, dim=-1)  # [c, k]
+        act = actions[start : start + chunk]
+        missing = ~(ids == act.unsqueeze(1)).any(dim=1)  # [c]
+        ids[missing, -1] = act[missing]
+        vals[missing, -1] = logits[missing].gather(1, act[missing].unsqueeze(1)).squeeze(1)
+        ids_parts.append(ids)
+        val_parts.append(vals)
+    ids = torch.cat(ids_parts)  # [T, k]
+    probs = torch.softmax(torch.cat(val_parts), dim=-1)  # [T, k]
+    onehot = (ids == actions.unsqueeze(1)).float()  # [T, k]
+    return TopK(ids=ids, probs=probs, onehot=onehot)
+
+
+def token_gradients(top: TopK, hidden: Tensor, advantages: Tensor) -> Tensor:
+    """G_t = A_t (e_a - pi_t) h_t^T restricted to the token's top-k rows -> [T, k, d]."""
+    s = top.onehot - top.probs  # [T, k]
+    return (advantages.float().unsqueeze(1) * s).unsqueeze(2) * hidden.float().unsqueeze(1)
+
+
+@dataclass
+class Shifts:
+    """Per-token shifts and their parts."""
+
+    fisher: Tensor  # [T] m_F
+    hessian: Tensor  # [T] m_H
+    s_dot_u: Tensor  # [T] (s . u), per unit lr
+    fisher_form: Tensor  # [T] u^T (diag pi - pi pi^T) u, per unit lr^2
+    first_order: Tensor  # [T] <G, D>
+
+
+def shifts_from_direction(
+    top: TopK, hidden: Tensor, advantages: Tensor, grads: Tensor, direction: Tensor, lr: float
+) -> Shifts:
+    """m_F and m_H of each token for per-token directions ``direction`` [T, k, d] (per unit lr)."""
+    h = hidden.float()
+    u = torch.einsum("tkd,td->tk", direction, h)  # [T, k]
+    s = top.onehot - top.probs  # [T, k]
+    su = (s * u).sum(-1)  # [T]
+    fisher_form = (top.probs * u * u).sum(-1) - (top.probs * u).sum(-1) ** 2  # [T]
+    first = (grads * direction).sum(dim=(1, 2))  # [T]
+    m_f = 0.5 * lr**2 * su**2
+    m_h = lr * first + 0.5 * lr**2 * advantages.float() * (su**2 - fisher_form)
+    return Shifts(fisher=m_f, hessian=m_h, s_dot_u=su, fisher_form=fisher_form, first_order=first)
+
+
+def adam_direction(grads: Tensor, m: Tensor, v: Tensor, step: int, betas: tuple[float, float], eps: float) -> Tensor:
+    """The shadow-Adam step per unit lr if ``grads`` were the batch gradient, without changing state.
+
+    m' = b1 m + (1 - b1) g,  v' = b2 v + (1 - b2) g^2,  D = (m' / (1 - b1^(t+1))) / (sqrt(v' / (1 - b2^(t+1))) + eps).
+    While the state is empty (``step`` = 0) the direction is the raw gradient, as in the official code.
+
+    Args:
+        grads: [..., d] gradients of some vocabulary rows.
+        m: first moments of the same rows, broadcastable to ``grads``.
+        v: second moments of the same rows.
+        step: optimizer steps the shadow state has taken.
+        betas: (b1, b2).
+        eps: Adam's epsilon.
+    """
+    if step == 0:
+        return grads
+    b1, b2 = betas
+    m_new = b1 * m + (1 - b1) * grads
+    v_new = b2 * v + (1 - b2) * grads * grads
+    m_hat = m_new / (1 - b1 ** (step + 1))
+    v_hat = v_new / (1 - b2 ** (step + 1))
+    return m_hat / (v_hat.sqrt() + eps)
+
+
+def row_gradient_sums(top: TopK, grads: Tensor, keep: Tensor, num_vocab: int) -> tuple[Tensor, Tensor]:
+    """Sum of kept tokens' gradient rows per vocabulary row, and how many tokens touched each row.
+
+    The batch ("global") gradient of the code is sums / counts per row (rows never touched stay 0).
+
+    Returns:
+        sums [V, d] and counts [V].
+    """
+    d = grads.shape[-1]
+    ids = top.ids[keep].reshape(-1)  # [T_kept * k]
+    sums = torch.zeros(num_vocab, d, dtype=grads.dtype, device=grads.device)
+    sums.index_add_(0, ids, grads[keep].reshape(-1, d))
+    counts = torch.zeros(num_vocab, dtype=grads.dtype, device=grads.device)
+    counts.index_add_(0, ids, torch.ones_like(ids, dtype=grads.dtype))
+    return sums, counts
