@@ -168,7 +168,8 @@ class CAPOSelector(Selector):
         ]) if hidden.shape[0] else torch.zeros(0, top.ids.shape[1], device=hidden.device)  # fmt: skip
         s_vec = top.onehot - top.probs
         su2 = (s_vec * u).sum(-1) ** 2
-        ff = (top.probs * u * u).sum(-1) - (top.probs * u).sum(-1) ** 2
+        centred = u - (top.probs * u).sum(-1, keepdim=True)
+        ff = (top.probs * centred * centred).sum(-1)
         fisher = 0.5 * lr**2 * _seq_then_batch_mean(su2, seq, keep)
         hessian = lr * first + 0.5 * lr**2 * _seq_then_batch_mean(adv * (su2 - ff), seq, keep)
         return {"fisher": fisher, "hessian": hessian, "g_rows": g_rows, "touched": touched}

@@ -66,6 +66,9 @@ def topk_policy(hidden: Tensor, lm_head: Tensor, actions: Tensor, k: int, chunk:
         vals[missing, -1] = logits[missing].gather(1, act[missing].unsqueeze(1)).squeeze(1)
         ids_parts.append(ids)
         val_parts.append(vals)
+    if not ids_parts:  # no tokens (e.g. every completion masked): empty [0, k] policy
+        empty = torch.zeros(0, k, device=hidden.device)
+        return TopK(ids=empty.long(), probs=empty, onehot=empty.clone())
     ids = torch.cat(ids_parts)  # [T, k]
     probs = torch.softmax(torch.cat(val_parts), dim=-1)  # [T, k]
     onehot = (ids == actions.unsqueeze(1)).float()  # [T, k]
@@ -97,7 +100,8 @@ def shifts_from_direction(
     u = torch.einsum("tkd,td->tk", direction, h)  # [T, k]
     s = top.onehot - top.probs  # [T, k]
     su = (s * u).sum(-1)  # [T]
-    fisher_form = (top.probs * u * u).sum(-1) - (top.probs * u).sum(-1) ** 2  # [T]
+    centred = u - (top.probs * u).sum(-1, keepdim=True)  # [T, k]; u^T (diag pi - pi pi^T) u = E_pi[(u - E_pi u)^2]
+    fisher_form = (top.probs * centred * centred).sum(-1)  # [T], stable when u has a large common offset
     first = (grads * direction).sum(dim=(1, 2))  # [T]
     m_f = 0.5 * lr**2 * su**2
     m_h = lr * first + 0.5 * lr**2 * advantages.float() * (su**2 - fisher_form)
