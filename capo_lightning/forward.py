@@ -28,7 +28,10 @@ def score_responses(
     """Run ``model`` on prompt + response and read the distribution at each response position.
 
     Position ``P + j`` holds response token ``j``; its distribution comes from the logits at
-    ``P + j - 1``. Only the last L + 1 positions of logits are materialized.
+    ``P + j - 1``. Only the last L + 1 positions of logits are materialized. The hidden states are
+    captured as the LM head's input (after the final norm) by a hook, which works whatever the model
+    returns for ``output_hidden_states`` (transformers 5 returns None for a model unpickled in a
+    spawned process) and keeps no other layer's activations.
 
     Args:
         model: a transformers causal LM.
@@ -37,22 +40,28 @@ def score_responses(
         response_len: L.
         need_hidden: also return the LM-head input of the response positions.
     """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask.long(),
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        output_hidden_states=need_hidden,
-        logits_to_keep=response_len + 1,
-    )
+    captured: list[Tensor] = []
+    handle = None
+    if need_hidden:  # read the LM-head input directly: no per-layer hidden states are kept
+        head = model.get_output_embeddings()
+        handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            logits_to_keep=response_len + 1,
+        )
+    finally:
+        if handle is not None:
+            handle.remove()
     logits = out.logits[:, :-1, :].float()  # [n, L, V]
     actions = input_ids[:, -response_len:]  # [n, L]
     logprobs = selective_logprobs(logits, actions)  # [n, L]
     with torch.no_grad():
         entropy = token_entropy(logits)  # [n, L]
-    hidden = None
-    if need_hidden:
-        hidden = out.hidden_states[-1][:, -response_len - 1 : -1, :].detach()  # [n, L, d]
+    hidden = captured[-1][:, -response_len - 1 : -1, :] if need_hidden else None  # [n, L, d]
     return ForwardOut(logprobs=logprobs, entropy=entropy, hidden=hidden)
 
 

@@ -66,6 +66,7 @@ class CAPOSelector(Selector):
         self.register_buffer("adam_m", torch.zeros(0, 0))  # [V, d] once built
         self.register_buffer("adam_v", torch.zeros(0, 0))  # [V, d]
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("adam_has_rows", torch.zeros((), dtype=torch.bool))  # any row ever updated
 
     def build(self, num_vocab: int, hidden_size: int) -> None:
         """Allocate the shadow-Adam state for a [V, d] LM head (before a checkpoint is restored)."""
@@ -75,6 +76,7 @@ class CAPOSelector(Selector):
             self.adam_v = torch.zeros(num_vocab, hidden_size, device=device)
 
     # ---- the decision -------------------------------------------------------------------------
+    @torch.no_grad()
     def forward(self, view: TokenView) -> Selection:
         """Mask [N, L], per-token and global shifts, and rejection metrics for one step."""
         valid = view.response_mask  # [N, L]
@@ -113,7 +115,9 @@ class CAPOSelector(Selector):
     def _direction(self, grads: Tensor, ids: Tensor) -> Tensor:
         if self.optimizer_model == "sgd":
             return grads
-        step = int(self.adam_step)
+        # the raw gradient while no row has ever been updated (also after steps that accepted nothing),
+        # as the official code's empty-dictionary check
+        step = int(self.adam_step) if bool(self.adam_has_rows) else 0
         return C.adam_direction(grads, self.adam_m[ids], self.adam_v[ids], step, self.betas, self.eps)
 
     def _token_shifts(self, top: C.TopK, hidden: Tensor, adv: Tensor, lr: float) -> C.Shifts:
@@ -181,6 +185,7 @@ class CAPOSelector(Selector):
         self.adam_m[touched] = b1 * self.adam_m[touched] + (1 - b1) * g
         self.adam_v[touched] = b2 * self.adam_v[touched] + (1 - b2) * g * g
         self.adam_step += 1
+        self.adam_has_rows |= bool(touched.any())
 
     # ---- reporting ----------------------------------------------------------------------------
     def _metrics(self, shifts: C.Shifts, ok_f: Tensor, ok_h: Tensor, keep: Tensor, pre: dict, post: dict) -> dict:
