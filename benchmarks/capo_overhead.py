@@ -20,21 +20,38 @@ Parts (default: all three)
     loss, backward, clip, AdamW step, metric logging), measured by wrapping the bound method; its
     ``_score`` (forward), ``_select`` and ``_backward_and_step`` parts are timed the same way. The first
     pair is warm-up and dropped (CAPO's first call sees an empty shadow-Adam state and takes the cheaper
-    raw-gradient path). Reported: median step time of each arm, the ratio of the medians and the median
-    of the per-pair ratios. Swapping is honest for KeepAll: it is exactly what a KeepAll run executes
+    raw-gradient path). Reported, in wall time and in process CPU time (all threads; less sensitive to
+    other jobs taking the cores): median step time of each arm, the ratio of the medians, the median of
+    the per-pair ratios, and 1 + (median CAPO selection CPU time) / (median KeepAll step CPU time), the
+    selection's own cost, which has the smallest noise because only its small numerator is CAPO-specific.
+    Swapping is honest for KeepAll: it is exactly what a KeepAll run executes
     (no hidden states requested, all-True mask); the CAPO arm's shadow-Adam state advances only on its
     own steps, as in a CAPO run. The weights move by one small AdamW step per step, which does not
-    change the cost. Afterwards the last CAPO TokenView is replayed through a copy of the selector with
-    per-phase timers and under ``torch.profiler`` (top ops by self CPU time) to show where the time goes.
+    change the cost. Where the time goes: the live selector carries per-phase timers during the fit
+    (its methods and the curvature functions they call; printed as the median over timed CAPO steps),
+    and each step's minor page faults are counted (getrusage), because on CPU a large part of the
+    in-step cost is the kernel faulting in and zeroing fresh pages for the selector's big temporaries
+    (glibc gives a fresh mmap to every allocation above its mmap threshold, at most 32 MiB, that free
+    heap space cannot serve; while the autograd graph is alive there is little free heap to reuse, after
+    the step there is plenty). Afterwards the last CAPO TokenView is replayed through a copy of the
+    selector (warm heap, no live graph) with the same timers and under ``torch.profiler`` (top ops by self CPU time).
+    ``--block-budget N`` is a what-if knob: it sets ``curvature.LOGIT_BUDGET`` (elements of one
+    [chunk,k,d] block; the library uses 2**25) in this process only, to try smaller blocks. Running the
+    whole script with ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` shows the
+    cost without page faults.
 
 ``--sweep``: the curvature pass alone.
     ``CAPOSelector.forward`` on a synthetic TokenView (random W ~ N(0, 0.02^2) [V, d], hidden ~ N(0, 1)
     [T, d], d=576, k=50, actions drawn from each token's top 5, +/-1 advantages, every token valid) for
     V in {1k, 32k, 152k} at T=1024 and T in {256, 1k, 4k} at V=32k. The shadow-Adam state is pre-filled
     (step 10, non-zero m and v), i.e. the steady state. Each configuration runs in two fresh
-    subprocesses: one for time (one warm-up call, then the median of ``--sweep-repeats`` calls, with
-    ``curvature.topk_policy`` alone timed alongside) and one for memory. Memory: torch's CPU allocations
-    are invisible to tracemalloc, so the memory worker resets the kernel's resident-set high-water mark
+    subprocesses per mode: time (one warm-up call, then the median of ``--sweep-repeats`` calls, split by
+    phase) and memory. Time is measured twice: with ``MALLOC_MMAP_THRESHOLD_=4GiB`` so glibc serves the
+    large temporaries from the already-resident heap, as it does in a warmed-up training process (the
+    main columns), and with default glibc in a fresh process ("fresh"), where nearly every temporary of
+    more than 32 MiB gets a new mmap that the kernel page-faults and zeroes on first touch (this alone
+    can double or triple the time). Memory: torch's CPU allocations are invisible to tracemalloc,
+    so the memory worker resets the kernel's resident-set high-water mark
     (``echo 5 > /proc/self/clear_refs``) right before ONE steady-state forward and reports VmHWM minus
     the VmRSS just before the call: the transient peak of the pass on top of inputs and state. That
     worker runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the OS instead of
@@ -42,7 +59,7 @@ Parts (default: all three)
     (2 x V x d fp32 for Adam's m and v) is reported separately.
 
 Timings are wall-clock on whatever CPU runs this; other processes add noise, which is why arms are
-interleaved and medians reported. Total default runtime is ~6-9 minutes on 2 cores.
+interleaved and medians reported. Total default runtime is ~5-6 minutes on 2 idle cores (more under load).
 """
 
 from __future__ import annotations
@@ -53,6 +70,7 @@ import gc
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -71,6 +89,7 @@ from capo_lightning.selection import curvature as C  # noqa: E402
 from capo_lightning.selection.base import TokenView  # noqa: E402
 from capo_lightning.selection.capo import CAPOSelector  # noqa: E402
 
+_LIBRARY_BUDGET = C.LOGIT_BUDGET
 PAPER = dict(delta_f=1e-4, tau_h=0.01, symmetric=True, top_k=50, optimizer_model="adam", enforce=True)
 LR = 2e-5  # the quickstart's learning rate
 
@@ -148,13 +167,22 @@ class _Alternate:
         return Alternate()
 
 
-def _timed(record: dict, key: str, fn):
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh pages, e.g. new mmaps)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(record: dict, key: str, fn, cpu: dict | None = None):
+    """Wrap ``fn`` so each call appends its wall seconds to record[key] (and process CPU seconds to cpu[key])."""
+
     def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             record[key].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu[key].append(time.process_time() - c0)
 
     return wrapper
 
@@ -192,26 +220,48 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
     schedule: list[str] = []
     for i in range(pairs + 1):  # pair 0 is warm-up
         schedule += ["capo", "keep"] if i % 2 == 0 else ["keep", "capo"]
-    parts: dict[str, list[float]] = defaultdict(list)
-    steps: list[tuple[str, float, dict]] = []
+    parts: dict[str, list[float]] = defaultdict(list)  # wall seconds of the current step's parts
+    parts_cpu: dict[str, list[float]] = defaultdict(list)  # process CPU seconds (all threads) of the same
+    steps: list[dict] = []
     views: list[TokenView] = []
+    names = ("forward", "select", "backward_step")
 
     orig_step = module.training_step
 
+    in_step_phases: list[dict[str, float]] = []
+    inst = _Instrument(capo)  # phase timers on the live selector, installed for the whole fit
+
     def timed_step(batch, batch_idx):  # names matter: Lightning inspects the signature
-        kind = schedule[batch_idx]
-        for key in ("forward", "select", "backward_step"):
+        for key in names:
             parts[key].clear()
-        t0 = time.perf_counter()
+            parts_cpu[key].clear()
+        f0 = _minor_faults()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = orig_step(batch, batch_idx)
-        dt = time.perf_counter() - t0
-        steps.append((kind, dt, {k: sum(v) for k, v in parts.items()}))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        rec = {"kind": schedule[batch_idx], "wall": wall, "cpu": cpu, "minor_faults": _minor_faults() - f0}
+        for key in names:
+            rec[key], rec[key + "_cpu"] = sum(parts[key]), sum(parts_cpu[key])
+        rec["rest"] = wall - sum(rec[k] for k in names)
+        rec["select_minor_faults"] = sum(parts["select_faults"])
+        parts["select_faults"].clear()
+        steps.append(rec)
+        if rec["kind"] == "capo":
+            in_step_phases.append(inst.finish())
         return out
 
+    def faults_of_select(*args, **kwargs):
+        f0 = _minor_faults()
+        try:
+            return timed_select(*args, **kwargs)
+        finally:
+            parts["select_faults"].append(_minor_faults() - f0)
+
     module.training_step = timed_step
-    module._score = _timed(parts, "forward", module._score)
-    module._select = _timed(parts, "select", module._select)
-    module._backward_and_step = _timed(parts, "backward_step", module._backward_and_step)
+    module._score = _timed(parts, "forward", module._score, parts_cpu)
+    timed_select = _timed(parts, "select", module._select, parts_cpu)
+    module._select = faults_of_select
+    module._backward_and_step = _timed(parts, "backward_step", module._backward_and_step, parts_cpu)
     capo.register_forward_pre_hook(lambda mod, args: views.__setitem__(slice(None), [args[0]]))
 
     trainer = L.Trainer(
@@ -224,88 +274,178 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
         enable_model_summary=False,
         callbacks=[_Alternate.make(schedule, {"capo": capo, "keep": keep})],
     )
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    trainer.fit(module, train_dataloaders=_FixedBatches([batch] * len(schedule)))
-    print(f"{len(schedule)} training steps in {time.perf_counter() - t0:.1f} s wall (incl. setup)", flush=True)
+    with inst:
+        trainer.fit(module, train_dataloaders=_FixedBatches([batch] * len(schedule)))
+    print(
+        f"{len(schedule)} training steps in {time.perf_counter() - t0:.1f} s wall (incl. setup); "
+        f"1-min load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)",
+        flush=True,
+    )
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    timed = steps[2:]  # drop warm-up pair
-    arm = {k: [dt for kind, dt, _ in timed if kind == k] for k in ("capo", "keep")}
-    comp = {
-        k: {p: _median([c[p] for kind, _, c in timed if kind == k]) for p in ("forward", "select", "backward_step")}
-        for k in ("capo", "keep")
-    }
-    pair_ratios = []
+    timed = steps[2:]  # drop the warm-up pair
+    by = {k: [r for r in timed if r["kind"] == k] for k in ("capo", "keep")}
+    med = {k: {f: _median([r[f] for r in rows]) for f in timed[0] if f != "kind"} for k, rows in by.items()}
+    pair_wall, pair_cpu = [], []
     for i in range(0, len(timed), 2):
-        a, b = timed[i], timed[i + 1]
-        t = {a[0]: a[1], b[0]: b[1]}
-        pair_ratios.append(t["capo"] / t["keep"])
-    med = {k: _median(v) for k, v in arm.items()}
+        pair = {r["kind"]: r for r in timed[i : i + 2]}
+        pair_wall.append(pair["capo"]["wall"] / pair["keep"]["wall"])
+        pair_cpu.append(pair["capo"]["cpu"] / pair["keep"]["cpu"])
     res = {
         "model": model,
         "T": T,
-        "capo_s": arm["capo"],
-        "keep_s": arm["keep"],
-        "median_capo_s": med["capo"],
-        "median_keep_s": med["keep"],
-        "ratio_of_medians": med["capo"] / med["keep"],
-        "median_pair_ratio": _median(pair_ratios),
-        "pair_ratios": pair_ratios,
-        "components": comp,
+        "steps": timed,
+        "median": med,
+        "ratio_of_medians": med["capo"]["wall"] / med["keep"]["wall"],
+        "median_pair_ratio": _median(pair_wall),
+        "ratio_of_medians_cpu": med["capo"]["cpu"] / med["keep"]["cpu"],
+        "median_pair_ratio_cpu": _median(pair_cpu),
+        # the selection's own cost relative to a KeepAll step (least sensitive to load: small numerator)
+        "select_added_cpu": med["capo"]["select_cpu"] / med["keep"]["cpu"],
+        "pair_ratios": pair_wall,
+        "pair_ratios_cpu": pair_cpu,
         "reject_rate": metrics.get("select/token_reject_rate"),
     }
-    print(f"per-step seconds, CAPO   : {' '.join(f'{x:.3f}' for x in arm['capo'])}")
-    print(f"per-step seconds, KeepAll: {' '.join(f'{x:.3f}' for x in arm['keep'])}")
-    print(f"per-pair ratios          : {' '.join(f'{x:.3f}' for x in pair_ratios)}")
+    for k, label in (("capo", "CAPO   "), ("keep", "KeepAll")):
+        walls = " ".join(f"{r['wall']:.3f}" for r in by[k])
+        cpus = " ".join(f"{r['cpu']:.3f}" for r in by[k])
+        print(f"per-step wall s, {label}: {walls}")
+        print(f"per-step CPU s,  {label}: {cpus}")
+    print(f"per-pair ratios, wall     : {' '.join(f'{x:.3f}' for x in pair_wall)}")
+    print(f"per-pair ratios, CPU      : {' '.join(f'{x:.3f}' for x in pair_cpu)}")
     for k in ("capo", "keep"):
-        c = comp[k]
+        m = med[k]
         print(
-            f"median {k:4s}: step {med[k]:.3f} s = forward {c['forward']:.3f} + select {c['select']:.3f} "
-            f"+ backward/clip/AdamW {c['backward_step']:.3f} + rest {med[k] - sum(c.values()):.3f}"
+            f"median {k:4s}: step {m['wall']:.3f} s wall ({m['cpu']:.3f} s CPU) = forward {m['forward']:.3f} "
+            f"+ select {m['select']:.3f} ({m['select_cpu']:.3f} CPU) + backward/clip/AdamW {m['backward_step']:.3f} "
+            f"+ rest {m['rest']:.3f}   [medians per part]"
         )
     print(
-        f"RATIO {model}: CAPO/KeepAll step time = {res['ratio_of_medians']:.3f} (ratio of medians), "
-        f"{res['median_pair_ratio']:.3f} (median of {len(pair_ratios)} pair ratios); "
+        f"RATIO {model}: CAPO/KeepAll step time = {res['ratio_of_medians']:.3f} wall (ratio of medians), "
+        f"{res['median_pair_ratio']:.3f} (median of {len(pair_wall)} pair ratios); CPU time: "
+        f"{res['ratio_of_medians_cpu']:.3f} (ratio of medians), {res['median_pair_ratio_cpu']:.3f} (median pair); "
+        f"1 + select CPU / KeepAll step CPU = {1 + res['select_added_cpu']:.3f}; "
         f"last CAPO reject rate {res['reject_rate']}",
         flush=True,
     )
+    faults = {k: med[k]["minor_faults"] for k in med}
+    print(
+        f"minor page faults per step (median): CAPO {faults['capo']:.0f} (of which in selection "
+        f"{med['capo']['select_minor_faults']:.0f}, = {med['capo']['select_minor_faults'] * 4 / 2**20:.2f} GiB "
+        f"of freshly touched 4 KiB pages), KeepAll {faults['keep']:.0f}"
+    )
+    timed_phases = in_step_phases[1:]  # the first CAPO step belongs to the warm-up pair
+    if timed_phases:
+        res["in_step_phases"] = {k: _median([p.get(k, 0.0) for p in timed_phases]) for k in timed_phases[0]}
+        print(f"-- CAPOSelector.forward inside the training step (median of {len(timed_phases)} CAPO steps), by phase:")
+        _print_phases(res["in_step_phases"])
     if profile and views:
         res["phases"] = profile_selector(capo, views[0])
     return res
 
 
-def profile_selector(selector: CAPOSelector, view: TokenView, repeats: int = 3) -> dict:
-    """Replay one real TokenView through a copy of the selector: per-phase medians, then torch.profiler."""
-    import capo_lightning.selection.capo as capo_mod
+_OUTER = {  # CAPOSelector methods (patched on the instance) -> label
+    "_token_shifts": "token level: [chunk,k,d] grads, Adam direction, shifts",
+    "_global": "global level x2 (pre + post): [V,d] row sums, dense ops, u",
+    "_advance": "shadow-Adam m, v update on touched rows",
+    "_metrics": "metrics: means, max, 4 quantiles",
+}
+_INNER = ("topk_policy", "token_gradients", "adam_direction", "shifts_from_direction", "row_gradient_sums")
 
+
+class _Instrument:
+    """Times a CAPOSelector's calls by phase while installed (``with _Instrument(sel) as rec:``).
+
+    Outer phases are the selector's methods; inner ones the curvature functions they call, attributed
+    to the outer phase that is running ("_global/row_gradient_sums"). ``finish()`` adds "<outer>/other",
+    the outer phase's own code (e.g. the dense [V, d] ops of ``_global``), and "forward/other"."""
+
+    def __init__(self, sel: CAPOSelector) -> None:
+        self.sel, self.rec = sel, defaultdict(float)
+        self.stack = ["forward"]
+
+    def _wrap(self, name: str, fn, outer: bool):
+        def wrapper(*args, **kwargs):
+            key = name if outer else f"{self.stack[-1]}/{name}"
+            if outer:
+                self.stack.append(name)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.rec[key] += time.perf_counter() - t0
+                if outer:
+                    self.stack.pop()
+
+        return wrapper
+
+    def __enter__(self) -> _Instrument:
+        self.originals = {name: getattr(C, name) for name in _INNER}
+        for name in _INNER:
+            setattr(C, name, self._wrap(name, self.originals[name], outer=False))
+        for name in _OUTER:
+            setattr(self.sel, name, self._wrap(name, getattr(self.sel, name), outer=True))
+        self.sel_forward = self.sel.forward
+        self.sel.forward = self._wrap("TOTAL", self.sel_forward, outer=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, fn in self.originals.items():
+            setattr(C, name, fn)
+        for name in (*_OUTER, "forward"):
+            delattr(self.sel, name)
+
+    def finish(self) -> dict[str, float]:
+        """The phases recorded since the last ``finish()``, then reset."""
+        rec, self.rec = dict(self.rec), defaultdict(float)
+        for name in _OUTER:
+            inner = sum(v for k, v in rec.items() if k.startswith(name + "/"))
+            if name in rec and inner:
+                rec[f"{name}/other"] = rec[name] - inner
+        if "TOTAL" in rec:
+            rec["forward/other"] = rec["TOTAL"] - sum(
+                v for k, v in rec.items() if k in _OUTER or k.startswith(("forward/", "TOTAL/"))
+            )
+        return {k.replace("TOTAL/", "forward/"): v for k, v in rec.items()}
+
+
+def phase_times(sel: CAPOSelector, view: TokenView) -> dict[str, float]:
+    """Wall seconds of one ``sel(view)`` call split by phase (advances ``sel``'s shadow state)."""
+    with _Instrument(sel) as inst, torch.no_grad():
+        sel(view)
+    return inst.finish()
+
+
+def _print_phases(med: dict[str, float], indent: str = "   ") -> None:
+    total = med["TOTAL"]
+    print(f"{indent}{total * 1e3:9.1f} ms  100%  TOTAL CAPOSelector.forward")
+    order = (
+        ["forward/topk_policy"]
+        + [k for outer in _OUTER for k in [outer] + sorted(x for x in med if x.startswith(outer + "/"))]
+        + ["forward/other"]
+    )
+    for k in order:
+        if k not in med:
+            continue
+        label = _OUTER.get(k, k.replace("forward/topk_policy", "topk_policy: logits h W^T [chunk,V] + topk"))
+        pad = "" if ("/" not in k or k.startswith("forward/")) else "    "
+        print(f"{indent}{med[k] * 1e3:9.1f} ms  {100 * med[k] / total:3.0f}%  {pad}{label}")
+
+
+def profile_selector(selector: CAPOSelector, view: TokenView, repeats: int = 3) -> dict:
+    """Replay one real TokenView through copies of the selector: per-phase medians, then torch.profiler."""
     V, d = view.lm_head.shape
     T = int(view.response_mask.sum())
-    print(f"-- selector breakdown on the captured view: T={T}, V={V}, d={d}, k={selector.top_k}")
-    times: dict[str, list[float]] = defaultdict(list)
-    for _ in range(repeats):
-        sel = copy.deepcopy(selector)
-        rec: dict[str, list[float]] = defaultdict(list)
-        orig_topk = capo_mod.C.topk_policy
-        capo_mod.C.topk_policy = _timed(rec, "topk_policy (logits h W^T + topk, chunked)", orig_topk)
-        sel._token_shifts = _timed(rec, "_token_shifts ([chunk,k,d] grads, Adam direction, shifts)", sel._token_shifts)
-        sel._global = _timed(rec, "_global x2 (pre + post: [V,d] row sums, dense ops, u)", sel._global)
-        sel._advance = _timed(rec, "_advance (shadow-Adam m, v update on touched rows)", sel._advance)
-        sel._metrics = _timed(rec, "_metrics (means, max, quantiles x4)", sel._metrics)
-        try:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                sel(view)
-            total = time.perf_counter() - t0
-        finally:
-            capo_mod.C.topk_policy = orig_topk
-        for k, v in rec.items():
-            times[k].append(sum(v))
-        times["TOTAL selector.forward"].append(total)
-    med = {k: _median(v) for k, v in times.items()}
-    rest = med["TOTAL selector.forward"] - sum(v for k, v in med.items() if k != "TOTAL selector.forward")
-    med["rest (masks, scatter, bookkeeping)"] = rest
-    for k, v in med.items():
-        print(f"   {v * 1e3:9.1f} ms  {k}")
+    print(
+        f"-- CAPOSelector.forward replayed after the fit on the last captured view (warm heap, no live autograd "
+        f"graph): T={T}, V={V}, d={d}, k={selector.top_k}"
+    )
+    runs = [phase_times(copy.deepcopy(selector), view) for _ in range(repeats)]
+    med = {k: _median([r.get(k, 0.0) for r in runs]) for k in runs[0]}
+    print(f"   median of {repeats} calls, by phase:")
+    _print_phases(med)
 
     sel = copy.deepcopy(selector)
     from torch.profiler import ProfilerActivity, profile
@@ -315,7 +455,7 @@ def profile_selector(selector: CAPOSelector, view: TokenView, repeats: int = 3) 
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=28)
     print("   torch.profiler, one selector.forward, top ops by self CPU time:")
     print("\n".join("   " + line for line in table.splitlines()))
-    return {k: v for k, v in med.items()}
+    return med
 
 
 # ================================================================================================
@@ -375,23 +515,28 @@ def sweep_worker(V: int, T: int, d: int, mode: str, repeats: int) -> dict:
         return {"V": V, "T": T, "d": d, "peak_extra_mib": (peak - base) / 1024, "base_mib": base / 1024}
     with torch.no_grad():
         sel(view)  # warm-up
-        flat_h, flat_a = view.hidden.reshape(-1, d), view.actions.reshape(-1)
-        fwd, topk = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            sel(view)
-            fwd.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            C.topk_policy(flat_h, view.lm_head, flat_a, sel.top_k)
-            topk.append(time.perf_counter() - t0)
-    return {"V": V, "T": T, "d": d, "forward_s": _median(fwd), "topk_s": _median(topk), "all_forward_s": fwd}
+    runs = [phase_times(sel, view) for _ in range(repeats)]
+    med = {k: _median([r.get(k, 0.0) for r in runs]) for k in runs[0]}
+    return {
+        "V": V,
+        "T": T,
+        "d": d,
+        "forward_s": med["TOTAL"],
+        "phases": med,
+        "all_forward_s": [r["TOTAL"] for r in runs],
+    }
 
 
-def _run_worker(V: int, T: int, d: int, mode: str, repeats: int) -> dict:
-    env = dict(os.environ)
-    if mode == "mem":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+_HEAP_REUSE = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+_RETURN_FREED = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _run_worker(V: int, T: int, d: int, mode: str, repeats: int, malloc: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(malloc or {})
     cmd = [sys.executable, __file__, "--_worker", f"{V},{T},{d},{mode},{repeats}"]
+    if C.LOGIT_BUDGET != _LIBRARY_BUDGET:
+        cmd += ["--block-budget", str(C.LOGIT_BUDGET)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -403,31 +548,55 @@ def sweep(repeats: int, d: int = 576) -> list[dict]:
     print(f"\n=== curvature pass alone: CAPOSelector.forward, d={d}, k=50, steady-state shadow Adam ===", flush=True)
     configs = [(1024, 1024), (32768, 1024), (151936, 1024), (32768, 256), (32768, 4096)]
     rows = []
+    cols = [
+        ("topk", "forward/topk_policy"),
+        ("token", "_token_shifts"),
+        ("global", "_global"),
+        ("g:rows", "_global/row_gradient_sums"),
+        ("g:dense", "_global/other"),
+        ("adv", "_advance"),
+        ("metr", "_metrics"),
+    ]
     print(
-        f"{'V':>7} {'T':>5} | {'forward s':>9} {'topk s':>7} {'topk %':>6} | {'peak extra MiB':>14} "
-        f"{'state MiB':>9} {'[c,k,d] MiB':>11} {'[V,d] MiB':>9}"
+        "time in seconds (median); memory in MiB. Times with glibc serving temporaries from the already-resident "
+        "heap (MALLOC_MMAP_THRESHOLD_=4GiB), as in a warmed-up training process; 'fresh' = total with default "
+        "glibc in a fresh process (every large temporary is a new mmap: page faults + kernel zeroing)"
+    )
+    print(
+        f"{'V':>7} {'T':>5} | {'total':>6} "
+        + " ".join(f"{c:>7}" for c, _ in cols)
+        + f" | {'fresh':>6} | {'peak+':>6} {'state':>5} {'[ckd]':>5} {'[Vd]':>5}"
     )
     for V, T in configs:
-        t = _run_worker(V, T, d, "time", repeats)
-        m = _run_worker(V, T, d, "mem", 1)
-        k = 50
-        chunk = max(1, C.LOGIT_BUDGET // (k * d))
+        t = _run_worker(V, T, d, "time", repeats, _HEAP_REUSE)
+        fresh = _run_worker(V, T, d, "time", repeats)
+        m = _run_worker(V, T, d, "mem", 1, _RETURN_FREED)
+        chunk = max(1, C.LOGIT_BUDGET // (50 * d))
         row = {
             **t,
             **m,
+            "forward_fresh_s": fresh["forward_s"],
+            "phases_fresh": fresh["phases"],
             "state_mib": _mib(2 * V * d * 4),
-            "block_mib": _mib(min(T, chunk) * k * d * 4),
+            "block_mib": _mib(min(T, chunk) * 50 * d * 4),
             "vd_mib": _mib(V * d * 4),
         }
         rows.append(row)
+        ph = row["phases"]
         print(
-            f"{V:>7} {T:>5} | {row['forward_s']:>9.3f} {row['topk_s']:>7.3f} {100 * row['topk_s'] / row['forward_s']:>5.0f}% "
-            f"| {row['peak_extra_mib']:>14.0f} {row['state_mib']:>9.0f} {row['block_mib']:>11.0f} {row['vd_mib']:>9.0f}",
+            f"{V:>7} {T:>5} | {row['forward_s']:>6.3f} "
+            + " ".join(f"{ph.get(k, 0.0):>7.3f}" for _, k in cols)
+            + f" | {row['forward_fresh_s']:>6.3f} | {row['peak_extra_mib']:>6.0f} {row['state_mib']:>5.0f}"
+            + f" {row['block_mib']:>5.0f} {row['vd_mib']:>5.0f}",
             flush=True,
         )
     print(
-        "peak extra = VmHWM - VmRSS around one steady-state call (transient, on top of inputs and state); "
-        "state = persistent shadow-Adam m+v (2 V d fp32); [c,k,d] = one gradient block; [V,d] = one dense row buffer"
+        "total/topk/...: heap-reuse timing; topk = logits + topk; token = token-level shifts; "
+        "global = both batch-level passes, of which g:rows = "
+        "chunked [chunk,k,d] grads -> [V,d] row sums and g:dense = the pass's own [V,d] ops (zeros, masks, "
+        "direction, <g,D>) and u; adv = shadow-Adam update; metr = metrics.\n"
+        "peak+ = VmHWM - VmRSS around one steady-state call (transient, on top of inputs and state); state = "
+        "persistent shadow-Adam m+v (2 V d fp32); [ckd] = one [chunk,k,d] gradient block; [Vd] = one dense [V,d] buffer"
     )
     return rows
 
@@ -439,16 +608,27 @@ def main() -> None:
     p.add_argument("--smollm2", action="store_true", help="step ratio on SmolLM2-135M-Instruct")
     p.add_argument("--sweep", action="store_true", help="CAPOSelector.forward time/memory vs V and T")
     p.add_argument("--pairs-tiny", type=int, default=12, help="timed CAPO/KeepAll pairs, tiny (plus 1 warm-up)")
-    p.add_argument("--pairs-smollm2", type=int, default=5, help="timed CAPO/KeepAll pairs, SmolLM2 (plus 1 warm-up)")
+    p.add_argument("--pairs-smollm2", type=int, default=4, help="timed CAPO/KeepAll pairs, SmolLM2 (plus 1 warm-up)")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--sweep-repeats", type=int, default=3)
+    p.add_argument(
+        "--block-budget",
+        type=int,
+        default=None,
+        help="what-if experiment: elements of one [chunk,k,d] block in CAPOSelector (sets curvature.LOGIT_BUDGET "
+        "in this process only; topk_policy's [chunk,V] logits keep the library default). Default: the library's",
+    )
     p.add_argument("--no-profile", action="store_true", help="skip the selector breakdown / torch.profiler table")
     p.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
     p.add_argument("--_worker", type=str, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
+    if args.block_budget:
+        C.LOGIT_BUDGET = args.block_budget  # read at call time by CAPOSelector's [chunk,k,d] loops only
+        if not args._worker:
+            print(f"WHAT-IF: [chunk,k,d] block budget set to {args.block_budget} elements (library: 2**25)")
     if args._worker:
         V, T, d, mode, repeats = args._worker.split(",")
         print("RESULT " + json.dumps(sweep_worker(int(V), int(T), int(d), mode, int(repeats))), flush=True)
@@ -471,9 +651,13 @@ def main() -> None:
     for name in ("tiny", "smollm2"):
         if name in results:
             r = results[name]
+            m = r["median"]
             print(
-                f"{name:8s} T={r['T']:5d}: CAPO {r['median_capo_s']:.3f} s / KeepAll {r['median_keep_s']:.3f} s "
-                f"= {r['ratio_of_medians']:.3f} (median pair ratio {r['median_pair_ratio']:.3f})"
+                f"{name:8s} T={r['T']:5d}: wall CAPO {m['capo']['wall']:.3f} s / KeepAll {m['keep']['wall']:.3f} s "
+                f"= {r['ratio_of_medians']:.3f} (median pair {r['median_pair_ratio']:.3f}); CPU "
+                f"{m['capo']['cpu']:.3f} / {m['keep']['cpu']:.3f} = {r['ratio_of_medians_cpu']:.3f} "
+                f"(median pair {r['median_pair_ratio_cpu']:.3f}); "
+                f"1 + select/step (CPU) = {1 + r['select_added_cpu']:.3f}"
             )
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if args.json:

@@ -123,7 +123,7 @@ class CAPOSelector(Selector):
     def _token_shifts(self, top: C.TopK, hidden: Tensor, adv: Tensor, lr: float) -> C.Shifts:
         """Token-level shifts, chunked so [chunk, k, d] is the largest block."""
         parts = []
-        chunk = max(1, C.LOGIT_BUDGET // max(1, top.ids.shape[1] * hidden.shape[1]))
+        chunk = max(1, C.BLOCK_BUDGET // max(1, top.ids.shape[1] * hidden.shape[1]))
         for s in range(0, hidden.shape[0], chunk):
             sub = C.TopK(top.ids[s : s + chunk], top.probs[s : s + chunk], top.onehot[s : s + chunk])
             grads = C.token_gradients(sub, hidden[s : s + chunk], adv[s : s + chunk])  # [c, k, d]
@@ -151,13 +151,11 @@ class CAPOSelector(Selector):
             torch.zeros(num_vocab, hidden.shape[1], device=hidden.device),
             torch.zeros(num_vocab, device=hidden.device),
         )
-        chunk = max(1, C.LOGIT_BUDGET // max(1, top.ids.shape[1] * hidden.shape[1]))
+        chunk = max(1, C.BLOCK_BUDGET // max(1, top.ids.shape[1] * hidden.shape[1]))
         for s in range(0, hidden.shape[0], chunk):
             sub = C.TopK(top.ids[s : s + chunk], top.probs[s : s + chunk], top.onehot[s : s + chunk])
             grads = C.token_gradients(sub, hidden[s : s + chunk], adv[s : s + chunk])
-            part_s, part_c = C.row_gradient_sums(sub, grads, keep[s : s + chunk], num_vocab)
-            sums += part_s
-            counts += part_c
+            C.row_gradient_sums(sub, grads, keep[s : s + chunk], num_vocab, sums, counts)  # accumulates
         if reduce is not None:
             sums, counts = reduce(sums), reduce(counts)
         touched = counts > 0  # [V]

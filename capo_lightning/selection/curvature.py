@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 LOGIT_BUDGET = 2**25  # elements of one [chunk, V] logits block (128 MiB in fp32)
+BLOCK_BUDGET = 2**21  # elements of one [chunk, k, d] gradient/direction block (8 MiB in fp32): small blocks
+# are reused from the allocator's cache, large ones cost fresh zeroed pages on every call (measured on CPU)
 
 
 @dataclass
@@ -132,18 +134,23 @@ def adam_direction(grads: Tensor, m: Tensor, v: Tensor, step: int, betas: tuple[
     return m_hat / (v_hat.sqrt() + eps)
 
 
-def row_gradient_sums(top: TopK, grads: Tensor, keep: Tensor, num_vocab: int) -> tuple[Tensor, Tensor]:
+def row_gradient_sums(
+    top: TopK, grads: Tensor, keep: Tensor, num_vocab: int, sums: Tensor | None = None, counts: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Sum of kept tokens' gradient rows per vocabulary row, and how many tokens touched each row.
 
     The batch ("global") gradient of the code is sums / counts per row (rows never touched stay 0).
+    Pass ``sums`` [V, d] and ``counts`` [V] to accumulate into them (chunked callers), else they are new.
 
     Returns:
         sums [V, d] and counts [V].
     """
     d = grads.shape[-1]
     ids = top.ids[keep].reshape(-1)  # [T_kept * k]
-    sums = torch.zeros(num_vocab, d, dtype=grads.dtype, device=grads.device)
+    if sums is None:
+        sums = torch.zeros(num_vocab, d, dtype=grads.dtype, device=grads.device)
+    if counts is None:
+        counts = torch.zeros(num_vocab, dtype=grads.dtype, device=grads.device)
     sums.index_add_(0, ids, grads[keep].reshape(-1, d))
-    counts = torch.zeros(num_vocab, dtype=grads.dtype, device=grads.device)
     counts.index_add_(0, ids, torch.ones_like(ids, dtype=grads.dtype))
     return sums, counts
