@@ -186,3 +186,22 @@ def test_validate_and_test_from_a_checkpoint(tmp_path: Path) -> None:
         main([sub, "--config", TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}"])
         rows = [r for r in read_metrics(tmp_path) if r.get(key)]
         assert rows and 0.0 <= float(rows[-1][key]) <= 1.0, sub
+
+
+@pytest.mark.parametrize("objective", ["grpo", "dr_grpo", "dapo", "reinforce"])
+def test_capo_selection_composes_with_every_objective(tmp_path: Path, objective: str) -> None:
+    # CAPO only changes the mask: CAPO, Dr.CAPO, DAPO + CAPO and ReinCAPO all run from config fragments
+    main(
+        tiny_args(
+            tmp_path,
+            "--trainer.max_steps=1",
+            "--config",
+            str(ROOT / f"conf/objective/{objective}.yaml"),
+            "--config",
+            str(ROOT / "conf/selector/capo.yaml"),
+            "--data.reward_fn=tests.helpers.length_reward",
+        )
+    )
+    row = next(r for r in read_metrics(tmp_path) if r.get("select/token_reject_rate"))
+    assert 0.0 <= float(row["select/token_reject_rate"]) <= 1.0
+    assert float(row["curvature/token_fisher_max"]) > 0.0  # length rewards vary: non-zero advantages and shifts
