@@ -14,7 +14,6 @@ Shape legend (used in every shape comment of this package):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +26,17 @@ class RolloutTexts:
     prompts: list[str]  # [N] formatted prompt (chat template applied), repeated G times
     completions: list[str]  # [N] decoded response
     answers: list[str]  # [N] gold answer
+
+
+TENSOR_FIELDS = (
+    "input_ids",
+    "attention_mask",
+    "response_mask",
+    "behavior_logprobs",
+    "rewards",
+    "group_ids",
+    "truncated",
+)  # the per-row tensors of a RolloutBatch, moved and sliced together
 
 
 @dataclass(frozen=True)
@@ -66,35 +76,11 @@ class RolloutBatch:
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         """Move every tensor field to ``device``; texts and stats stay on the host."""
-        moved: dict[str, Any] = {
-            name: getattr(self, name).to(device)
-            for name in (
-                "input_ids",
-                "attention_mask",
-                "response_mask",
-                "behavior_logprobs",
-                "rewards",
-                "group_ids",
-                "truncated",
-            )
-        }
-        return replace(self, **moved)
+        return replace(self, **{name: getattr(self, name).to(device) for name in TENSOR_FIELDS})
 
     def select(self, rows: Tensor) -> RolloutBatch:
         """A sub-batch of the given rows (a minibatch); ``rows`` is a [n] long index tensor."""
-        picked = {
-            name: getattr(self, name)[rows]
-            for name in (
-                "input_ids",
-                "attention_mask",
-                "response_mask",
-                "behavior_logprobs",
-                "rewards",
-                "group_ids",
-                "truncated",
-            )
-        }
-        return replace(self, **picked, texts=None)
+        return replace(self, **{name: getattr(self, name)[rows] for name in TENSOR_FIELDS}, texts=None)
 
     def validate(self) -> None:
         """Raise ValueError when shapes or dtypes disagree (cheap; called by the DataModule)."""

@@ -70,3 +70,34 @@ class RankOneNaNGRPO(_grpo()):
         if dist.is_available() and dist.is_initialized() and dist.get_rank() == 1:
             adv = torch.full_like(adv, float("nan"))
         return adv
+
+
+class SGD:
+    """Picklable optimizer factory (ddp_spawn pickles the module): plain SGD, update = -lr * grad.
+
+    Tests of gradient equality use it because Adam's first step (~lr * sign(g)) hides scale errors.
+    """
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def __call__(self, params):
+        import torch
+
+        return torch.optim.SGD(params, lr=self.lr)
+
+
+class RankBatches:
+    """A sized iterable that yields ``per_rank[r]`` on DDP rank r (rank 0 when not distributed)."""
+
+    def __init__(self, per_rank: list) -> None:
+        self.per_rank = per_rank
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        import torch
+
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return iter([self.per_rank[rank]])

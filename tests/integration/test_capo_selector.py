@@ -33,7 +33,7 @@ from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import SamplingConfig
 from capo_lightning.selection import CAPOSelector, Selection, Selector, TokenView
 from capo_lightning.selection import curvature as C
-from tests.helpers import FixedBatches, length_reward
+from tests.helpers import SGD, FixedBatches, length_reward
 
 LR = 0.1  # SGD learning rate of the module runs, hence also the TokenView.lr the selector sees
 HUGE = 1e30
@@ -41,30 +41,6 @@ B1, B2 = 0.9, 0.999
 
 
 # ---- picklable pieces (ddp_spawn pickles the module and the dataloader) ---------------------------
-class SGD:
-    """Plain SGD factory: the update is exactly -lr * gradient."""
-
-    def __init__(self, lr: float) -> None:
-        self.lr = lr
-
-    def __call__(self, params):
-        return torch.optim.SGD(params, lr=self.lr)
-
-
-class RankBatches:
-    """A sized iterable that yields ``per_rank[r]`` on DDP rank r (rank 0 when not distributed)."""
-
-    def __init__(self, per_rank: list) -> None:
-        self.per_rank = per_rank
-
-    def __len__(self) -> int:
-        return 1
-
-    def __iter__(self):
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        return iter([self.per_rank[rank]])
-
-
 class FixedMask(Selector):
     """Returns one precomputed mask, whatever it is shown."""
 

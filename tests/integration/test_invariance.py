@@ -22,33 +22,9 @@ from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import DAPO, GRPO, REINFORCE, DrGRPO
 from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout import SamplingConfig
-from tests.helpers import FixedBatches, length_reward
+from tests.helpers import SGD, FixedBatches, RankBatches, length_reward
 
 OBJECTIVES = {"GRPO": GRPO, "DrGRPO": DrGRPO, "DAPO": DAPO, "REINFORCE": REINFORCE}
-
-
-class SGD:
-    """Picklable optimizer factory (ddp_spawn pickles the module): plain SGD, update = -lr * grad."""
-
-    def __init__(self, lr: float) -> None:
-        self.lr = lr
-
-    def __call__(self, params):
-        return torch.optim.SGD(params, lr=self.lr)
-
-
-class RankBatches:
-    """A sized iterable that yields ``per_rank[r]`` on DDP rank r (rank 0 when not distributed)."""
-
-    def __init__(self, per_rank: list) -> None:
-        self.per_rank = per_rank
-
-    def __len__(self) -> int:
-        return 1
-
-    def __iter__(self):
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        return iter([self.per_rank[rank]])
 
 
 def _trainer(max_steps: int = 1, **kwargs) -> L.Trainer:
@@ -227,7 +203,7 @@ import lightning as L
 from capo_lightning.module import CAPOModule
 from capo_lightning.policy import PolicySpec
 from tests.helpers import RankOneNaNGRPO
-from tests.integration.test_invariance import SGD, RankBatches
+from tests.helpers import SGD, RankBatches
 
 if __name__ == "__main__":
     batch = torch.load({batches!r}, weights_only=False)
