@@ -13,13 +13,8 @@ from typing import Any
 
 import pytest
 
-from capo_lightning.data.prompts import (
-    ArithmeticSource,
-    HFDatasetSource,
-    JsonlSource,
-    PromptItem,
-    ReasoningGymSource,
-)
+from capo_lightning.data.library_sources import HFDatasetSource, ReasoningGymSource
+from capo_lightning.data.prompts import ArithmeticSource, JsonlSource, PromptItem
 from capo_lightning.rewards.math import math_reward
 
 _BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
