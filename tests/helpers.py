@@ -101,3 +101,50 @@ class RankBatches:
 
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         return iter([self.per_rank[rank]])
+
+
+def make_trainer(max_steps: int = 1, callbacks: list | None = None, **kwargs: Any) -> L.Trainer:
+    """A quiet single-process CPU Trainer with no logger and no checkpoints; ``kwargs`` override."""
+    settings: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks or [],
+    )
+    settings.update(kwargs)
+    return L.Trainer(**settings)
+
+
+def tiny_rollout(
+    model_dir: Path | str,
+    num_prompts: int,
+    group_size: int = 4,
+    max_new_tokens: int = 12,
+    temperature: float = 1.0,
+    seed: int = 3,
+    reward_fn: Any = length_reward,
+) -> Any:
+    """One real RolloutBatch sampled from the fresh tiny policy (arithmetic prompts, seed 1, values <= 20)."""
+    from capo_lightning.data.datamodule import RolloutDataModule
+    from capo_lightning.data.prompts import ArithmeticSource
+    from capo_lightning.module import CAPOModule
+    from capo_lightning.policy import PolicySpec
+    from capo_lightning.rollout import SamplingConfig
+
+    dm = RolloutDataModule(
+        train_source=ArithmeticSource(seed=1, max_value=20),
+        prompts_per_step=num_prompts,
+        group_size=group_size,
+        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0),
+        reward_fn=reward_fn,
+        max_prompt_tokens=96,
+    )
+    gen = CAPOModule(policy=PolicySpec(str(model_dir)))
+    gen.configure_model()
+    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    return dm.rollout([dm.train_source.item(i) for i in range(num_prompts)], group_size, sampling, 0, 0)

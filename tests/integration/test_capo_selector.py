@@ -24,16 +24,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from capo_lightning.data.datamodule import RolloutDataModule
-from capo_lightning.data.prompts import ArithmeticSource
 from capo_lightning.forward import score_responses
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
-from capo_lightning.rollout import SamplingConfig
 from capo_lightning.selection import CAPOSelector, Selection, Selector, TokenView
 from capo_lightning.selection import curvature as C
-from tests.helpers import SGD, FixedBatches, length_reward
+from tests.helpers import SGD, FixedBatches, make_trainer, tiny_rollout
 
 LR = 0.1  # SGD learning rate of the module runs, hence also the TokenView.lr the selector sees
 HUGE = 1e30
@@ -68,19 +65,7 @@ class Record(L.Callback):
 @pytest.fixture(scope="module")
 def real(tiny_model_dir: Path) -> dict:
     """4 prompts x 4 real samples (length reward: advantages vary), and the fresh policy's hidden states."""
-    dm = RolloutDataModule(
-        train_source=ArithmeticSource(seed=1, max_value=20),
-        prompts_per_step=4,
-        group_size=4,
-        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0),
-        reward_fn=length_reward,
-        max_prompt_tokens=96,
-    )
-    gen = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
-    gen.configure_model()
-    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
-    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
-    batch = dm.rollout([dm.train_source.item(i) for i in range(4)], 4, sampling, 0, 0)
+    batch = tiny_rollout(tiny_model_dir, num_prompts=4)
     assert not bool(batch.response_mask.all()), "the batch needs padding positions"
     policy, _ = load_policy(PolicySpec(str(tiny_model_dir)))  # fresh weights, as every module run starts
     with torch.no_grad():
@@ -182,18 +167,7 @@ def _fit(
     module = CAPOModule(policy=PolicySpec(str(model_dir)), selector=selector, optimizer=SGD(LR), max_grad_norm=None)
     module.configure_model()  # before fit: ddp_spawn copies rank-0 state back only into an existing policy
     before = _flat(module)
-    kwargs = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks or [],
-    )
-    kwargs.update(trainer_kwargs)
-    trainer = L.Trainer(**kwargs)
+    trainer = make_trainer(max_steps, callbacks, **trainer_kwargs)
     trainer.fit(module, train_dataloaders=batches, ckpt_path=ckpt_path)
     return _flat(module) - before, module, trainer
 

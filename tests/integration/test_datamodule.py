@@ -11,7 +11,8 @@ from capo_lightning.data.prompts import ArithmeticSource
 from capo_lightning.module import CAPOModule
 from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout import SamplingConfig
-from tests.integration.test_module import adamw, make_trainer
+from tests.helpers import make_trainer
+from tests.integration.test_module import adamw
 
 SEEN: dict[str, list] = {}
 

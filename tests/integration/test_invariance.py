@@ -12,33 +12,15 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
-from capo_lightning.data.datamodule import RolloutDataModule
-from capo_lightning.data.prompts import ArithmeticSource
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import DAPO, GRPO, REINFORCE, DrGRPO
 from capo_lightning.policy import PolicySpec
-from capo_lightning.rollout import SamplingConfig
-from tests.helpers import SGD, FixedBatches, RankBatches, length_reward
+from tests.helpers import SGD, FixedBatches, RankBatches, make_trainer, tiny_rollout
 
 OBJECTIVES = {"GRPO": GRPO, "DrGRPO": DrGRPO, "DAPO": DAPO, "REINFORCE": REINFORCE}
-
-
-def _trainer(max_steps: int = 1, **kwargs) -> L.Trainer:
-    base = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    base.update(kwargs)
-    return L.Trainer(**base)
 
 
 def _module(model_dir: Path, objective: str = "GRPO", lr: float = 1.0, **kwargs) -> CAPOModule:
@@ -63,7 +45,7 @@ def _train(
     module = _module(model_dir, objective, lr, **module_kwargs)
     module.configure_model()  # before fit: ddp_spawn copies rank-0 weights back only into an existing policy
     before = _flat(module)
-    trainer = _trainer(**(trainer_kwargs or {}))
+    trainer = make_trainer(**(trainer_kwargs or {}))
     trainer.fit(module, train_dataloaders=batches)
     metrics = {k: v.detach().clone() for k, v in trainer.callback_metrics.items()}
     return _flat(module) - before, metrics, module
@@ -80,20 +62,8 @@ def _assert_same_update(got: torch.Tensor, want: torch.Tensor, what: str) -> Non
 @pytest.fixture(scope="module")
 def rollouts(tiny_model_dir: Path) -> dict:
     """Real rollouts of the tiny policy, generated once: 2 prompts x 4 and 4 prompts x 4 samples."""
-    dm = RolloutDataModule(
-        train_source=ArithmeticSource(seed=1, max_value=20),
-        prompts_per_step=2,
-        group_size=4,
-        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0),
-        reward_fn=length_reward,
-        max_prompt_tokens=96,
-    )
-    gen = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
-    gen.configure_model()
-    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
-    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=3)
-    small = dm.rollout([dm.train_source.item(i) for i in range(2)], 4, sampling, 0, 0)
-    large = dm.rollout([dm.train_source.item(i) for i in range(4)], 4, sampling, 0, 0)
+    small = tiny_rollout(tiny_model_dir, num_prompts=2)
+    large = tiny_rollout(tiny_model_dir, num_prompts=4)
     for batch in (small, large):
         lengths = batch.response_mask.sum(1)
         assert lengths.unique().numel() > 1, "rollouts of equal length would not test the normalisers"

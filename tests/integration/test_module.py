@@ -15,7 +15,7 @@ from capo_lightning.objectives import GRPO
 from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout import SamplingConfig
 from capo_lightning.selection import KeepAll
-from tests.helpers import BatchRecorder, FixedBatches, length_reward, read_records
+from tests.helpers import BatchRecorder, FixedBatches, length_reward, make_trainer, read_records, tiny_rollout
 
 
 def make_datamodule(**overrides) -> RolloutDataModule:
@@ -29,20 +29,6 @@ def make_datamodule(**overrides) -> RolloutDataModule:
     )
     kwargs.update(overrides)
     return RolloutDataModule(**kwargs)
-
-
-def make_trainer(max_steps: int, callbacks: list | None = None, **kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks or [],
-        **kwargs,
-    )
 
 
 def adamw(params):
@@ -91,11 +77,7 @@ def _one_step(model_dir: Path, selector, batch) -> tuple[dict, dict]:
 
 
 def test_keep_all_is_bit_identical_to_no_selector(tiny_model_dir: Path) -> None:
-    dm = make_datamodule()
-    gen = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
-    gen.configure_model()
-    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
-    batch = dm.rollout([dm.train_source.item(i) for i in range(2)], 4, SamplingConfig(max_new_tokens=12, seed=3), 0, 0)
+    batch = tiny_rollout(tiny_model_dir, num_prompts=2, temperature=0.9)
     params_none, metrics_none = _one_step(tiny_model_dir, None, batch)
     params_keep, metrics_keep = _one_step(tiny_model_dir, KeepAll(), batch)
     assert metrics_none["objective/loss"].item() == metrics_keep["objective/loss"].item()
@@ -221,11 +203,7 @@ def test_interrupted_run_leaves_a_checkpoint_that_resumes_at_the_same_data(
 def test_mask_truncated_drops_truncated_completions_from_the_loss(tiny_model_dir: Path) -> None:
     from capo_lightning.objectives import DAPO
 
-    dm = make_datamodule(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0))
-    gen = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
-    gen.configure_model()
-    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
-    batch = dm.rollout([dm.train_source.item(i) for i in range(4)], 4, SamplingConfig(max_new_tokens=6, seed=1), 0, 0)
+    batch = tiny_rollout(tiny_model_dir, num_prompts=4, max_new_tokens=6, temperature=0.9, seed=1)
     # the random tiny model rarely stops by itself: flag every other row as finished instead
     from dataclasses import replace
 
