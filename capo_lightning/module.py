@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from capo_lightning.batch import RolloutBatch
+from capo_lightning.evaluation import Evaluator
 from capo_lightning.forward import ForwardOut, score_responses
 from capo_lightning.objectives import GRPO, Normalizer, Objective
 from capo_lightning.objectives.functional import masked_mean as _masked_mean
@@ -22,7 +23,7 @@ from capo_lightning.optim import WarmupCosineLR, default_optimizer
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
 from capo_lightning.selection import Selection, Selector, TokenView
-from capo_lightning.step_metrics import accumulate, eval_metrics, rollout_metrics, sample_text
+from capo_lightning.step_metrics import accumulate, rollout_metrics, sample_text
 from capo_lightning.steps import StepPlan, plan_step
 
 
@@ -376,21 +377,41 @@ class CAPOModule(L.LightningModule):
         if self.sample_every_n_steps and batch.texts is not None and self.rollout_step % self.sample_every_n_steps == 0:
             rank_zero_info(sample_text(batch, self.rollout_step))
 
-    def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
-        """Log the mean reward of completions sampled with the validation settings."""
-        self._eval_step(batch, "val")
+    def on_validation_epoch_start(self) -> None:
+        self._evaluator = self._make_evaluator("val")
 
-    def test_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+    def on_test_epoch_start(self) -> None:
+        self._evaluator = self._make_evaluator("test")
+
+    def validation_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Grade the sampled completions: accuracy, pass@k and maj@n per dataset (see :mod:`evaluation`)."""
+        self._eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Same as validation, logged under ``test/``."""
-        self._eval_step(batch, "test")
+        self._eval_step(batch, dataloader_idx)
 
-    def _eval_step(self, batch: RolloutBatch, prefix: str) -> None:
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self._evaluator.compute())  # torchmetrics already synchronised the ranks
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._evaluator.compute())
+
+    def _make_evaluator(self, stage: str) -> Evaluator:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = datamodule.eval_names(stage) if hasattr(datamodule, "eval_names") else []
+        n = int(getattr(datamodule, "val_samples", 1))
+        return Evaluator(stage, names, n, self.device)
+
+    def _eval_step(self, batch: RolloutBatch, dataloader_idx: int) -> None:
+        self._evaluator.update(batch, dataloader_idx)
         self.log_dict(
-            eval_metrics(batch, prefix),
+            self._evaluator.batch_metrics(batch, dataloader_idx),
             batch_size=batch.num_completions,
             sync_dist=self.trainer.world_size > 1,
             on_epoch=True,
             on_step=False,
+            add_dataloader_idx=False,
         )
 
     # ---- checkpoint -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Metric dictionaries of a step, kept out of the module so the step pipeline stays readable.
 
 Keys are namespaced and stable (see README "Metrics"): ``train/*`` rewards, ``rollout/*`` sampling
-side, ``objective/*`` loss side, ``time/*`` timings, ``val/*`` and ``test/*`` evaluation.
+side, ``objective/*`` loss side, ``time/*`` timings, ``val/*`` and ``test/*`` evaluation
+(:mod:`capo_lightning.evaluation`).
 """
 
 from __future__ import annotations
@@ -34,16 +35,6 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, Tensor]:
     }
     out.update({k: torch.tensor(float(v)) for k, v in batch.stats.items()})
     return out
-
-
-def eval_metrics(batch: RolloutBatch, prefix: str) -> dict[str, Tensor]:
-    """Validation/test statistics of one batch of sampled completions (averaged over the epoch)."""
-    return {
-        f"{prefix}/reward_mean": batch.rewards.mean(),
-        f"{prefix}/accuracy": (batch.rewards > 0.5).float().mean(),
-        f"{prefix}/response_length_mean": batch.response_mask.sum(1).float().mean(),
-        f"{prefix}/truncated_frac": batch.truncated.float().mean(),
-    }
 
 
 def sample_text(batch: RolloutBatch, step: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -15,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.collate import collate_completions
 from capo_lightning.data.prompts import ArithmeticSource, PromptItem, PromptSource
+from capo_lightning.data.templates import get_template
 from capo_lightning.rewards.math import math_reward
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
@@ -45,18 +47,22 @@ class RolloutDataModule(L.LightningDataModule):
 
     Args:
         train_source: where training prompts come from.
-        val_source: prompts for validation; None disables validation.
-        test_source: prompts for ``capo test``; None uses ``val_source``.
+        val_source: prompts for validation, or a list of sources, each logged under its own name
+            (``val/<name>/accuracy``, see :meth:`eval_names`); None disables validation.
+        test_source: prompts for ``capo test`` (a source or a list); None uses ``val_source``.
         prompts_per_step: B, prompts per optimizer step per rank.
         group_size: G, completions sampled per prompt.
         sampling: how training completions are sampled.
         val_sampling: how validation completions are sampled (default: temperature 0.6, top_p 0.95).
-        val_samples: completions per validation prompt.
-        val_prompts: how many validation prompts to use (the first ones of ``val_source``).
+        val_samples: completions per validation prompt (n of pass@k; k <= n).
+        val_prompts: how many prompts of each validation source to use (its first ones).
         val_batch_size: validation prompts per generation batch.
-        reward_fn: ``reward(completions, answers, **columns) -> list[float]``.
-        system_prompt: optional system message placed before each prompt.
-        use_chat_template: format prompts with the tokenizer's chat template.
+        reward_fn: ``reward(completions, answers, **columns) -> list[float]`` for training. If it has a
+            ``pop_stats()`` method (the math rewards do), its stats are logged with each batch.
+        eval_reward_fn: the correctness grader of validation and test (1.0 = correct); keep it unshaped.
+        template: prompt template name (:mod:`capo_lightning.data.templates`: ``chat``, ``paper``,
+            ``eval``, ``qwen_math``, ``plain``).
+        system_prompt: replaces the template's system message.
         max_prompt_tokens: longest allowed formatted prompt, in tokens.
         steps_per_epoch: length of one pass of the train stream (an epoch is bookkeeping only).
         seed: seeds prompt order and sampling.
@@ -69,8 +75,8 @@ class RolloutDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_source: PromptSource | None = None,
-        val_source: PromptSource | None = None,
-        test_source: PromptSource | None = None,
+        val_source: PromptSource | list[PromptSource] | None = None,
+        test_source: PromptSource | list[PromptSource] | None = None,
         prompts_per_step: int = 4,
         group_size: int = 8,
         sampling: SamplingConfig | None = None,
@@ -79,8 +85,9 @@ class RolloutDataModule(L.LightningDataModule):
         val_prompts: int = 32,
         val_batch_size: int = 16,
         reward_fn: RewardFn = math_reward,
+        eval_reward_fn: RewardFn = math_reward,
+        template: str = "chat",
         system_prompt: str | None = None,
-        use_chat_template: bool = True,
         max_prompt_tokens: int = 512,
         steps_per_epoch: int = 100,
         seed: int = 0,
@@ -101,6 +108,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.train_source = train_source if train_source is not None else ArithmeticSource(seed=seed)
         self.val_source = val_source
         self.test_source = test_source
+        self.template = get_template(template)
         self.prompts_per_step = prompts_per_step
         self.group_size = group_size
         self.sampling = sampling if sampling is not None else SamplingConfig()
@@ -113,8 +121,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.val_prompts = val_prompts
         self.val_batch_size = val_batch_size
         self.reward_fn = reward_fn
+        self.eval_reward_fn = eval_reward_fn
         self.system_prompt = system_prompt
-        self.use_chat_template = use_chat_template
         self.max_prompt_tokens = max_prompt_tokens
         self.steps_per_epoch = steps_per_epoch
         self.seed = seed
@@ -158,19 +166,42 @@ class RolloutDataModule(L.LightningDataModule):
         return _Stream(self.steps_per_epoch, self._next_train_batch)
 
     def val_dataloader(self) -> _Stream | list:
-        """Sized stream of validation batches, generated with the current weights when iterated."""
-        return self._eval_stream(self.val_source)
+        """Validation batches, generated with the current weights when iterated (one stream per source)."""
+        return self._eval_streams("val")
 
     def test_dataloader(self) -> _Stream | list:
         """Like validation, on ``test_source`` (falls back to ``val_source``)."""
-        return self._eval_stream(self.test_source if self.test_source is not None else self.val_source)
+        return self._eval_streams("test")
 
-    def _eval_stream(self, source: PromptSource | None) -> _Stream | list:
-        if source is None:
-            return []
+    def eval_sources(self, stage: str) -> list[PromptSource]:
+        """The sources of ``stage`` ("val" or "test"), as a list."""
+        source = self.test_source if stage == "test" and self.test_source is not None else self.val_source
+        return [] if source is None else list(source) if isinstance(source, (list, tuple)) else [source]
+
+    def eval_names(self, stage: str) -> list[str]:
+        """Metric names of the sources of ``stage``: ``source.name()`` made key-safe and unique."""
+        names: list[str] = []
+        for source in self.eval_sources(stage):
+            name = re.sub(r"[^A-Za-z0-9_.:-]+", "_", source.name())
+            names.append(name if name not in names else f"{name}_{len(names)}")
+        return names
+
+    def _eval_streams(self, stage: str) -> _Stream | list:
+        streams = [self._eval_stream(source) for source in self.eval_sources(stage)]
+        return streams[0] if len(streams) == 1 else streams
+
+    def _eval_stream(self, source: PromptSource) -> _Stream:
+        """This rank's share of the first ``val_prompts`` items: rank r takes r, r + W, r + 2W, ...
+
+        Every rank gets the same number of batches (FSDP needs equal collective calls); a rank whose
+        share is short pads its last batch with repeats, which ``stats["eval/valid_prompts"]`` excludes.
+        """
         count = self.val_prompts if source.size is None else min(self.val_prompts, source.size)
-        chunks = [list(range(s, min(s + self.val_batch_size, count))) for s in range(0, count, self.val_batch_size)]
-        return _Stream(len(chunks), lambda i: self._eval_batch(source, chunks[i]))
+        world, rank = self._world(), self._rank()
+        per_rank = math.ceil(count / world)
+        indices = [rank + j * world for j in range(per_rank)]
+        chunks = [indices[s : s + self.val_batch_size] for s in range(0, per_rank, self.val_batch_size)]
+        return _Stream(len(chunks), lambda i: self._eval_batch(source, chunks[i], count))
 
     # ---- batch construction -------------------------------------------------------------------
     def _next_train_batch(self, _: int) -> RolloutBatch:
@@ -181,23 +212,27 @@ class RolloutDataModule(L.LightningDataModule):
         if self.dynamic_sampling:
             groups, more = self._keep_varied_groups(groups, step, sampling)
             stats.update(more)
-        return self._collate(groups, version, step, stats)
+        return self._collate(groups, version, step, stats | _pop_stats(self.reward_fn))
 
-    def _eval_batch(self, source: PromptSource, indices: list[int]) -> RolloutBatch:
+    def _eval_batch(self, source: PromptSource, indices: list[int], count: int) -> RolloutBatch:
         version, step = self._state_fn()
-        items = [source.item(i) for i in indices]
+        items = [source.item(i % count) for i in indices]
         sampling = replace(self.val_sampling, seed=self.seed + 17 * indices[0])
-        return self.rollout(items, self.val_samples, sampling, version, step)
+        groups, stats = self._sample_groups(items, self.val_samples, sampling, self.eval_reward_fn)
+        stats["eval/valid_prompts"] = float(sum(i < count for i in indices))
+        return self._collate(groups, version, step, stats | _pop_stats(self.eval_reward_fn))
 
     def rollout(
         self, items: list[PromptItem], n: int, sampling: SamplingConfig, version: int, step: int
     ) -> RolloutBatch:
         """Generate ``n`` completions per item, score them and collate a RolloutBatch."""
-        groups, stats = self._sample_groups(items, n, sampling)
+        groups, stats = self._sample_groups(items, n, sampling, self.reward_fn)
         return self._collate(groups, version, step, stats)
 
-    def _sample_groups(self, items: list[PromptItem], n: int, sampling: SamplingConfig) -> tuple[list[_Group], dict]:
-        """Generate and score ``n`` completions for each item."""
+    def _sample_groups(
+        self, items: list[PromptItem], n: int, sampling: SamplingConfig, reward_fn: RewardFn | None = None
+    ) -> tuple[list[_Group], dict]:
+        """Generate ``n`` completions for each item and score them with ``reward_fn`` (default: training's)."""
         if self.engine is None:
             raise RuntimeError(
                 "RolloutDataModule used before connect(); the CAPOModule connects it in configure_model()"
@@ -207,18 +242,17 @@ class RolloutDataModule(L.LightningDataModule):
         completions = self.engine.generate(prompts, n, sampling)
         gen_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        rewards = self._score(completions, [item for item in items for _ in range(n)], sampling.max_new_tokens)
+        reward_fn = self.reward_fn if reward_fn is None else reward_fn
+        items_n = [item for item in items for _ in range(n)]
+        rewards = self._score(reward_fn, completions, items_n, sampling.max_new_tokens)
         reward_s = time.perf_counter() - t1
         groups = [
             _Group(item, prompt, completions[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n])
             for j, (item, prompt) in enumerate(zip(items, prompts))
         ]
         tokens = sum(len(c.token_ids) for c in completions)
-        return groups, {
-            "time/generate_s": gen_s,
-            "time/reward_s": reward_s,
-            "rollout/tokens_per_s": tokens / max(gen_s, 1e-9),
-        }
+        stats = {"time/generate_s": gen_s, "time/reward_s": reward_s, "rollout/tokens_per_s": tokens / max(gen_s, 1e-9)}
+        return groups, stats
 
     def _keep_varied_groups(
         self, groups: list[_Group], step: int, sampling: SamplingConfig
@@ -272,14 +306,8 @@ class RolloutDataModule(L.LightningDataModule):
         return batch
 
     def format_prompt(self, question: str) -> str:
-        """Apply the system prompt and chat template; raise if the result exceeds max_prompt_tokens."""
-        text = question
-        if self.use_chat_template and getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-            messages.append({"role": "user", "content": question})
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        elif self.system_prompt:
-            text = f"{self.system_prompt}\n\n{question}"
+        """Apply ``data.template``; raise if the result exceeds max_prompt_tokens."""
+        text = self.template.format(question, self.tokenizer, self.system_prompt)
         num = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if num > self.max_prompt_tokens:
             raise ValueError(
@@ -289,7 +317,9 @@ class RolloutDataModule(L.LightningDataModule):
             )
         return text
 
-    def _score(self, completions: list[Completion], items: list[PromptItem], max_new_tokens: int) -> list[float]:
+    def _score(
+        self, reward_fn: RewardFn, completions: list[Completion], items: list[PromptItem], max_new_tokens: int
+    ) -> list[float]:
         """Call the reward function with each item's columns plus ``completion_tokens``, ``truncated``
         and ``max_new_tokens`` (what length-aware rewards such as OverlongPenalty read)."""
         texts = [c.text for c in completions]
@@ -298,8 +328,8 @@ class RolloutDataModule(L.LightningDataModule):
         cols["completion_tokens"] = [len(c.token_ids) for c in completions]
         cols["truncated"] = [c.finish_reason == "length" for c in completions]
         cols["max_new_tokens"] = [max_new_tokens] * len(completions)
-        rewards = [float(r) for r in self.reward_fn(texts, [item.answer for item in items], **cols)]
-        name = getattr(self.reward_fn, "__name__", type(self.reward_fn).__name__)
+        rewards = [float(r) for r in reward_fn(texts, [item.answer for item in items], **cols)]
+        name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
         if len(rewards) != len(texts):
             raise ValueError(f"data.reward_fn {name} returned {len(rewards)} rewards for {len(texts)} completions")
         if not all(math.isfinite(r) for r in rewards):
@@ -340,6 +370,12 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _has_trainer(self) -> bool:
         return getattr(self, "trainer", None) is not None
+
+
+def _pop_stats(reward_fn: RewardFn) -> dict[str, float]:
+    """The reward function's stats since the last call (``verifier/*`` of the math rewards), if it keeps any."""
+    pop = getattr(reward_fn, "pop_stats", None)
+    return dict(pop()) if callable(pop) else {}
 
 
 class _Stream:

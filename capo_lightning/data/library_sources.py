@@ -1,17 +1,21 @@
-"""Prompt sources backed by other libraries: reasoning_gym (offline task generators) and datasets (Hub data).
+"""Prompt sources backed by other libraries: reasoning_gym and champ_dataset (offline), datasets (Hub data).
 
-Both libraries are optional extras (``offline`` and ``hub``) and are imported lazily.
+All three are optional extras (``offline``: reasoning-gym and champ-dataset; ``hub``: datasets) and are
+imported lazily.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 from capo_lightning.data.prompts import DEFAULT_INSTRUCTION, PromptItem, PromptSource, _arg_error
-from capo_lightning.rewards.math import last_boxed
+from capo_lightning.rewards.extract import last_boxed
+from capo_lightning.rewards.grading import quick_verdict
 
-__all__ = ["HFDatasetSource", "ReasoningGymSource"]
+__all__ = ["ANSWER_FORMATS", "ChampSource", "HFDatasetSource", "ReasoningGymSource"]
 
 
 class ReasoningGymSource(PromptSource):
@@ -97,26 +101,45 @@ def _json_safe(metadata: dict[str, Any]) -> dict[str, Any]:
     return safe
 
 
+ANSWER_FORMATS = ("boxed", "gsm8k", "raw")
+"""Values of ``HFDatasetSource(answer_format=...)``."""
+
+
+def _gsm8k_answer(text: str) -> str | None:
+    """Returns what follows the last ``####``, commas removed (``"... #### 1,234"`` gives ``"1234"``)."""
+    marker = text.rfind("####")
+    return None if marker < 0 else text[marker + 4 :].strip().replace(",", "")
+
+
+_EXTRACTORS = {"boxed": last_boxed, "gsm8k": _gsm8k_answer, "raw": lambda text: text}
+_MISSING = {"boxed": "no non-empty \\boxed{}", "gsm8k": "no answer after a final ####", "raw": "an empty answer"}
+
+
 class HFDatasetSource(PromptSource):
-    r"""Prompts from a Hugging Face dataset such as MATH; needs ``datasets``.
+    r"""Prompts from a Hugging Face dataset such as MATH or GSM8K; needs ``datasets``.
 
     Loads ``datasets.load_dataset(path, name, split=split, data_files=data_files)`` at
-    construction (``path="json"`` with ``data_files`` reads local files). With
-    ``extract_boxed`` the gold answer is the last ``\boxed{...}`` of the ``answer_key``
-    column, nested braces handled; every row must have one. Other columns go to ``columns``.
+    construction: Hub names need Hub access; builders such as ``"json"`` or ``"parquet"``
+    with ``data_files`` read local files offline. Item ``i`` is row ``i`` with ``instruction``
+    appended; the other columns go to ``columns``. Every row must yield a non-empty gold
+    answer from the ``answer_key`` column, read according to ``answer_format``: ``"boxed"``,
+    the last ``\boxed{...}`` (nested braces handled; MATH solutions); ``"gsm8k"``, the text
+    after the last ``####`` without commas (``"... #### 1,234"`` gives ``"1234"``); ``"raw"``,
+    the column as it is (a final-answer column, as in MATH-500).
 
     Args:
-        path: Dataset name on the Hub, or a builder such as ``"json"``.
-        name: Dataset configuration name, if any.
+        path: Dataset name on the Hub, or a builder such as ``"json"`` or ``"parquet"``.
+        name: Dataset configuration name, if any (GSM8K: ``"main"``).
         split: The split to load.
         prompt_key: Column holding the question.
         answer_key: Column holding the answer, or the full solution.
-        extract_boxed: Take the last ``\boxed{}`` of ``answer_key`` as the answer.
-        data_files: Files for builders such as ``"json"``.
+        answer_format: One of :data:`ANSWER_FORMATS`, see above.
+        data_files: Files for builders such as ``"json"`` and ``"parquet"``.
+        instruction: Appended to each question after a space; may be empty.
 
     Raises:
         ImportError: If ``datasets`` is not installed.
-        ValueError: If a key is not a column, or (with ``extract_boxed``) a row has no box.
+        ValueError: If ``answer_format`` is unknown, a key is not a column, or a row has no answer.
     """
 
     def __init__(
@@ -126,23 +149,27 @@ class HFDatasetSource(PromptSource):
         split: str = "train",
         prompt_key: str = "problem",
         answer_key: str = "solution",
-        extract_boxed: bool = True,
-        data_files: str | None = None,
+        answer_format: str = "boxed",
+        data_files: str | list[str] | None = None,
+        instruction: str = DEFAULT_INSTRUCTION,
     ) -> None:
+        if answer_format not in ANSWER_FORMATS:
+            raise _arg_error(self, "answer_format", f"got {answer_format!r}", f"use one of {list(ANSWER_FORMATS)}")
         self.path, self.prompt_key, self.answer_key = path, prompt_key, answer_key
+        self.answer_format, self.instruction = answer_format, instruction
         try:
             import datasets
         except ImportError as error:
             raise ImportError(
                 "HFDatasetSource needs the datasets package: pip install datasets "
-                "(JsonlSource and ReasoningGymSource work without it)"
+                "(JsonlSource, ReasoningGymSource and ChampSource work without it)"
             ) from error
         self._dataset = datasets.load_dataset(path, name, split=split, data_files=data_files)
         for arg, key in (("prompt_key", prompt_key), ("answer_key", answer_key)):
             if key not in self._dataset.column_names:
                 problem = f"column {key!r} not in {path} (columns: {self._dataset.column_names})"
                 raise _arg_error(self, arg, problem, f"set {arg} to one of the columns")
-        self._answers = self._gold_answers(extract_boxed)
+        self._answers = self._gold_answers()
 
     @property
     def size(self) -> int:
@@ -154,22 +181,146 @@ class HFDatasetSource(PromptSource):
         return f"hf:{self.path}"
 
     def item(self, index: int) -> PromptItem:
-        """Returns row ``index`` of the split."""
+        """Returns row ``index`` of the split, with the instruction appended."""
         self._check_index(index)
         row = dict(self._dataset[index])
-        prompt = str(row.pop(self.prompt_key))
+        prompt = " ".join(part for part in (str(row.pop(self.prompt_key)).strip(), self.instruction) if part)
         row.pop(self.answer_key)
         return PromptItem(prompt=prompt, answer=self._answers[index], columns=row)
 
-    def _gold_answers(self, extract_boxed: bool) -> list[str]:
+    def _gold_answers(self) -> list[str]:
         """All gold answers, extracted up front so that a bad row fails at construction."""
-        raw = [str(value) for value in self._dataset[self.answer_key]]
-        if not extract_boxed:
-            return raw
-        answers = [last_boxed(text) or "" for text in raw]
-        missing = [index for index, answer in enumerate(answers) if not answer.strip()]
+        extract = _EXTRACTORS[self.answer_format]
+        answers = [
+            (extract("" if value is None else str(value)) or "").strip() for value in self._dataset[self.answer_key]
+        ]
+        missing = [index for index, answer in enumerate(answers) if not answer]
         if missing:
-            problem = f"{len(missing)} rows (first: row {missing[0]}) have no non-empty \\boxed{{}}"
-            fix = f"set extract_boxed=false if {self.answer_key!r} holds final answers, or filter those rows out"
-            raise _arg_error(self, "extract_boxed", problem, fix)
+            gives = _MISSING[self.answer_format]
+            problem = f"{len(missing)} rows (first: row {missing[0]}) of {self.answer_key!r} give {gives}"
+            others = [f for f in ANSWER_FORMATS if f != self.answer_format]
+            fix = f"pick the answer_format that matches {self.answer_key!r} ({others}), or filter those rows out"
+            raise _arg_error(self, "answer_format", problem, fix)
         return answers
+
+
+# CHAMP answers are plain-text formulas or sentences; these rewrites strip the gloss off a formula.
+_CHAMP_REWRITES = [
+    (re.compile(pattern), replacement)
+    for pattern, replacement in (
+        (r"\s+\((?:i\.e\.,|no |none ).*\)$", ""),  # "100 (i.e., all values)" -> "100"
+        (r"^.*, or (?:equivalently|an equivalent form such as) ", ""),  # "C(10, 5), or equivalently 252" -> "252"
+        (r", or approximately .*$", ""),  # "5/14, or approximately 35.7%" -> "5/14"
+        (r" is the only possible value$", ""),  # "3 is the only possible value" -> "3"
+        (r"^The (?:limit exists and is equal to|only possible value for the limit is) ", ""),
+        (r"^(\d+) (?:roots|pairs|values|inequalities)$", r"\1"),  # "0 roots" -> "0"
+    )
+]
+_CHAMP_MISREAD = re.compile(r"\bC\(|\.\.\.|±.*,")  # C(n, k) is read as a function C, not a binomial
+
+
+def _is_formula(answer: str) -> bool:
+    """True for a formula that math_verify reads as meant and the grader does not refuse.
+
+    Not formulas: text with a word (a run of 3+ letters other than ``sqrt``, or a token of 2+
+    letters), notations math_verify misreads (``C(n, k)``, ``...``, lists of ``±`` values) and
+    strings :func:`quick_verdict` refuses against anything (e.g. more than two exponents).
+    """
+    words = [run for run in re.findall(r"[A-Za-z]{3,}", answer) if run != "sqrt"]
+    words += [token for token in re.split(r"[\s,]+", answer) if len(token) > 1 and token.isalpha()]
+    return not words and not _CHAMP_MISREAD.search(answer) and quick_verdict("x", answer) is not False
+
+
+def champ_answer(answer: str) -> str:
+    """Applies the CHAMP gloss rewrites; parts joined by ``" and "`` become a comma list of formulas."""
+    for pattern, replacement in _CHAMP_REWRITES:
+        answer = pattern.sub(replacement, answer)
+    parts = answer.split(" and ")
+    if len(parts) > 1 and all(_is_formula(part) for part in parts):  # "x=1, y=1 and x=3, y=2"
+        answer = ", ".join(f"({part})" if "=" in part and "," in part and part[0] != "(" else part for part in parts)
+    return answer.strip()
+
+
+def champ_gradeable(answer: str) -> bool:
+    """True for answers (after :func:`champ_answer`) that ``math_reward`` can grade: formulas, Yes, No."""
+    return answer in ("Yes", "No") or _is_formula(answer)
+
+
+class ChampSource(PromptSource):
+    """The 270 CHAMP competition problems (Mao et al., 2024) from ``champ-dataset``; works offline.
+
+    A held-out evaluation set in 5 categories (Combinatorics, Inequality, Number-Theory,
+    Polynomial, Sequence). Items follow the natural order of problem ids (``P_Combinatorics_1``,
+    ..., ``P_Sequence_50``) after filtering; prompts are the problem text plus ``instruction``;
+    ``columns`` hold ``problem_id``, ``category`` and ``original_answer``. Answers go through
+    :func:`champ_answer` (``"100 (i.e., all values)"`` gives ``"100"``). ``gradeable_only`` drops
+    sentence answers (``"The limit does not exist"``) and notations the grader misreads
+    (``C(n+1, 2m+1)``), see :func:`champ_gradeable`: 225 of the 270 v0 problems remain.
+
+    Args:
+        instruction: Appended to each problem after a space; may be empty.
+        categories: Keep only these categories (exact names); None keeps all.
+        gradeable_only: Drop problems ``math_reward`` cannot grade.
+        version: A dataset version shipped with ``champ-dataset`` (``"v0"``), or a JSON file path.
+
+    Raises:
+        ImportError: If ``champ-dataset`` is not installed.
+        ValueError: If ``version`` or a category is unknown, or the filters keep no problem.
+    """
+
+    def __init__(
+        self,
+        instruction: str = DEFAULT_INSTRUCTION,
+        categories: list[str] | None = None,
+        gradeable_only: bool = True,
+        version: str = "v0",
+    ) -> None:
+        self.instruction, self.gradeable_only, self.version = instruction, gradeable_only, version
+        self.categories = None if categories is None else list(categories)
+        problems = self._load()
+        valid = sorted({problem.category for problem in problems.values()})
+        unknown = [category for category in self.categories or [] if category not in valid]
+        if unknown or self.categories == []:
+            problem = f"unknown categories {unknown}" if unknown else "the list is empty"
+            raise _arg_error(self, "categories", problem, f"use a non-empty subset of {valid}, or null for all")
+        self._items = []
+        # natural order: P_Sequence_2 before P_Sequence_10
+        for problem_id in sorted(problems, key=lambda pid: (pid.rpartition("_")[0], pid.rpartition("_")[2].zfill(9))):
+            problem, answer = problems[problem_id], champ_answer(problems[problem_id].answer)
+            if self.categories and problem.category not in self.categories:
+                continue
+            if gradeable_only and not champ_gradeable(answer):
+                continue
+            prompt = " ".join(part for part in (problem.text.strip(), instruction) if part)
+            columns = {"problem_id": problem_id, "category": problem.category, "original_answer": problem.answer}
+            self._items.append(PromptItem(prompt=prompt, answer=answer, columns=columns))
+        if not self._items:
+            raise _arg_error(self, "categories", f"no gradeable problem in {self.categories}", "add categories")
+
+    @property
+    def size(self) -> int:
+        """Number of problems after filtering."""
+        return len(self._items)
+
+    def name(self) -> str:
+        """Returns ``"champ"``."""
+        return "champ"
+
+    def item(self, index: int) -> PromptItem:
+        """Returns problem ``index`` in natural id order."""
+        self._check_index(index)
+        return self._items[index]
+
+    def _load(self) -> dict[str, Any]:
+        """Imports ``champ_dataset`` lazily and returns its problems by id."""
+        try:
+            import champ_dataset
+        except ImportError as error:
+            raise ImportError(
+                "ChampSource needs champ-dataset: pip install champ-dataset (or the `offline` extra)"
+            ) from error
+        try:
+            return champ_dataset.load(self.version).problems
+        except FileNotFoundError:
+            shipped = sorted(path.stem for path in Path(champ_dataset.__file__).parent.glob("dataset_files/*.json"))
+            raise _arg_error(self, "version", f"no CHAMP version {self.version!r}", f"use one of {shipped}") from None

@@ -1,272 +1,280 @@
-"""Rule-based rewards for verifiable math answers.
+r"""Math rewards: extract the final answer, grade it against the gold answer, report verifier health.
 
-The pipeline for one completion is: take the tail of the text, extract the final
-answer (last ``\\boxed{}``, else an "answer is X" phrase, else the last number),
-then compare it with the gold answer. Plain numbers are compared exactly with
-:class:`fractions.Fraction`; everything else goes to ``math_verify``.
+For one completion: :func:`~capo_lightning.rewards.extract.extract_answer` takes the last
+``\boxed{}`` (else an "answer is X" phrase, else the last number);
+:func:`~capo_lightning.rewards.grading.quick_verdict` settles identical strings and plain numbers
+exactly in this process; everything else goes to ``math_verify`` in a
+:class:`~capo_lightning.rewards.verifier.GradingPool`, under a hard wall-clock timeout that works
+in any thread and in DataLoader workers. Timeouts grade 0.
 
-``math_verify`` runs sympy, which can hang on some inputs (``9^{9^{9}}`` makes
-``verify`` run for minutes). Its built-in timeouts use ``signal.alarm``, which
-only works on the main thread, so they are switched off here
-(``parsing_timeout=None``, ``timeout_seconds=None``). Instead, :func:`is_equivalent`
-refuses long strings and exponent towers up front and grades them 0.0. That guard
-is a heuristic, not a wall-clock limit; a later change adds a process-based timeout.
+Reward functions share one signature, ``reward(completions, answers, **columns) -> list[float]``,
+and never raise on bad text. Those with a ``pop_stats()`` method also report metrics, which the
+RolloutDataModule logs with each batch (``verifier/*``).
 
-Every reward function returns one float per completion and never raises on bad
-text; only a length mismatch between completions and answers is an error.
+Differs from the paper's code on purpose: a gold answer that cannot be parsed is not a reward of
+1.0 for every completion (there it zeroes the group's advantage silently). Here it is compared by
+exact string/number only, counted in ``verifier/parse_fail_gold`` and logged once per answer.
 """
 
 from __future__ import annotations
 
-import re
-from fractions import Fraction
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["extract_answer", "format_reward", "is_equivalent", "last_boxed", "math_reward"]
+import torch
 
-TAIL_CHARS = 4_000
-"""Only this many trailing characters of a completion are searched for an answer."""
+from capo_lightning.rewards.extract import TAIL_CHARS, extract_answer, last_boxed
+from capo_lightning.rewards.grading import _as_number, is_equivalent, normalize, quick_verdict
+from capo_lightning.rewards.verifier import GradingPool, Outcome
 
-MAX_VERIFY_CHARS = 300
-"""Strings longer than this are never handed to sympy (graded as not equivalent)."""
+__all__ = [
+    "FormatReward",
+    "Grade",
+    "MathReward",
+    "WeightedSum",
+    "extract_answer",
+    "format_reward",
+    "is_equivalent",
+    "last_boxed",
+    "math_reward",
+    "think_format_reward",
+]
 
-MAX_EXPONENTS = 2
-"""More exponent operators than this in one string is treated as pathological."""
+log = logging.getLogger(__name__)
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
-_SPACE_FORM_END = re.compile(r"[\s$]")
-_ANSWER_PHRASE = re.compile(r"answer\s*(?:is|:|=)\s*\**\s*:?\s*", flags=re.IGNORECASE)
-_SENTENCE_END = re.compile(r"\.(?=\s|$)")
-_LEADING_NUMBER_THEN_WORDS = re.compile(r"^(?P<num>-?[\d.,/]+)\s+[A-Za-z]{2}")
-_LAST_NUMBER = re.compile(
-    r"(?<![\w)\]}])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])"  # 1,234 / -1,234.5
-    r"|(?<![\w)\]}])-?\d+(?:\.\d+)?(?:/\d+)?"  # -3 / 3.5 / 1/2
-    r"|\d+(?:\.\d+)?(?:/\d+)?"  # a number right after a letter or bracket: no sign
-)
-_PLAIN_NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$|^[+-]?\.\d+$")
-_SIGN_SPACE = re.compile(r"^([+-])\s+")
-_PLAIN_FRACTION = re.compile(r"^(?P<sign>[+-]?)(?P<num>\d+)/(?P<den>\d+)$")
-_LATEX_FRACTION = re.compile(r"^(?P<sign>[+-]?)\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}$")
-_BIG_FACTORIAL = re.compile(r"\d{5,}\s*!")
-_BIG_EXPONENT = re.compile(r"(?:\^|\*\*)\s*\{?\s*\d{6,}")
+ALL_ZERO_WARN_EVERY = 50
+"""An all-zero batch with boxed answers is warned about on its 1st, 51st, 101st, ... occurrence."""
 
 
-def last_boxed(text: str) -> str | None:
-    r"""Returns the content of the last ``\boxed{...}`` or ``\fbox{...}`` in ``text``.
+@dataclass(frozen=True)
+class Grade:
+    """How one completion was graded.
 
-    Nested braces are matched, so ``\boxed{\frac{1}{2}}`` gives ``\frac{1}{2}``.
-    The space form ``\boxed 5`` gives ``5`` (up to the next space or ``$``).
+    Attributes:
+        reward: 1.0 or 0.0.
+        pred: the extracted answer, or None.
+        status: ``ok``; ``no_answer`` (nothing extracted); ``pred_unparsed`` / ``gold_unparsed``
+            (math_verify could not parse that side); ``timeout``; ``error``.
+        seconds: grading wall time, extraction included.
+    """
+
+    reward: float
+    pred: str | None
+    status: str
+    seconds: float
+
+
+class MathReward:
+    """The default reward: 1.0 when the completion's final answer equals the gold answer, else 0.0.
 
     Args:
-        text: Any text, typically a model completion.
-
-    Returns:
-        The box content (may be ``""`` for ``\boxed{}``), or None when there is no
-        box or the last box is not closed.
+        timeout_s: hard wall-clock limit per symbolic comparison; longer ones grade 0 (``timeout``).
+        workers: grading processes (each about 150 MB).
+        warn_all_zero: warn when a whole call scores 0 although completions contain ``\\boxed{}``
+            answers: the signature of a broken grader, not of a weak policy, once it persists.
     """
-    start = max(text.rfind(command) for command in _BOX_COMMANDS)
-    if start < 0:
+
+    __name__ = "math_reward"
+
+    def __init__(self, timeout_s: float = 5.0, workers: int = 2, warn_all_zero: bool = True) -> None:
+        self.pool = GradingPool(workers=workers, timeout_s=timeout_s)
+        self.timeout_s, self.workers, self.warn_all_zero = timeout_s, workers, warn_all_zero
+        self._lock = threading.Lock()
+        self._grades: list[Grade] = []
+        self._all_zero_calls = 0
+        self._gold_ok: dict[str, bool] = {}
+
+    def __call__(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
+        """One reward per completion, in order. ``columns`` are accepted and ignored."""
+        return [grade.reward for grade in self.grade(completions, answers)]
+
+    def grade(self, completions: list[str], answers: list[str]) -> list[Grade]:
+        """Grade each completion against its gold answer and record the grades for :meth:`pop_stats`.
+
+        Raises:
+            ValueError: if ``completions`` and ``answers`` differ in length.
+        """
+        _check_lengths(completions, answers)
+        golds = [_gold_answer(answer) for answer in answers]
+        preds, quick, seconds = [], [], []
+        for completion, gold in zip(completions, golds):
+            start = time.perf_counter()
+            pred = _safe_extract(completion)
+            preds.append(pred)
+            quick.append(None if pred is None else quick_verdict(pred, gold))
+            seconds.append(time.perf_counter() - start)
+        gold_ok = self._check_golds({g for g, p, q in zip(golds, preds, quick) if p is not None and q is None})
+        todo = sorted({(p, g) for p, g, q in zip(preds, golds, quick) if q is None and p is not None and gold_ok[g]})
+        symbolic: dict[tuple[str, str], Outcome] = dict(zip(todo, self.pool.compare(todo)))
+        grades = []
+        for pred, gold, verdict, sec in zip(preds, golds, quick, seconds):
+            if pred is None:
+                grades.append(Grade(0.0, None, "no_answer", sec))
+            elif verdict is not None:
+                grades.append(Grade(float(verdict), pred, "ok", sec))
+            elif not gold_ok[gold]:
+                grades.append(Grade(0.0, pred, "gold_unparsed", sec))
+            else:
+                outcome = symbolic[(pred, gold)]
+                grades.append(Grade(float(outcome.equal), pred, outcome.status, sec + outcome.seconds))
+        self._record(grades, completions)
+        return grades
+
+    def _check_golds(self, golds: set[str]) -> dict[str, bool]:
+        """Whether math_verify parses each gold answer (cached); unparseable ones are logged once."""
+        if len(self._gold_ok) > 100_000:
+            self._gold_ok.clear()
+        unknown = sorted(g for g in golds if g not in self._gold_ok and _as_number(normalize(g)) is None)
+        for gold, outcome in zip(unknown, self.pool.compare([(g, g) for g in unknown])):
+            self._gold_ok[gold] = outcome.status != "gold_unparsed"
+            if not self._gold_ok[gold]:
+                log.warning(f"capo: gold answer {gold[:200]!r} cannot be parsed; only exact matches score 1")
+        return {g: self._gold_ok.get(g, True) for g in golds}
+
+    def _record(self, grades: list[Grade], completions: list[str]) -> None:
+        with self._lock:
+            self._grades.extend(grades)
+        boxed = [g for g, c in zip(grades, completions) if g.pred is not None and "\\boxed" in str(c)[-TAIL_CHARS:]]
+        if not self.warn_all_zero or not boxed or any(g.reward > 0 for g in grades):
+            return
+        self._all_zero_calls += 1
+        if (self._all_zero_calls - 1) % ALL_ZERO_WARN_EVERY == 0:
+            log.warning(
+                f"capo: all {len(grades)} completions scored 0 although {len(boxed)} contain a \\boxed{{}} answer "
+                f"(e.g. {boxed[0].pred[:80]!r}, status {boxed[0].status}); occurrence {self._all_zero_calls}. If the "
+                "answers look right, the grader is failing: see the verifier/* metrics"
+            )
+
+    def pop_stats(self) -> dict[str, float]:
+        """Verifier health since the last call, then reset. Fractions are over graded completions.
+
+        Keys: ``verifier/parse_fail_pred`` (no answer extracted, or math_verify could not parse it),
+        ``verifier/parse_fail_gold``, ``verifier/timeouts`` (count), ``verifier/errors`` (count),
+        ``verifier/latency_ms_p95``, ``verifier/latency_ms_max``.
+        """
+        with self._lock:
+            grades, self._grades = self._grades, []
+        if not grades:
+            return {}
+        statuses = [g.status for g in grades]
+        latency = torch.tensor([g.seconds * 1000 for g in grades], dtype=torch.float64)
+        return {
+            "verifier/parse_fail_pred": sum(s in ("no_answer", "pred_unparsed") for s in statuses) / len(grades),
+            "verifier/parse_fail_gold": statuses.count("gold_unparsed") / len(grades),
+            "verifier/timeouts": float(statuses.count("timeout")),
+            "verifier/errors": float(statuses.count("error")),
+            "verifier/latency_ms_p95": float(torch.quantile(latency, 0.95)),
+            "verifier/latency_ms_max": float(latency.max()),
+        }
+
+    def close(self) -> None:
+        """Stop the grading processes (they restart on the next call)."""
+        self.pool.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle the settings only: processes, locks and caches are rebuilt on the other side."""
+        return {"timeout_s": self.timeout_s, "workers": self.workers, "warn_all_zero": self.warn_all_zero}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+
+math_reward = MathReward()
+"""The shared default :class:`MathReward` (5 s timeout, 2 grading processes, started on first use)."""
+
+
+def answer_key(completion: str) -> str | None:
+    """A canonical string for the completion's final answer, for majority voting (None: no answer).
+
+    Plain numbers map to their exact value (``0.50``, ``1/2`` and ``\\frac{1}{2}`` share a key); other
+    answers to their normalised text, so symbolically equal but differently written answers may vote
+    apart.
+    """
+    pred = _safe_extract(completion)
+    if pred is None:
         return None
-    command = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
-    rest = text[start + len(command) :]
-    if rest.startswith("{"):
-        return _braced_content(rest)
-    if rest[:1].isspace():
-        return _space_form_content(rest)
-    return None
+    text = normalize(pred)
+    number = _as_number(text)
+    return str(number) if number is not None else text
 
 
-def _braced_content(text: str) -> str | None:
-    """Returns what lies between ``text[0] == "{"`` and its matching ``}``, or None."""
-    depth = 0
-    for position, char in enumerate(text):
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[1:position]
-    return None
-
-
-def _space_form_content(text: str) -> str | None:
-    """Returns the token after ``\\boxed `` (space form), or None if there is none."""
-    token = text.lstrip()
-    end = _SPACE_FORM_END.search(token)
-    token = token[: end.start()] if end else token
-    return token or None
-
-
-def extract_answer(text: str) -> str | None:
-    r"""Extracts the final answer from a completion.
-
-    Only the last :data:`TAIL_CHARS` characters are searched, so very long
-    completions stay cheap. The rules, in order:
-
-    1. If the tail contains a box command, the content of the last box. An empty
-       or unclosed last box gives None: the model committed to a boxed answer and
-       botched it, so no stray number elsewhere is credited instead.
-    2. The value after the last "answer is" / "Answer:" phrase, up to the end
-       of its sentence (``The answer is 42 apples.`` gives ``42``).
-    3. The last number in the text (``-3``, ``1,234``, ``3.5``, ``1/2``).
+class FormatReward:
+    r"""1.0 per completion that follows the answer format, else 0.0; correctness is not checked.
 
     Args:
-        text: A model completion.
-
-    Returns:
-        The answer string, or None when nothing answer-like is found.
+        require_box: the last box must be closed and non-empty (``\boxed{}`` alone fails).
+        require_think: exactly one ``<think>...</think>`` block with non-empty content, opened before
+            it is closed; with ``require_box`` the box must come after ``</think>``.
     """
-    tail = text[-TAIL_CHARS:]
-    if any(command in tail for command in _BOX_COMMANDS):
-        boxed = (last_boxed(tail) or "").strip()
-        return boxed or None
-    tail = tail.replace("\u2212", "-")
-    phrase = _answer_phrase(tail)
-    if phrase:
-        return phrase
-    numbers = _LAST_NUMBER.findall(tail)
-    return numbers[-1] if numbers else None
+
+    def __init__(self, require_box: bool = True, require_think: bool = False) -> None:
+        if not (require_box or require_think):
+            raise ValueError("FormatReward needs require_box or require_think (or both)")
+        self.require_box, self.require_think = require_box, require_think
+        self.__name__ = "think_format_reward" if require_think else "format_reward"
+
+    def __call__(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
+        _check_lengths(completions, answers)
+        return [float(self._follows(str(c))) for c in completions]
+
+    def _follows(self, text: str) -> bool:
+        answer_part = text
+        if self.require_think:
+            if text.count("<think>") != 1 or text.count("</think>") != 1:
+                return False
+            before, _, answer_part = text.partition("</think>")
+            if "<think>" not in before or not before.split("<think>", 1)[1].strip():
+                return False
+        return not self.require_box or bool((last_boxed(answer_part[-TAIL_CHARS:]) or "").strip())
 
 
-def _answer_phrase(text: str) -> str | None:
-    """Returns the cleaned value of the last "answer is X" phrase, or None."""
-    matches = list(_ANSWER_PHRASE.finditer(text))
-    if not matches:
-        return None
-    value = text[matches[-1].end() :].split("\n", 1)[0]
-    sentence_end = _SENTENCE_END.search(value)
-    value = value[: sentence_end.start()] if sentence_end else value
-    value = _strip_math_delimiters(value.strip(" *"))
-    leading = _LEADING_NUMBER_THEN_WORDS.match(value)
-    if leading:
-        value = leading.group("num").rstrip(".,")
-    return value or None
+format_reward = FormatReward()
+think_format_reward = FormatReward(require_think=True)
 
 
-def _strip_math_delimiters(text: str) -> str:
-    r"""Removes surrounding ``$``, ``\(...\)``, ``\[...\]``, whitespace and a final period."""
-    text = text.strip()
-    for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
-        if text.startswith(opener) and text.endswith(closer):
-            text = text[len(opener) : -len(closer)]
-    text = text.strip().strip("$").strip()
-    return text[:-1].rstrip() if text.endswith(".") else text
-
-
-def _normalize(text: str) -> str:
-    """Canonical surface form used for string equality and the number fast path."""
-    text = _strip_math_delimiters(str(text).replace("\u2212", "-"))
-    for thin_space in ("\\,", "\\!", "\\ "):
-        text = text.replace(thin_space, "")
-    return text.replace("{,}", ",").replace("\\$", "").strip()
-
-
-def _as_number(text: str) -> Fraction | None:
-    r"""Parses a plain number (``-1,234.5``, ``.5``, ``1/2``, ``\frac{1}{2}``) exactly.
-
-    Returns None for anything else, including malformed thousands groups such as
-    ``1,23`` (those could be tuples) and zero denominators.
-    """
-    compact = _SIGN_SPACE.sub(r"\1", text)
-    if _PLAIN_NUMBER.match(compact):
-        return Fraction(compact.replace(",", ""))
-    fraction = _PLAIN_FRACTION.match(compact) or _LATEX_FRACTION.match(compact)
-    if fraction is None or int(fraction.group("den")) == 0:
-        return None
-    value = Fraction(int(fraction.group("num")), int(fraction.group("den")))
-    return -value if fraction.group("sign") == "-" else value
-
-
-def _is_pathological(text: str) -> bool:
-    """True when sympy could hang on ``text``; such strings are never verified.
-
-    Refused: strings over :data:`MAX_VERIFY_CHARS` characters, more than
-    :data:`MAX_EXPONENTS` exponent operators, any exponent whose argument itself
-    contains an exponent (``9^{9^{9}}`` has only two ``^`` yet takes minutes in
-    ``verify``), Python-style ``**`` chains (right-associative, so ``9**9**9``
-    hangs too), exponents with six or more digits and factorials of five-digit
-    numbers (``1000000!`` takes seconds).
-    """
-    if len(text) > MAX_VERIFY_CHARS:
-        return True
-    exponent_count = text.count("^") + text.count("**")
-    if exponent_count > MAX_EXPONENTS or ("**" in text and exponent_count > 1):
-        return True
-    if _BIG_FACTORIAL.search(text) or _BIG_EXPONENT.search(text):
-        return True
-    return any("^" in argument or "**" in argument for argument in _exponent_arguments(text))
-
-
-def _exponent_arguments(text: str) -> list[str]:
-    """Returns the argument of each ``^``: a ``{...}`` or ``(...)`` group, else one char."""
-    arguments = []
-    for position, char in enumerate(text):
-        if char != "^":
-            continue
-        rest = text[position + 1 :].lstrip()
-        arguments.append(_leading_group(rest) if rest[:1] in "{(" else rest[:1])
-    return arguments
-
-
-def _leading_group(text: str) -> str:
-    """Returns the bracket group that opens at ``text[0]`` (to the end if unclosed)."""
-    opener = text[0]
-    closer = "}" if opener == "{" else ")"
-    depth = 0
-    for position, char in enumerate(text):
-        depth += (char == opener) - (char == closer)
-        if depth == 0:
-            return text[: position + 1]
-    return text
-
-
-def is_equivalent(pred: str, gold: str) -> bool:
-    r"""Decides whether a predicted answer equals the gold answer.
-
-    Fast paths: identical normalised strings are equal; if both sides are plain
-    numbers (``$``, thousands commas, trailing ``.0``, unicode minus,
-    ``a/b`` and ``\frac{a}{b}`` allowed) they are compared exactly as fractions,
-    so ``0.333`` is *not* ``1/3``. Otherwise both are wrapped in ``$...$`` and
-    compared with ``math_verify`` (symbolic equality, sets, intervals, ...).
+class WeightedSum:
+    """A weighted sum of reward functions, e.g. ``math_reward + 0.1 * think_format_reward``.
 
     Args:
-        pred: The extracted model answer.
-        gold: The reference answer.
-
-    Returns:
-        True if equivalent. Never raises: errors, empty strings and inputs that
-        could hang sympy (see :func:`_is_pathological`) give False.
+        rewards: reward functions with the common signature.
+        weights: one weight per reward (default all 1.0).
     """
+
+    def __init__(self, rewards: list[Callable[..., list[float]]], weights: list[float] | None = None) -> None:
+        weights = [1.0] * len(rewards) if weights is None else list(weights)
+        if not rewards or len(weights) != len(rewards):
+            raise ValueError(
+                f"WeightedSum needs one weight per reward: got {len(rewards)} rewards and {len(weights)} weights "
+                "(data.reward_fn.init_args.weights)"
+            )
+        self.rewards, self.weights = list(rewards), weights
+        names = [getattr(r, "__name__", type(r).__name__) for r in rewards]
+        self.__name__ = " + ".join(f"{w:g}*{n}" for w, n in zip(weights, names))
+
+    def __call__(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
+        total = [0.0] * len(completions)
+        for reward, weight in zip(self.rewards, self.weights):
+            values = reward(completions, answers, **columns)
+            total = [t + weight * float(v) for t, v in zip(total, values, strict=True)]
+        return total
+
+    def pop_stats(self) -> dict[str, float]:
+        """The merged stats of the parts that report any."""
+        stats: dict[str, float] = {}
+        for reward in self.rewards:
+            stats.update(getattr(reward, "pop_stats", dict)())
+        return stats
+
+
+def _safe_extract(completion: Any) -> str | None:
     try:
-        return _is_equivalent(pred, gold)
+        return extract_answer(str(completion))
     except Exception:  # noqa: BLE001 - a grader must never crash the training loop
-        return False
-
-
-def _is_equivalent(pred: str, gold: str) -> bool:
-    """The body of :func:`is_equivalent`, allowed to raise."""
-    pred, gold = _normalize(pred), _normalize(gold)
-    if not pred or not gold:
-        return False
-    if pred == gold:
-        return True
-    pred_number, gold_number = _as_number(pred), _as_number(gold)
-    if pred_number is not None and gold_number is not None:
-        return pred_number == gold_number
-    if _is_pathological(pred) or _is_pathological(gold):
-        return False
-    return _math_verify_equal(pred, gold)
-
-
-def _math_verify_equal(pred: str, gold: str) -> bool:
-    """Symbolic comparison with ``math_verify``; signal-based timeouts are disabled."""
-    from math_verify import parse, verify  # lazy: pulls in sympy (about 1 s)
-
-    gold_parsed = parse(f"${gold}$", parsing_timeout=None)
-    pred_parsed = parse(f"${pred}$", parsing_timeout=None)
-    if not gold_parsed or not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+        return None
 
 
 def _check_lengths(completions: list[str], answers: list[str]) -> None:
@@ -284,53 +292,3 @@ def _gold_answer(answer: Any) -> str:
     text = str(answer)
     boxed = last_boxed(text)
     return boxed if boxed else text
-
-
-def _score(completion: Any, answer: Any) -> float:
-    """1.0 if the completion's extracted answer matches ``answer``, else 0.0."""
-    try:
-        pred = extract_answer(str(completion))
-        return float(pred is not None and is_equivalent(pred, _gold_answer(answer)))
-    except Exception:  # noqa: BLE001 - a grader must never crash the training loop
-        return 0.0
-
-
-def math_reward(completions: list[str], answers: list[str], **columns: Any) -> list[float]:
-    """Scores each completion 1.0 if its final answer matches the gold answer, else 0.0.
-
-    Args:
-        completions: Model outputs (text after the prompt).
-        answers: Gold answers, one per completion. A gold answer containing a
-            ``\\boxed{}`` (e.g. a full solution) is reduced to its last box.
-        **columns: Extra dataset columns; accepted for a uniform reward signature
-            and ignored.
-
-    Returns:
-        One float per completion, in order. Never raises on malformed text.
-
-    Raises:
-        ValueError: If ``completions`` and ``answers`` differ in length.
-    """
-    _check_lengths(completions, answers)
-    return [_score(completion, answer) for completion, answer in zip(completions, answers)]
-
-
-def format_reward(completions: list[str], answers: list[str], **columns: Any) -> list[float]:
-    r"""Scores 1.0 per completion whose last box is closed and non-empty, else 0.0.
-
-    Only the last :data:`TAIL_CHARS` characters are searched, like
-    :func:`extract_answer`. Correctness is not checked.
-
-    Args:
-        completions: Model outputs.
-        answers: Gold answers; only their count is used.
-        **columns: Extra dataset columns, ignored.
-
-    Returns:
-        One float per completion, in order.
-
-    Raises:
-        ValueError: If ``completions`` and ``answers`` differ in length.
-    """
-    _check_lengths(completions, answers)
-    return [float(bool((last_boxed(str(c)[-TAIL_CHARS:]) or "").strip())) for c in completions]

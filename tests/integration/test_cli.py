@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -182,10 +183,25 @@ def test_prompt_plus_response_longer_than_the_context_is_rejected(tmp_path: Path
 def test_validate_and_test_from_a_checkpoint(tmp_path: Path) -> None:
     main(tiny_args(tmp_path, "--trainer.max_steps=1"))
     ckpt = tmp_path / "checkpoints/last.ckpt"
-    for sub, key in (("validate", "val/reward_mean"), ("test", "test/reward_mean")):
-        main([sub, "--config", TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}"])
-        rows = [r for r in read_metrics(tmp_path) if r.get(key)]
-        assert rows and 0.0 <= float(rows[-1][key]) <= 1.0, sub
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(5)))
+    sources = (
+        '[{"class_path": "capo_lightning.data.prompts.ArithmeticSource", "init_args": {"seed": 7, "max_value": 9}}, '
+        f'{{"class_path": "capo_lightning.data.prompts.JsonlSource", "init_args": {{"path": "{held_out}"}}}}]'
+    )
+    for sub, stage in (("validate", "val"), ("test", "test")):
+        main([sub, "--config", TINY, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}",
+              f"--data.val_source={sources}", "--data.val_samples=4", "--data.val_batch_size=3"])  # fmt: skip
+        row = {k: float(v) for k, v in read_metrics(tmp_path)[-1].items() if v}
+        means = []
+        for name in ("arithmetic", "jsonl:held_out"):
+            key = f"{stage}/{name}"
+            pass_k = [row[f"{key}/pass@{k}"] for k in (1, 2, 4)]
+            assert row[f"{key}/accuracy"] == pytest.approx(pass_k[0], abs=1e-6), sub  # pass@1 is mean@n
+            assert pass_k == sorted(pass_k) and 0.0 <= pass_k[-1] <= 1.0, sub
+            assert 0.0 <= row[f"{key}/maj@4"] <= 1.0 and f"{key}/response_length_mean" in row
+            means.append(row[f"{key}/accuracy"])
+        assert row[f"{stage}/accuracy"] == pytest.approx(sum(means) / 2, abs=1e-6)
 
 
 @pytest.mark.parametrize("objective", ["grpo", "dr_grpo", "dapo", "reinforce"])

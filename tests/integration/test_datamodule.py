@@ -98,3 +98,43 @@ def test_refill_prompts_are_deterministic_and_differ_from_training_prompts(tiny_
     # the refill stream is not the training stream replayed: step 5's training prompts differ
     assert refill != [a._train_item(5, j).prompt for j in range(4)]
     assert refill != [a._refill_item(5, 2, j).prompt for j in range(4)]  # nor is the next round
+
+
+class _Ranked(RolloutDataModule):
+    """A DataModule that believes it is ``rank`` of ``world`` (the real ranks run in test_invariance)."""
+
+    def __init__(self, rank: int, world: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fixed = (rank, world)
+
+    def _rank(self) -> int:
+        return self.fixed[0]
+
+    def _world(self) -> int:
+        return self.fixed[1]
+
+
+def test_eval_prompts_are_sharded_across_ranks_with_equal_batch_counts(tiny_model_dir: Path) -> None:
+    source = ArithmeticSource(seed=5, max_value=20)
+    seen, batches = [], []
+    for rank in range(3):
+        dm = _Ranked(rank, 3, val_source=source, val_prompts=7, val_batch_size=2, val_samples=2, max_prompt_tokens=96)
+        module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
+        module.configure_model()
+        dm.connect(module.engine, module.tokenizer, lambda: (0, 0))
+        stream = list(dm.val_dataloader())
+        batches.append(len(stream))
+        for batch in stream:
+            valid = int(batch.stats["eval/valid_prompts"])
+            prompts = batch.texts.prompts[:: dm.val_samples]
+            seen += [p for p in prompts[:valid]]
+            assert batch.stats["verifier/parse_fail_pred"] >= 0.0  # the math grader reported its health
+    assert batches == [2, 2, 2]  # ceil(ceil(7 / 3) / 2): every rank runs the same number of batches
+    expected = [dm.format_prompt(source.item(i).prompt) for i in range(7)]
+    assert sorted(seen) == sorted(expected)  # each of the 7 prompts exactly once over all ranks
+
+
+def test_training_batches_carry_verifier_stats(tiny_model_dir: Path) -> None:
+    batch = next(iter(connected(tiny_model_dir).train_dataloader()))  # default reward: math_reward
+    assert {"verifier/parse_fail_pred", "verifier/timeouts", "verifier/latency_ms_p95"} <= set(batch.stats)
+    assert 0.0 <= batch.stats["verifier/parse_fail_pred"] <= 1.0

@@ -287,7 +287,7 @@ def test_hf_source_loads_local_json_and_extracts_boxed(tmp_path: Path) -> None:
             json.dumps({"problem": "P2", "solution": "\\boxed{1} no, \\boxed{2}", "level": "L2"}),
         ],
     )
-    source = HFDatasetSource(path="json", split="train", data_files=str(path))
+    source = HFDatasetSource(path="json", split="train", data_files=str(path), instruction="")
     assert source.size == 2
     assert source.item(0) == PromptItem("P1", "\\frac{1}{2}", {"level": "L1"})
     assert source.item(1).answer == "2"

@@ -1,0 +1,67 @@
+"""Per-dataset evaluation state of one validation or test epoch.
+
+Each eval batch holds P problems with n completions each, graded 0/1 by the DataModule's
+``eval_reward_fn``. :class:`Evaluator` feeds them to rank-synchronised torchmetrics
+(:mod:`capo_lightning.metrics`) and returns, per dataset ``ds``:
+
+* ``{stage}/{ds}/accuracy`` (mean@n), ``{stage}/{ds}/pass@k`` (unbiased, k = 1, 2, 4, ..., n),
+  ``{stage}/{ds}/maj@n`` (majority vote over the n extracted answers);
+* ``{stage}/accuracy``: the mean of the datasets' accuracies (what to monitor for checkpoints).
+
+Per-batch side metrics (response length, truncation, verifier health) are returned by
+:meth:`Evaluator.batch_metrics` for ``self.log(..., on_epoch=True)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from capo_lightning.batch import RolloutBatch
+from capo_lightning.metrics import EvalMetrics, default_ks
+from capo_lightning.rewards.math import answer_key
+
+
+class Evaluator:
+    """Metric state for the datasets of one stage.
+
+    Args:
+        stage: ``val`` or ``test``, the key prefix.
+        names: dataset names, in dataloader order.
+        n: completions per problem.
+        device: where the metric states live (the module's device, for rank sync).
+    """
+
+    def __init__(self, stage: str, names: list[str], n: int, device: torch.device) -> None:
+        self.stage, self.names, self.n = stage, list(names) or ["default"], n
+        self.metrics = {name: EvalMetrics(default_ks(n)).to(device) for name in self.names}
+
+    def update(self, batch: RolloutBatch, dataloader_idx: int = 0) -> None:
+        """Add the batch's problems; padding problems (``stats["eval/valid_prompts"]``) are left out."""
+        groups = batch.num_completions // self.n
+        valid = int(batch.stats.get("eval/valid_prompts", groups))
+        correct = (batch.rewards > 0.5).view(groups, self.n)[:valid]  # [P, n]
+        texts = batch.texts.completions if batch.texts is not None else [""] * batch.num_completions
+        keys = [[answer_key(texts[p * self.n + j]) for j in range(self.n)] for p in range(valid)]
+        self.metrics[self.names[dataloader_idx]].update(correct, keys)
+
+    def batch_metrics(self, batch: RolloutBatch, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """Response length, truncation and the grader's ``verifier/*`` stats of one batch."""
+        prefix = f"{self.stage}/{self.names[dataloader_idx]}"
+        out = {
+            f"{prefix}/response_length_mean": batch.response_mask.sum(1).float().mean(),
+            f"{prefix}/truncated_frac": batch.truncated.float().mean(),
+        }
+        for key, value in batch.stats.items():
+            if key.startswith("verifier/"):
+                out[f"{prefix}/{key.removeprefix('verifier/')}"] = torch.tensor(float(value))
+        return out
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every dataset's metrics (synchronised across ranks) and the mean accuracy."""
+        out: dict[str, Tensor] = {}
+        for name, metrics in self.metrics.items():
+            out.update({f"{self.stage}/{name}/{key}": value for key, value in metrics.compute().items()})
+        accuracies = [out[f"{self.stage}/{name}/accuracy"] for name in self.names]
+        out[f"{self.stage}/accuracy"] = torch.stack([a.float() for a in accuracies]).mean()
+        return out
