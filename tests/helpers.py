@@ -148,3 +148,8 @@ def tiny_rollout(
     dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     return dm.rollout([dm.train_source.item(i) for i in range(num_prompts)], group_size, sampling, 0, 0)
+
+
+def multiple_of_three(completions: list[str], answers: list[str], **columns: Any) -> list[float]:
+    """A grader that ignores the text: correct iff the gold answer is a multiple of 3 (picklable for spawn)."""
+    return [float(int(a) % 3 == 0) for a in answers]

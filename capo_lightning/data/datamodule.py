@@ -118,6 +118,11 @@ class RolloutDataModule(L.LightningDataModule):
             else SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, temperature=0.6, top_p=0.95, top_k=0)
         )
         self.val_samples = val_samples
+        if self.val_sampling.temperature == 0 and val_samples > 1:
+            rank_zero_warn(
+                f"capo: data.val_sampling is greedy (temperature 0) but data.val_samples={val_samples}: the samples "
+                "are identical, so pass@k equals pass@1; set data.val_samples=1 or a temperature > 0"
+            )
         self.val_prompts = val_prompts
         self.val_batch_size = val_batch_size
         self.reward_fn = reward_fn
@@ -132,7 +137,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.max_sampling_rounds = max_sampling_rounds
         self.engine: RolloutEngine | None = None
         self.tokenizer: Any = None
-        self._state_fn: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        self._state_fn: Callable[[], tuple[int, int]] = _initial_state  # a function, not a lambda: spawn pickles us
         self._perms: dict[tuple[int, int], list[int]] = {}
 
     # ---- wiring -------------------------------------------------------------------------------
@@ -152,13 +157,14 @@ class RolloutDataModule(L.LightningDataModule):
             context_len: the model's maximum sequence length, checked against prompt + response budget.
         """
         self.engine, self.tokenizer, self._state_fn = engine, tokenizer, state_fn
-        budget = self.max_prompt_tokens + self.sampling.max_new_tokens
-        if context_len is not None and budget > context_len:
-            raise ValueError(
-                f"data.max_prompt_tokens ({self.max_prompt_tokens}) + data.sampling.max_new_tokens "
-                f"({self.sampling.max_new_tokens}) = {budget} exceeds the model's context of {context_len} tokens; "
-                "lower one of them"
-            )
+        for name, sampling in (("sampling", self.sampling), ("val_sampling", self.val_sampling)):
+            budget = self.max_prompt_tokens + sampling.max_new_tokens
+            if context_len is not None and budget > context_len:
+                raise ValueError(
+                    f"data.max_prompt_tokens ({self.max_prompt_tokens}) + data.{name}.max_new_tokens "
+                    f"({sampling.max_new_tokens}) = {budget} exceeds the model's context of {context_len} tokens; "
+                    "lower one of them"
+                )
 
     # ---- dataloaders --------------------------------------------------------------------------
     def train_dataloader(self) -> _Stream:
@@ -370,6 +376,11 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _has_trainer(self) -> bool:
         return getattr(self, "trainer", None) is not None
+
+
+def _initial_state() -> tuple[int, int]:
+    """(policy_version, rollout_step) before the module connects its own state."""
+    return 0, 0
 
 
 def _pop_stats(reward_fn: RewardFn) -> dict[str, float]:

@@ -255,7 +255,7 @@ class ChampSource(PromptSource):
     ``columns`` hold ``problem_id``, ``category`` and ``original_answer``. Answers go through
     :func:`champ_answer` (``"100 (i.e., all values)"`` gives ``"100"``). ``gradeable_only`` drops
     sentence answers (``"The limit does not exist"``) and notations the grader misreads
-    (``C(n+1, 2m+1)``), see :func:`champ_gradeable`: 225 of the 270 v0 problems remain.
+    (``C(n+1, 2m+1)``), see :func:`champ_gradeable`: 228 of the 270 v0 problems remain.
 
     Args:
         instruction: Appended to each problem after a space; may be empty.

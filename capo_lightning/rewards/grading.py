@@ -1,17 +1,30 @@
-"""Answer equivalence: exact fast paths in-process, symbolic comparison with math-verify.
+r"""Answer equivalence: exact fast paths in-process, symbolic comparison with math-verify.
 
-:func:`quick_verdict` decides what needs no sympy (identical strings, plain numbers
-compared as exact fractions, inputs refused by the :func:`_is_pathological` guard).
-:func:`symbolic_verdict` runs ``math_verify`` and can take unbounded time on adversarial
-input, so :mod:`capo_lightning.rewards.verifier` runs it in a worker process under a
-hard wall-clock timeout. :func:`is_equivalent` chains both in the calling process,
-without a timeout.
+:func:`quick_verdict` decides what needs no sympy (identical normalised strings, numbers compared
+as exact fractions, multiple-choice letters, inputs refused by the :func:`_is_pathological`
+guard). :func:`symbolic_verdict` runs ``math_verify`` and can take unbounded time on adversarial
+input, so :mod:`capo_lightning.rewards.verifier` runs it in a worker process under a hard
+wall-clock timeout. :func:`is_equivalent` chains both in the calling process, without a timeout.
+
+Judgement calls, made the same way on both sides of a comparison:
+
+* Percent signs are dropped: ``50\%`` equals ``50`` and ``50\%``, but not ``0.5`` (the answer
+  to "what percent" is 50; ``0.5`` would be half a percent).
+* Trailing units (``5 \text{ cm}``, ``10\,\mathrm{m}``, ``\text{5 dollars}``) and degree signs
+  (``30^\circ``) are dropped, so ``45^\circ`` equals ``45``, not ``\frac{\pi}{4}``.
+* ``2\frac{1}{2}`` is the mixed number 5/2 (a whole number directly before a proper fraction).
+* ``1.5e3`` is scientific notation (1500), not ``1.5 e \cdot 3``.
+* ``x = 3`` equals ``3`` when the other side is no equation.
+* Units are ignored even when both sides have one, so ``5 \text{ hours}`` equals ``5 \text{ min}``.
+* A gold multiple-choice letter (``B``, ``(B)``, ``\text{(B)}``) is matched by a predicted
+  letter in any of those forms, also followed by the option's text: ``(B) 12``.
 """
 
 from __future__ import annotations
 
 import re
 from fractions import Fraction
+from itertools import accumulate
 
 from capo_lightning.rewards.extract import strip_math_delimiters
 
@@ -20,91 +33,206 @@ __all__ = ["is_equivalent", "normalize", "quick_verdict", "symbolic_verdict"]
 MAX_VERIFY_CHARS = 300
 """Strings longer than this are never handed to sympy (graded as not equivalent)."""
 
-MAX_EXPONENTS = 2
+MAX_EXPONENTS = 8
 """More exponent operators than this in one string is treated as pathological."""
 
-_PLAIN_NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$|^[+-]?\.\d+$")
+MAX_NESTING = 8
+"""Deeper bracket nesting is pathological: the LaTeX parser is exponential in it (20 bare braces: minutes)."""
+
+MAX_NUMBER_CHARS = 4_000
+"""Longer numbers are not parsed (Python refuses ``int`` of more than 4300 digits)."""
+
+_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+_REWRITES = [
+    (re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![A-Za-z])\s*\.?"), ""),
+    (re.compile(r"\\[dtc]frac(?![A-Za-z])"), r"\\frac"),
+    (re.compile(r"\\frac\s*([0-9A-Za-z]|\\[A-Za-z]+)"), r"\\frac{\1}"),  # \frac12, \frac\pi2
+    (re.compile(r"\\frac\s*(\{[^{}]*\})\s*([0-9A-Za-z]|\\[A-Za-z]+)"), r"\\frac\1{\2}"),
+    (re.compile(r"(?<!\\)\\(?:[,!;: ]|q?quad(?![A-Za-z]))|\\displaystyle"), ""),
+    (re.compile(r"\{,\}"), ","),
+    (re.compile(r"\\?\$|\\?%"), ""),
+    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![A-Za-z])"), ""),
+    (re.compile(r"\\varnothing"), r"\\emptyset"),
+    (re.compile(r"(?<![\w\\.^_])(\d+(?:\.\d+)?)[eE]([+-]?\d+)(?![\w.])"), r"\1\\times10^{\2}"),
+]
+_TEXT = r"\\(?:textrm|textnormal|textit|text|mbox|mathrm|rm)\s*"
+_TRAILING_UNIT = re.compile(_TEXT + r"\{\s*[A-Za-z][A-Za-z\s./-]*\}(?:\s*\^\s*\{?\d\}?)?$")
+_NUMBER_IN_TEXT = re.compile("^" + _TEXT + r"\{\s*(-?[\d.,]+)\s+[A-Za-z][A-Za-z\s./-]*\}$")
 _SIGN_SPACE = re.compile(r"^([+-])\s+")
-_PLAIN_FRACTION = re.compile(r"^(?P<sign>[+-]?)(?P<num>\d+)/(?P<den>\d+)$")
-_LATEX_FRACTION = re.compile(r"^(?P<sign>[+-]?)\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}$")
-_BIG_FACTORIAL = re.compile(r"\d{5,}\s*!")
-_BIG_EXPONENT = re.compile(r"(?:\^|\*\*)\s*\{?\s*\d{6,}")
+_PLAIN_NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$|^[+-]?\.\d+$")
+_PLAIN_FRACTION = re.compile(r"^(?P<sign>[+-]?)(?P<num>-?\d+)/(?P<den>\d+)$")
+_LATEX_FRACTION = re.compile(r"^(?P<sign>[+-]?)\\frac\{(?P<num>-?\d+)\}\{(?P<den>\d+)\}$")
+_MIXED_NUMBER = re.compile(r"^(?P<sign>[+-]?)(?P<whole>\d+)\s*\\frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}$")
+_SCIENTIFIC = re.compile(
+    r"^(?P<sign>[+-]?)(?:(?P<mantissa>\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|\*)\s*)?10\s*\^\s*(?:\{\s*(?P<braced>[+-]?\d+)\s*\}|(?P<digit>\d))$"
+)
+_REPEATING = re.compile(r"^(?P<sign>[+-]?)(?P<whole>\d*)\.(?P<fixed>\d*)\\overline\{(?P<period>\d+)\}$")
+_ASSIGNMENT = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(?P<value>[^=]+)$")
+_CHOICE_MARKUP = re.compile(_TEXT.replace("textrm", "textbf|textrm|mathbf") + "|[{}\\s]")
+_CHOICE = re.compile(r"^\(?(?P<letter>[A-E])\)?$")
+_CHOICE_WITH_TEXT = re.compile(r"\((?P<letter>[A-E])\)")
+_BIG_EXPONENT = re.compile(r"(?:\^|\*\*)\s*\{?\s*[+-]?\d{5,}")
+_BIG_EXPONENT_ON_GROUP = re.compile(r"[)\]}|]\s*\^\s*\{?\s*[+-]?\d{4,}")
+_EXPONENT_CHAIN = re.compile(r"\^\s*(?:\{[^{}]*\}|\\?\w)\s*\^")
+_SUM_BOUNDS = re.compile(r"\\(?:sum|prod)(?:\\limits)?\s*((?:[_^]\s*(?:\{[^{}]*\}|\\[A-Za-z]+|\w)\s*){1,2})")
+_HEAVY_OPERAND = re.compile(r"[\^!*]|\\cdot|\\times")
 
 
 def normalize(text: str) -> str:
-    """Canonical surface form used for string equality and the number fast path."""
-    text = strip_math_delimiters(str(text).replace("\u2212", "-"))
-    for thin_space in ("\\,", "\\!", "\\ "):
-        text = text.replace(thin_space, "")
-    return text.replace("{,}", ",").replace("\\$", "").strip()
+    r"""Canonical surface form used for string equality, the number fast path and math_verify's input.
+
+    Drops invisible characters, math delimiters, ``\left``/``\right``, thin spaces, ``\$``,
+    percent and degree signs and trailing units; writes ``\dfrac``/``\tfrac``/``\frac12`` as
+    ``\frac{1}{2}``, ``1{,}000`` as ``1,000`` and ``1.5e3`` as ``1.5\times10^{3}``.
+    """
+    text = _INVISIBLE.sub("", str(text)).replace("\u2212", "-").replace("\u00d7", "\\times ")
+    text = strip_math_delimiters(text)
+    for pattern, replacement in _REWRITES:
+        text = pattern.sub(replacement, text)
+    text = _NUMBER_IN_TEXT.sub(r"\1", text.strip())
+    for _ in range(2):
+        without_unit = _TRAILING_UNIT.sub("", text).rstrip()
+        text = without_unit if without_unit else text
+    return text.strip()
 
 
 def _as_number(text: str) -> Fraction | None:
-    r"""Parses a plain number (``-1,234.5``, ``.5``, ``1/2``, ``\frac{1}{2}``) exactly.
+    r"""Parses a number written without variables exactly, or returns None.
 
-    Returns None for anything else, including malformed thousands groups such as
-    ``1,23`` (those could be tuples) and zero denominators.
+    Accepted: ``-1,234.5``, ``.5``, ``1/2``, ``\frac{1}{2}``, mixed numbers ``2\frac{1}{2}``
+    (proper fraction only), scientific ``1.5\times10^{3}`` / ``10^{-2}`` (at most
+    :data:`MAX_NUMBER_CHARS` digits in all) and repeating decimals ``0.\overline{3}``. Refused:
+    malformed thousands groups such as ``1,23`` (those could be tuples) and zero denominators.
     """
+    if len(text) > MAX_NUMBER_CHARS:
+        return None
     compact = _SIGN_SPACE.sub(r"\1", text)
     if _PLAIN_NUMBER.match(compact):
         return Fraction(compact.replace(",", ""))
-    fraction = _PLAIN_FRACTION.match(compact) or _LATEX_FRACTION.match(compact)
-    if fraction is None or int(fraction.group("den")) == 0:
-        return None
-    value = Fraction(int(fraction.group("num")), int(fraction.group("den")))
-    return -value if fraction.group("sign") == "-" else value
+    sign = -1 if compact.startswith("-") else 1
+    if match := _PLAIN_FRACTION.match(compact) or _LATEX_FRACTION.match(compact):
+        den = int(match.group("den"))
+        return sign * Fraction(int(match.group("num")), den) if den else None
+    if match := _MIXED_NUMBER.match(compact):
+        num, den = int(match.group("num")), int(match.group("den"))
+        return sign * (int(match.group("whole")) + Fraction(num, den)) if 0 < num < den else None
+    if match := _SCIENTIFIC.match(compact):
+        mantissa, exponent = match.group("mantissa") or "1", int(match.group("braced") or match.group("digit"))
+        if abs(exponent) + len(mantissa) > MAX_NUMBER_CHARS:
+            return None
+        return sign * Fraction(mantissa) * Fraction(10) ** exponent
+    if match := _REPEATING.match(compact):
+        fixed, period = match.group("fixed"), match.group("period")
+        value = int(match.group("whole") or 0) + Fraction(int(fixed or 0), 10 ** len(fixed))
+        return sign * (value + Fraction(int(period), (10 ** len(period) - 1) * 10 ** len(fixed)))
+    return None
+
+
+def _choice_letter(text: str, with_text: bool) -> str | None:
+    r"""The multiple-choice letter ``A``-``E`` of ``B``, ``(B)``, ``\text{(B)}``, ``\textbf{B}``, or None.
+
+    With ``with_text``, ``(B) 12`` and ``\textbf{(B) } 12`` count too (the option's text follows),
+    but not ``(B) or (C)``: a hedge between options is no letter.
+    """
+    bare = _CHOICE_MARKUP.sub("", text)
+    if match := _CHOICE.match(bare):
+        return match.group("letter")
+    match = _CHOICE_WITH_TEXT.match(bare) if with_text else None
+    hedged = match is not None and _CHOICE_WITH_TEXT.search(bare, match.end())
+    return match.group("letter") if match and not hedged else None
 
 
 def _is_pathological(text: str) -> bool:
-    """True when sympy could hang on ``text``; such strings are never verified.
+    r"""True when sympy could hang on ``text``; such strings are never verified.
 
-    Refused: strings over :data:`MAX_VERIFY_CHARS` characters, more than
-    :data:`MAX_EXPONENTS` exponent operators, any exponent whose argument itself
-    contains an exponent (``9^{9^{9}}`` has only two ``^`` yet takes minutes in
-    ``verify``), Python-style ``**`` chains (right-associative, so ``9**9**9``
-    hangs too), exponents with six or more digits and factorials of five-digit
-    numbers (``1000000!`` takes seconds).
+    Refused, each seen to take seconds to minutes in ``math_verify``: strings over
+    :data:`MAX_VERIFY_CHARS` characters; bracket nesting deeper than :data:`MAX_NESTING`; more than
+    :data:`MAX_EXPONENTS` exponent operators; towers (``9^{9^{9}}``, ``a^b^c``, ``9**9**9``,
+    ``((2^{99})^{99})^{99}``); exponents of five or more digits, or of four on a bracketed base
+    (``(x+1)^{2024}`` against its expansion); factorials and binomials of large or compound
+    arguments (``1000000!``, ``(10^{6})!``, ``99999!!``, ``\binom{10^{8}}{5\cdot10^{7}}``);
+    ``\sum``/``\prod`` with a bound of three or more digits (``\sum_{k=1}^{300} k^{k}``).
     """
     if len(text) > MAX_VERIFY_CHARS:
         return True
     exponent_count = text.count("^") + text.count("**")
-    if exponent_count > MAX_EXPONENTS or ("**" in text and exponent_count > 1):
-        return True
-    if _BIG_FACTORIAL.search(text) or _BIG_EXPONENT.search(text):
-        return True
-    return any("^" in argument or "**" in argument for argument in _exponent_arguments(text))
+    return (
+        max(accumulate((c in "{([") - (c in "})]") for c in text), default=0) > MAX_NESTING
+        or exponent_count > MAX_EXPONENTS
+        or ("**" in text and exponent_count > 1)
+        or any(pattern.search(text) for pattern in (_BIG_EXPONENT, _BIG_EXPONENT_ON_GROUP, _EXPONENT_CHAIN))
+        or any(re.search(r"\d{3,}", bounds) for bounds in _SUM_BOUNDS.findall(text))
+        or any(_is_heavy_operand(operand) for operand in _factorial_operands(text))
+        or any(_is_tower(base, argument) for base, argument in _exponents(text))
+    )
 
 
-def _exponent_arguments(text: str) -> list[str]:
-    """Returns the argument of each ``^``: a ``{...}`` or ``(...)`` group, else one char."""
-    arguments = []
+def _is_heavy_operand(operand: str) -> bool:
+    """A factorial or binomial argument that may be astronomically large."""
+    return (
+        bool(_HEAVY_OPERAND.search(operand)) or sum(map(int, re.findall(r"\d+", operand.replace(",", "")))) >= 100_000
+    )
+
+
+def _factorial_operands(text: str) -> list[str]:
+    r"""The argument of each ``!`` (``"!"`` for the second of ``!!``) and both arguments of each ``\binom``."""
+    operands = []
+    for position, char in enumerate(text):
+        if char != "!":
+            continue
+        before = text[:position].rstrip()
+        if before and before[-1] in ")}]":
+            operands.append(_group(before, backward=True))
+        else:
+            operands.append("!" if before.endswith("!") else re.search(r"[\w.,]*$", before).group())
+    for match in re.finditer(r"\\binom", text):
+        rest = text[match.end() :].lstrip()
+        first = _group(rest) if rest.startswith("{") else rest[:1]
+        second = text[match.end() :].lstrip()[len(first) :].lstrip()
+        operands += [first, _group(second) if second.startswith("{") else second[:1]]
+    return operands
+
+
+def _exponents(text: str) -> list[tuple[str, str]]:
+    """``(base, argument)`` of each ``^``: a bracket group or one char each (base "" if unbracketed)."""
+    pairs = []
     for position, char in enumerate(text):
         if char != "^":
             continue
-        rest = text[position + 1 :].lstrip()
-        arguments.append(_leading_group(rest) if rest[:1] in "{(" else rest[:1])
-    return arguments
+        before, rest = text[:position].rstrip(), text[position + 1 :].lstrip()
+        base = _group(before, backward=True) if before and before[-1] in ")}]" else ""
+        pairs.append((base, _group(rest) if rest and rest[0] in "{(" else rest[:1]))
+    return pairs
 
 
-def _leading_group(text: str) -> str:
-    """Returns the bracket group that opens at ``text[0]`` (to the end if unclosed)."""
-    opener = text[0]
-    closer = "}" if opener == "{" else ")"
+def _is_tower(base: str, argument: str) -> bool:
+    """``a^{b^c}``, ``a^{b**c}``, or ``(a^b)^{cd}`` with a power of a power whose outer exponent has 2+ digits."""
+    return (
+        "^" in argument or "**" in argument or (("^" in base or "**" in base) and bool(re.search(r"\d{2,}", argument)))
+    )
+
+
+def _group(text: str, backward: bool = False) -> str:
+    """The bracket group opening at ``text[0]`` (closing at ``text[-1]`` if ``backward``), or all of ``text``."""
+    chars = text[::-1] if backward else text
+    opener = chars[0]
+    closer = {"(": ")", "{": "}", "[": "]", ")": "(", "}": "{", "]": "["}[opener]
     depth = 0
-    for position, char in enumerate(text):
+    for position, char in enumerate(chars):
         depth += (char == opener) - (char == closer)
         if depth == 0:
-            return text[: position + 1]
+            return text[len(text) - position - 1 :] if backward else text[: position + 1]
     return text
 
 
 def quick_verdict(pred: str, gold: str) -> bool | None:
     r"""Decides equivalence without sympy where that is exact; None means "ask :func:`symbolic_verdict`".
 
-    True for identical normalised strings; for two plain numbers (``$``, thousands commas,
-    trailing ``.0``, unicode minus, ``a/b`` and ``\frac{a}{b}`` allowed) the exact fraction
-    comparison, so ``0.333`` is *not* ``1/3``; False for empty sides and for inputs the
-    :func:`_is_pathological` guard refuses. Never raises.
+    After :func:`normalize`: True for identical strings; for a gold multiple-choice letter and a
+    predicted letter, whether the letters agree; for two numbers (see :func:`_as_number`) the
+    exact fraction comparison, so ``0.333`` is *not* ``1/3``; False for empty sides and for inputs
+    the :func:`_is_pathological` guard refuses. ``x = 3`` is read as ``3`` when the other side has
+    no ``=``. Takes microseconds; never raises.
     """
     try:
         pred, gold = normalize(pred), normalize(gold)
@@ -112,7 +240,14 @@ def quick_verdict(pred: str, gold: str) -> bool | None:
             return False
         if pred == gold:
             return True
-        pred_number, gold_number = _as_number(pred), _as_number(gold)
+        gold_letter = _choice_letter(gold, with_text=False)
+        pred_letter = _choice_letter(pred, with_text=True) if gold_letter else None
+        if pred_letter:
+            return pred_letter == gold_letter
+        pred_value, gold_value = _value_side(pred, gold), _value_side(gold, pred)
+        if pred_value == gold_value:
+            return True
+        pred_number, gold_number = _as_number(pred_value), _as_number(gold_value)
         if pred_number is not None and gold_number is not None:
             return pred_number == gold_number
         if _is_pathological(pred) or _is_pathological(gold):
@@ -122,12 +257,18 @@ def quick_verdict(pred: str, gold: str) -> bool | None:
         return False
 
 
+def _value_side(text: str, other: str) -> str:
+    """``3`` for ``x = 3`` when ``other`` has no ``=``; else ``text``."""
+    match = _ASSIGNMENT.match(text) if "=" not in other else None
+    return match.group("value").strip() if match else text
+
+
 SYMBOLIC_STATUSES = ("ok", "pred_unparsed", "gold_unparsed")
 """What :func:`symbolic_verdict` reports besides the verdict."""
 
 
 def symbolic_verdict(pred: str, gold: str) -> tuple[bool, str]:
-    """Compares with ``math_verify`` (sympy); may run for minutes on adversarial input.
+    """Compares with ``math_verify`` (sympy) after :func:`normalize`; may run for minutes on adversarial input.
 
     Run it under :class:`~capo_lightning.rewards.verifier.GradingPool` unless the inputs are
     trusted. ``math_verify``'s own signal-based timeouts are off (they only work on the main

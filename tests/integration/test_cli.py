@@ -184,7 +184,8 @@ def test_validate_and_test_from_a_checkpoint(tmp_path: Path) -> None:
     main(tiny_args(tmp_path, "--trainer.max_steps=1"))
     ckpt = tmp_path / "checkpoints/last.ckpt"
     held_out = tmp_path / "held_out.jsonl"
-    held_out.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(5)))
+    rows = [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(5)]
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     sources = (
         '[{"class_path": "capo_lightning.data.prompts.ArithmeticSource", "init_args": {"seed": 7, "max_value": 9}}, '
         f'{{"class_path": "capo_lightning.data.prompts.JsonlSource", "init_args": {{"path": "{held_out}"}}}}]'

@@ -60,7 +60,7 @@ def test_champ_item_prompt_answer_and_columns() -> None:
 @needs_champ
 def test_champ_gradeable_only_drops_sentence_answers_and_cleans_glosses() -> None:
     everything, gradeable = ChampSource(gradeable_only=False), ChampSource()
-    assert gradeable.size == 225
+    assert gradeable.size == 228
     kept = set(_ids(gradeable))
     assert kept < set(_ids(everything))
     assert _ids(gradeable) == [pid for pid in _ids(everything) if pid in kept]  # same order, filtered
@@ -164,7 +164,7 @@ def test_champ_answer_rewrites(raw: str, clean: str) -> None:
         ("C(n+1, 2m+1)", False),
         ("x=±1, ±2, ±1/2", False),
         ("x(x-1)(x-2)...(x-2022)", False),
-        ("(x^2+x+1)(x^2-x+1)(x^4-x^2+1)", False),  # more exponents than the grader verifies
+        ("(x^2+x+1)(x^2-x+1)(x^4-x^2+1)", True),  # four exponents: within the guard's limit of eight
     ],
 )
 def test_champ_gradeable_rule(answer: str, gradeable: bool) -> None:
@@ -337,4 +337,4 @@ def test_hub_config_init_args_build_a_source(name: str, tmp_path: Path, monkeypa
 @needs_champ
 def test_champ_config_builds_the_gradeable_set() -> None:
     data = yaml.safe_load((ROOT / "conf/data/champ.yaml").read_text())["data"]
-    assert ChampSource(**data["val_source"]["init_args"]).size == 225
+    assert ChampSource(**data["val_source"]["init_args"]).size == 228

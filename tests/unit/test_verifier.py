@@ -1,6 +1,6 @@
 """The grading pool's hard timeouts and MathReward's verifier health, with real grading processes.
 
-``(x+1)^{3000}`` vs ``x^{3000}+1`` passes the in-process guard yet keeps sympy busy for about 15 s,
+``(x+1)^{999}`` vs ``x^{999}+1`` passes the in-process guard yet keeps sympy busy for about 3.6 s,
 so it exercises the wall-clock timeout through the public reward; ``9^{9^{9^{9}}}`` would run for
 minutes but the guard refuses it, so it is sent to the pool directly.
 """
@@ -18,7 +18,7 @@ import torch
 from capo_lightning.rewards.math import MathReward, WeightedSum, format_reward, think_format_reward
 from capo_lightning.rewards.verifier import GradingPool
 
-SLOW_PRED, SLOW_GOLD = "(x+1)^{3000}", "x^{3000}+1"
+SLOW_PRED, SLOW_GOLD = "(x+1)^{999}", "x^{999}+1"
 TOWER = "9^{9^{9^{9}}}"
 TIMEOUT = 1.0
 
