@@ -65,3 +65,18 @@ class Evaluator:
         accuracies = [out[f"{self.stage}/{name}/accuracy"] for name in self.names]
         out[f"{self.stage}/accuracy"] = torch.stack([a.float() for a in accuracies]).mean()
         return out
+
+    def summary(self, results: dict[str, Tensor], step: int) -> str:
+        """A plain-text table of ``results`` (from :meth:`compute`): one row per dataset."""
+        columns = ["accuracy", *[f"pass@{k}" for k in default_ks(self.n)], f"maj@{self.n}"]
+        width = max(len(name) for name in self.names) + 2
+        lines = [
+            f"{self.stage} at step {step}: {self.n} samples per problem",
+            "set".ljust(width) + "".join(c.rjust(10) for c in columns),
+        ]
+        for name in self.names:
+            values = [float(results[f"{self.stage}/{name}/{c}"]) for c in columns]
+            lines.append(name.ljust(width) + "".join(f"{v:10.4f}" for v in values))
+        lines.append("mean accuracy".ljust(width) + f"{float(results[f'{self.stage}/accuracy']):10.4f}")
+        return "\n".join(lines)
+

@@ -392,10 +392,15 @@ class CAPOModule(L.LightningModule):
         self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self._evaluator.compute())  # torchmetrics already synchronised the ranks
+        self._end_eval()
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._evaluator.compute())
+        self._end_eval()
+
+    def _end_eval(self) -> None:
+        results = self._evaluator.compute()  # torchmetrics already synchronised the ranks
+        self.log_dict(results)
+        rank_zero_info(self._evaluator.summary(results, self.global_step))
 
     def _make_evaluator(self, stage: str) -> Evaluator:
         datamodule = getattr(self.trainer, "datamodule", None)

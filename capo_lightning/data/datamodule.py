@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.collate import collate_completions
 from capo_lightning.data.prompts import ArithmeticSource, PromptItem, PromptSource
-from capo_lightning.data.templates import get_template
+from capo_lightning.data.templates import PromptTemplate, get_template
 from capo_lightning.rewards.math import math_reward
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
@@ -63,6 +63,8 @@ class RolloutDataModule(L.LightningDataModule):
         template: prompt template name (:mod:`capo_lightning.data.templates`: ``chat``, ``paper``,
             ``eval``, ``qwen_math``, ``plain``).
         system_prompt: replaces the template's system message.
+        eval_template: template of validation and test prompts; None = ``template``. The paper trains
+            with ``paper`` and reports TEST accuracy with ``eval``.
         max_prompt_tokens: longest allowed formatted prompt, in tokens.
         steps_per_epoch: length of one pass of the train stream (an epoch is bookkeeping only).
         seed: seeds prompt order and sampling.
@@ -88,6 +90,7 @@ class RolloutDataModule(L.LightningDataModule):
         eval_reward_fn: RewardFn = math_reward,
         template: str = "chat",
         system_prompt: str | None = None,
+        eval_template: str | None = None,
         max_prompt_tokens: int = 512,
         steps_per_epoch: int = 100,
         seed: int = 0,
@@ -109,6 +112,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.val_source = val_source
         self.test_source = test_source
         self.template = get_template(template)
+        self.eval_template = self.template if eval_template is None else get_template(eval_template)
         self.prompts_per_step = prompts_per_step
         self.group_size = group_size
         self.sampling = sampling if sampling is not None else SamplingConfig()
@@ -224,7 +228,7 @@ class RolloutDataModule(L.LightningDataModule):
         version, step = self._state_fn()
         items = [source.item(i % count) for i in indices]
         sampling = replace(self.val_sampling, seed=self.seed + 17 * indices[0])
-        groups, stats = self._sample_groups(items, self.val_samples, sampling, self.eval_reward_fn)
+        groups, stats = self._sample_groups(items, self.val_samples, sampling, self.eval_reward_fn, self.eval_template)
         stats["eval/valid_prompts"] = float(sum(i < count for i in indices))
         return self._collate(groups, version, step, stats | _pop_stats(self.eval_reward_fn))
 
@@ -236,14 +240,19 @@ class RolloutDataModule(L.LightningDataModule):
         return self._collate(groups, version, step, stats)
 
     def _sample_groups(
-        self, items: list[PromptItem], n: int, sampling: SamplingConfig, reward_fn: RewardFn | None = None
+        self,
+        items: list[PromptItem],
+        n: int,
+        sampling: SamplingConfig,
+        reward_fn: RewardFn | None = None,
+        template: PromptTemplate | None = None,
     ) -> tuple[list[_Group], dict]:
-        """Generate ``n`` completions for each item and score them with ``reward_fn`` (default: training's)."""
+        """Generate ``n`` completions per item and score them (default: training's reward and template)."""
         if self.engine is None:
             raise RuntimeError(
                 "RolloutDataModule used before connect(); the CAPOModule connects it in configure_model()"
             )
-        prompts = [self.format_prompt(item.prompt) for item in items]
+        prompts = [self.format_prompt(item.prompt, template) for item in items]
         t0 = time.perf_counter()
         completions = self.engine.generate(prompts, n, sampling)
         gen_s = time.perf_counter() - t0
@@ -311,9 +320,9 @@ class RolloutDataModule(L.LightningDataModule):
         batch.stats.update(stats)
         return batch
 
-    def format_prompt(self, question: str) -> str:
-        """Apply ``data.template``; raise if the result exceeds max_prompt_tokens."""
-        text = self.template.format(question, self.tokenizer, self.system_prompt)
+    def format_prompt(self, question: str, template: PromptTemplate | None = None) -> str:
+        """Apply ``template`` (default ``data.template``); raise if the result exceeds max_prompt_tokens."""
+        text = (template or self.template).format(question, self.tokenizer, self.system_prompt)
         num = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if num > self.max_prompt_tokens:
             raise ValueError(

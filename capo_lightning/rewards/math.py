@@ -86,7 +86,7 @@ class MathReward:
         self._lock = threading.Lock()
         self._grades: list[Grade] = []
         self._all_zero_calls = 0
-        self._gold_ok: dict[str, bool] = {}
+        self._bad_golds: set[str] = set()
 
     def __call__(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
         """One reward per completion, in order. ``columns`` are accepted and ignored."""
@@ -107,33 +107,27 @@ class MathReward:
             preds.append(pred)
             quick.append(None if pred is None else quick_verdict(pred, gold))
             seconds.append(time.perf_counter() - start)
-        gold_ok = self._check_golds({g for g, p, q in zip(golds, preds, quick) if p is not None and q is None})
-        todo = sorted({(p, g) for p, g, q in zip(preds, golds, quick) if q is None and p is not None and gold_ok[g]})
+        todo = sorted({(p, g) for p, g, q in zip(preds, golds, quick) if q is None and p is not None})
         symbolic: dict[tuple[str, str], Outcome] = dict(zip(todo, self.pool.compare(todo)))
+        self._report_golds(symbolic)
         grades = []
         for pred, gold, verdict, sec in zip(preds, golds, quick, seconds):
             if pred is None:
                 grades.append(Grade(0.0, None, "no_answer", sec))
             elif verdict is not None:
                 grades.append(Grade(float(verdict), pred, "ok", sec))
-            elif not gold_ok[gold]:
-                grades.append(Grade(0.0, pred, "gold_unparsed", sec))
             else:
                 outcome = symbolic[(pred, gold)]
                 grades.append(Grade(float(outcome.equal), pred, outcome.status, sec + outcome.seconds))
         self._record(grades, completions)
         return grades
 
-    def _check_golds(self, golds: set[str]) -> dict[str, bool]:
-        """Whether math_verify parses each gold answer (cached); unparseable ones are logged once."""
-        if len(self._gold_ok) > 100_000:
-            self._gold_ok.clear()
-        unknown = sorted(g for g in golds if g not in self._gold_ok and _as_number(normalize(g)) is None)
-        for gold, outcome in zip(unknown, self.pool.compare([(g, g) for g in unknown])):
-            self._gold_ok[gold] = outcome.status != "gold_unparsed"
-            if not self._gold_ok[gold]:
+    def _report_golds(self, symbolic: dict[tuple[str, str], Outcome]) -> None:
+        """Log each gold answer math_verify cannot parse, once per MathReward."""
+        for (_, gold), outcome in symbolic.items():
+            if outcome.status == "gold_unparsed" and gold not in self._bad_golds:
+                self._bad_golds.add(gold)
                 log.warning(f"capo: gold answer {gold[:200]!r} cannot be parsed; only exact matches score 1")
-        return {g: self._gold_ok.get(g, True) for g in golds}
 
     def _record(self, grades: list[Grade], completions: list[str]) -> None:
         with self._lock:

@@ -8,6 +8,7 @@ import pytest
 
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.prompts import ArithmeticSource
+from capo_lightning.data.templates import get_template
 from capo_lightning.module import CAPOModule
 from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout import SamplingConfig
@@ -138,3 +139,14 @@ def test_training_batches_carry_verifier_stats(tiny_model_dir: Path) -> None:
     batch = next(iter(connected(tiny_model_dir).train_dataloader()))  # default reward: math_reward
     assert {"verifier/parse_fail_pred", "verifier/timeouts", "verifier/latency_ms_p95"} <= set(batch.stats)
     assert 0.0 <= batch.stats["verifier/parse_fail_pred"] <= 1.0
+
+
+def test_train_and_eval_prompts_use_their_own_templates(tiny_model_dir: Path) -> None:
+    source = ArithmeticSource(seed=5, max_value=20)
+    dm = connected(tiny_model_dir, template="plain", eval_template="eval", val_source=source, val_prompts=1)
+    dm.max_prompt_tokens = 512
+    train = next(iter(dm.train_dataloader()))
+    assert train.texts.prompts[0] == dm.train_source.item(0).prompt  # plain: the question as is
+    val = next(iter(dm.val_dataloader()))
+    assert "Solve the following math problem" in val.texts.prompts[0]
+    assert val.texts.prompts[0] == get_template("eval").format(source.item(0).prompt, dm.tokenizer)

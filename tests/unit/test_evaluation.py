@@ -97,3 +97,15 @@ def test_templates_format_questions() -> None:
     assert set(TEMPLATES) == {"chat", "paper", "eval", "qwen_math", "plain"}
     with pytest.raises(ValueError, match="data.template='r2'.*choose one of"):
         get_template("r2")
+
+
+def test_summary_table_lists_every_set() -> None:
+    ev = Evaluator("val", ["arithmetic", "champ"], n=2, device=torch.device("cpu"))
+    ev.update(eval_batch([["\\boxed{1}", "\\boxed{2}"]], [[1, 0]]), 0)
+    ev.update(eval_batch([["x", "y"]], [[0, 0]]), 1)
+    table = ev.summary(ev.compute(), step=6).splitlines()
+    assert table[0] == "val at step 6: 2 samples per problem"
+    assert table[1].split() == ["set", "accuracy", "pass@1", "pass@2", "maj@2"]
+    assert table[2].split() == ["arithmetic", "0.5000", "0.5000", "1.0000", "1.0000"]
+    assert table[3].split() == ["champ", "0.0000", "0.0000", "0.0000", "0.0000"]
+    assert table[4].split() == ["mean", "accuracy", "0.2500"]
