@@ -79,4 +79,3 @@ class Evaluator:
             lines.append(name.ljust(width) + "".join(f"{v:10.4f}" for v in values))
         lines.append("mean accuracy".ljust(width) + f"{float(results[f'{self.stage}/accuracy']):10.4f}")
         return "\n".join(lines)
-
