@@ -222,7 +222,7 @@ class RolloutDataModule(L.LightningDataModule):
         if self.dynamic_sampling:
             groups, more = self._keep_varied_groups(groups, step, sampling)
             stats.update(more)
-        return self._collate(groups, version, step, stats | _pop_stats(self.reward_fn))
+        return self._collate(groups, version, step, stats | _pop_stats(self.reward_fn) | _pop_stats(self.engine))
 
     def _eval_batch(self, source: PromptSource, indices: list[int], count: int) -> RolloutBatch:
         version, step = self._state_fn()
@@ -392,9 +392,10 @@ def _initial_state() -> tuple[int, int]:
     return 0, 0
 
 
-def _pop_stats(reward_fn: RewardFn) -> dict[str, float]:
-    """The reward function's stats since the last call (``verifier/*`` of the math rewards), if it keeps any."""
-    pop = getattr(reward_fn, "pop_stats", None)
+def _pop_stats(source: Any) -> dict[str, float]:
+    """Stats ``source`` collected since the last call, if it keeps any: the math rewards' ``verifier/*``,
+    the vLLM engine's ``rollout/sync_probe_gap``."""
+    pop = getattr(source, "pop_stats", None)
     return dict(pop()) if callable(pop) else {}
 
 

@@ -2,5 +2,6 @@
 
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 from capo_lightning.rollout.hf_engine import HFEngine
+from capo_lightning.rollout.vllm_engine import VLLMEngine, WeightSyncError
 
-__all__ = ["Completion", "HFEngine", "RolloutEngine", "SamplingConfig"]
+__all__ = ["Completion", "HFEngine", "RolloutEngine", "SamplingConfig", "VLLMEngine", "WeightSyncError"]

@@ -21,6 +21,8 @@ class SamplingConfig:
     """Sample among the k most likely tokens (HF's default, which the paper's runs used); 0 disables it."""
     seed: int | None = None
     """Seed of the sampling RNG; the DataModule sets it per step so a resumed run samples the same."""
+    stop: list[str] | None = None
+    """Strings that end a completion (kept out of it); VLLMEngine only, HFEngine stops at EOS."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

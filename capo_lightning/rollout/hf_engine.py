@@ -33,6 +33,11 @@ class HFEngine(RolloutEngine):
         """Sample ``n`` completions per prompt, grouped by prompt."""
         if self.policy is None:
             raise RuntimeError("HFEngine.generate called before bind(policy, tokenizer)")
+        if sampling.stop:
+            raise ValueError(
+                f"sampling.stop={sampling.stop} needs model.engine=capo_lightning.rollout.VLLMEngine; HFEngine "
+                "stops at EOS only"
+            )
         rows = [p for p in prompts for _ in range(n)]
         out: list[Completion] = []
         was_training = self.policy.training
