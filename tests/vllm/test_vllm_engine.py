@@ -20,8 +20,6 @@ from capo_lightning.policy import PolicySpec, load_policy
 from capo_lightning.rollout import SamplingConfig, VLLMEngine, WeightSyncError
 from tests.conftest import ROOT
 
-pytest.importorskip("vllm")  # collected only with `-m vllm`, in the vllm environment
-
 
 @pytest.fixture(scope="module")
 def engine() -> VLLMEngine:
@@ -71,20 +69,24 @@ def test_sync_is_verified_and_the_check_can_fail(engine: VLLMEngine) -> None:
     policy = engine.policy
     engine.generate(_prompts(engine.tokenizer, ["Hi"]), 1, SamplingConfig(max_new_tokens=2))  # engine is up
     assert engine.verify(policy) < 1e-3
-    # one optimizer step with a large learning rate changes the trainer's weights only
-    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-    ids = torch.tensor([engine.tokenizer("2 + 3 = 5", add_special_tokens=False)["input_ids"]])
-    loss = policy(input_ids=ids, labels=ids).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    stale = engine.verify(policy)
-    assert stale > 0.1, stale
-    with pytest.raises(WeightSyncError, match="sync_tolerance"):
-        engine._verify_or_raise(policy, "in the test")
-    engine.sync_weights(policy, version=1)  # pushes, resets the prefix cache, verifies (raises if stale)
-    assert engine.version == 1
-    assert engine.pop_stats()["rollout/sync_probe_gap"] < 1e-3
+    original = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+    try:
+        # one optimizer step with a large learning rate changes the trainer's weights only
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+        ids = torch.tensor([engine.tokenizer("2 + 3 = 5", add_special_tokens=False)["input_ids"]])
+        policy(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        stale = engine.verify(policy)
+        assert stale > 0.1, stale
+        with pytest.raises(WeightSyncError, match="sync_tolerance"):
+            engine._verify_or_raise(policy, "in the test")
+        engine.sync_weights(policy, version=1)  # pushes, resets the prefix cache, verifies (raises if stale)
+        assert engine.version == 1
+        assert engine.pop_stats()["rollout/sync_probe_gap"] < 1e-3
+    finally:  # the other tests share the engine: give it the original weights back, through a sync
+        policy.load_state_dict(original)
+        engine.sync_weights(policy, version=2)
 
 
 def test_quickstart_runs_three_steps_on_vllm(tmp_path: Path) -> None:
