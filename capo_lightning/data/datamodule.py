@@ -17,7 +17,7 @@ from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.collate import collate_completions
 from capo_lightning.data.prompts import ArithmeticSource, PromptItem, PromptSource
 from capo_lightning.data.templates import PromptTemplate, get_template
-from capo_lightning.rewards.math import math_reward
+from capo_lightning.rewards.math import math_reward, pop_stats
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
 RewardFn = Callable[..., list[float]]
@@ -222,7 +222,7 @@ class RolloutDataModule(L.LightningDataModule):
         if self.dynamic_sampling:
             groups, more = self._keep_varied_groups(groups, step, sampling)
             stats.update(more)
-        return self._collate(groups, version, step, stats | _pop_stats(self.reward_fn) | _pop_stats(self.engine))
+        return self._collate(groups, version, step, stats | pop_stats(self.reward_fn) | pop_stats(self.engine))
 
     def _eval_batch(self, source: PromptSource, indices: list[int], count: int) -> RolloutBatch:
         version, step = self._state_fn()
@@ -230,7 +230,7 @@ class RolloutDataModule(L.LightningDataModule):
         sampling = replace(self.val_sampling, seed=self.seed + 17 * indices[0])
         groups, stats = self._sample_groups(items, self.val_samples, sampling, self.eval_reward_fn, self.eval_template)
         stats["eval/valid_prompts"] = float(sum(i < count for i in indices))
-        return self._collate(groups, version, step, stats | _pop_stats(self.eval_reward_fn))
+        return self._collate(groups, version, step, stats | pop_stats(self.eval_reward_fn))
 
     def rollout(
         self, items: list[PromptItem], n: int, sampling: SamplingConfig, version: int, step: int
@@ -390,13 +390,6 @@ class RolloutDataModule(L.LightningDataModule):
 def _initial_state() -> tuple[int, int]:
     """(policy_version, rollout_step) before the module connects its own state."""
     return 0, 0
-
-
-def _pop_stats(source: Any) -> dict[str, float]:
-    """Stats ``source`` collected since the last call, if it keeps any: the math rewards' ``verifier/*``,
-    the vLLM engine's ``rollout/sync_probe_gap``."""
-    pop = getattr(source, "pop_stats", None)
-    return dict(pop()) if callable(pop) else {}
 
 
 class _Stream:

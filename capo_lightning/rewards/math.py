@@ -41,6 +41,7 @@ __all__ = [
     "is_equivalent",
     "last_boxed",
     "math_reward",
+    "pop_stats",
     "think_format_reward",
 ]
 
@@ -260,8 +261,18 @@ class WeightedSum:
         """The merged stats of the parts that report any."""
         stats: dict[str, float] = {}
         for reward in self.rewards:
-            stats.update(getattr(reward, "pop_stats", dict)())
+            stats.update(pop_stats(reward))
         return stats
+
+
+def pop_stats(source: Any) -> dict[str, float]:
+    """What ``source`` collected since the last call, if it keeps stats (has ``pop_stats()``), else ``{}``.
+
+    The one place that asks: the DataModule (rewards, engines) and the reward wrappers, which pass their
+    inner reward's stats on, so that ``verifier/*`` survives wrapping.
+    """
+    pop = getattr(source, "pop_stats", None)
+    return dict(pop()) if callable(pop) else {}
 
 
 def _safe_extract(completion: Any) -> str | None:

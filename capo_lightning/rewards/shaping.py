@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from capo_lightning.rewards.math import math_reward
+from capo_lightning.rewards.math import math_reward, pop_stats
 
 
 class OverlongPenalty:
@@ -65,3 +65,7 @@ class OverlongPenalty:
         base = self.reward_fn(completions, answers, **columns)
         lengths = columns["completion_tokens"]
         return [float(r) + self.penalty(int(n), int(m)) for r, n, m in zip(base, lengths, budgets, strict=True)]
+
+    def pop_stats(self) -> dict[str, float]:
+        """The base reward's stats (``verifier/*`` of the math reward), passed on."""
+        return pop_stats(self.reward_fn)

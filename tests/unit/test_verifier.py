@@ -173,3 +173,15 @@ def test_format_rewards_and_weighted_sum(reward: MathReward) -> None:
     assert combined.pop_stats()["verifier/parse_fail_pred"] == 0.0
     with pytest.raises(ValueError, match="one weight per reward"):
         WeightedSum([reward], [1.0, 2.0])
+
+
+def test_overlong_penalty_passes_the_math_rewards_stats_on(reward: MathReward) -> None:
+    from capo_lightning.rewards.shaping import OverlongPenalty
+
+    reward.pop_stats()
+    shaped = OverlongPenalty(reward_fn=reward, max_tokens=100)
+    rewards = shaped(["\\boxed{4}", "no answer"], ["4", "4"], completion_tokens=[10, 95])
+    assert rewards == pytest.approx([1.0, -0.75])
+    stats = shaped.pop_stats()
+    assert stats["verifier/parse_fail_pred"] == pytest.approx(0.5)  # the base reward's, passed on
+    assert reward.pop_stats() == {}  # taken from the base reward, not left to pile up there
