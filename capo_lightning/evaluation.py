@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from capo_lightning.batch import RolloutBatch
-from capo_lightning.metrics import EvalMetrics, default_ks
+from capo_lightning.metrics import EvalMetrics
 from capo_lightning.rewards.math import answer_key
 
 
@@ -34,7 +34,8 @@ class Evaluator:
 
     def __init__(self, stage: str, names: list[str], n: int, device: torch.device) -> None:
         self.stage, self.names, self.n = stage, list(names) or ["default"], n
-        self.metrics = {name: EvalMetrics(default_ks(n)).to(device) for name in self.names}
+        # n given up front: a rank that saw no batch of a set can still compute (and sync) its metrics
+        self.metrics = {name: EvalMetrics(n=n).to(device) for name in self.names}
 
     def update(self, batch: RolloutBatch, dataloader_idx: int = 0) -> None:
         """Add the batch's problems; padding problems (``stats["eval/valid_prompts"]``) are left out."""
@@ -68,7 +69,8 @@ class Evaluator:
 
     def summary(self, results: dict[str, Tensor], step: int) -> str:
         """A plain-text table of ``results`` (from :meth:`compute`): one row per dataset."""
-        columns = ["accuracy", *[f"pass@{k}" for k in default_ks(self.n)], f"maj@{self.n}"]
+        ks = self.metrics[self.names[0]].ks
+        columns = ["accuracy", *[f"pass@{k}" for k in ks], f"maj@{self.n}"]
         width = max(len(name) for name in self.names) + 2
         lines = [
             f"{self.stage} at step {step}: {self.n} samples per problem",

@@ -109,3 +109,12 @@ def test_summary_table_lists_every_set() -> None:
     assert table[2].split() == ["arithmetic", "0.5000", "0.5000", "1.0000", "1.0000"]
     assert table[3].split() == ["champ", "0.0000", "0.0000", "0.0000", "0.0000"]
     assert table[4].split() == ["mean", "accuracy", "0.2500"]
+
+
+def test_a_set_without_batches_still_computes() -> None:
+    # under DDP a rank may hold no problem of a small set; its metrics must still compute (and sync)
+    ev = Evaluator("val", ["big", "tiny"], n=2, device=torch.device("cpu"))
+    ev.update(eval_batch([["\\boxed{1}", "\\boxed{2}"]], [[1, 0]]), 0)
+    out = ev.compute()
+    assert out["val/big/pass@2"].item() == 1.0
+    assert torch.isnan(out["val/tiny/accuracy"])  # no problems: NaN (0/0), summed away by the rank sync
