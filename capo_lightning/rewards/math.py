@@ -83,11 +83,21 @@ class MathReward:
 
     def __init__(self, timeout_s: float = 5.0, workers: int = 2, warn_all_zero: bool = True) -> None:
         self.pool = GradingPool(workers=workers, timeout_s=timeout_s)
-        self.timeout_s, self.workers, self.warn_all_zero = timeout_s, workers, warn_all_zero
+        self.warn_all_zero = warn_all_zero
         self._lock = threading.Lock()
         self._grades: list[Grade] = []
         self._all_zero_calls = 0
         self._bad_golds: set[str] = set()
+
+    @property
+    def timeout_s(self) -> float:
+        """The pool's limit per symbolic comparison."""
+        return self.pool.timeout_s
+
+    @property
+    def workers(self) -> int:
+        """The pool's number of grading processes."""
+        return self.pool.workers
 
     def __call__(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
         """One reward per completion, in order. ``columns`` are accepted and ignored."""
