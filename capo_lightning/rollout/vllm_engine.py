@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from capo_lightning.forward import score_responses
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
 __all__ = ["VLLMEngine", "WeightSyncError"]
@@ -219,7 +220,9 @@ class VLLMEngine(RolloutEngine):
 
         ids = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        (request,) = self._engine().generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
+        llm = self._engine()
+        self._wake()
+        (request,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
         engine = torch.tensor([float(step[token].logprob) for step, token in zip(request.prompt_logprobs[1:], ids[1:])])
         trainer = _trainer_logprobs(policy, ids)
         gap = float((engine - trainer).abs().mean())
@@ -269,14 +272,12 @@ def _load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
 
 @torch.no_grad()
 def _trainer_logprobs(policy: Any, ids: list[int]) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) of the trainer's policy for t >= 1 -> [T - 1]."""
-    device = next(policy.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
+    """log pi(token_t | tokens_<t) for t >= 1 -> [T - 1], through the trainer's own scoring pass."""
+    input_ids = torch.tensor([ids], device=next(policy.parameters()).device)
     was_training = policy.training
     policy.eval()
     try:
-        logits = policy(input_ids=input_ids).logits[0, :-1].float()  # [T-1, V]
+        out = score_responses(policy, input_ids, torch.ones_like(input_ids, dtype=torch.bool), len(ids) - 1)
     finally:
         policy.train(was_training)
-    logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(1, input_ids[0, 1:, None]).squeeze(1).cpu()
+    return out.logprobs[0].cpu()
