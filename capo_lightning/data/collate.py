@@ -17,6 +17,7 @@ def collate_completions(
     rollout_step: int = 0,
     prompts: list[str] | None = None,
     answers: list[str] | None = None,
+    max_new_tokens: int | None = None,
 ) -> RolloutBatch:
     """Left-pad prompts to P, right-pad responses to L and stack everything into tensors.
 
@@ -29,6 +30,7 @@ def collate_completions(
         rollout_step: data position of this batch.
         prompts: [N] formatted prompts, for logging.
         answers: [N] gold answers, for logging.
+        max_new_tokens: the token budget the completions were sampled with.
     """
     n = len(completions)
     p = max(len(c.prompt_ids) for c in completions)
@@ -59,6 +61,7 @@ def collate_completions(
         truncated=torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.bool),
         policy_version=policy_version,
         rollout_step=rollout_step,
+        max_new_tokens=max_new_tokens,
         texts=texts,
     )
     batch.validate()

@@ -1,54 +1,49 @@
-"""The DataModule that streams freshly generated, scored rollouts."""
+"""The DataModule that streams freshly generated, scored rollouts: the Lightning-facing side.
+
+It owns the data settings, the prompt order, the rank arithmetic and the dataloaders; the work of
+turning prompts into a batch is :mod:`capo_lightning.data.rollout`'s. The module talks to it
+through one call, :meth:`RolloutDataModule.connect`, which returns the :class:`EvalSpec` that
+evaluation needs; the step's own data (its token budget, stats) travels on the RolloutBatch.
+"""
 
 from __future__ import annotations
 
-import math
-import re
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
-import lightning as L
-import torch
+from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 
 from capo_lightning.batch import RolloutBatch
-from capo_lightning.data.collate import collate_completions
+from capo_lightning.data.eval_sets import EvalSpec, set_names, shard
+from capo_lightning.data.order import PromptOrder
 from capo_lightning.data.prompts import ArithmeticSource, PromptItem, PromptSource
+from capo_lightning.data.rollout import RolloutMaker, Sampled, ScoredGroup, keep_varied_groups
 from capo_lightning.data.templates import PromptTemplate, get_template
-from capo_lightning.rewards.math import math_reward, pop_stats
-from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from capo_lightning.rewards.base import RewardFn, pop_stats
+from capo_lightning.rewards.math import math_reward
+from capo_lightning.rollout.engine import RolloutEngine, SamplingConfig
 
-RewardFn = Callable[..., list[float]]
-
-
-@dataclass
-class _Group:
-    """The G scored completions of one prompt."""
-
-    item: PromptItem
-    prompt: str  # formatted
-    completions: list[Completion]
-    rewards: list[float]
-
-    def varies(self, tol: float = 1e-6) -> bool:
-        """True when the rewards differ (max - min > tol), i.e. the group has a learning signal."""
-        return max(self.rewards) - min(self.rewards) > tol
+StateFn = Callable[[], tuple[int, int]]
+"""Returns (policy_version, rollout_step) at generation time: the module's own counters."""
 
 
-class RolloutDataModule(L.LightningDataModule):
+class RolloutDataModule(LightningDataModule):
     """Streams rollout batches: B prompts, G completions each, scored by a reward function.
 
     The train stream is *sized* (``steps_per_epoch``), so Lightning does not prefetch: batch k is
     generated only after step k-1 updated the weights (staleness 0). Prompts of rollout step k are a
     pure function of (seed, k, rank), so resuming at step k replays exactly the prompts it would
-    have seen. The module connects the engine and tokenizer in its ``setup`` (see :meth:`connect`).
+    have seen (:class:`~capo_lightning.data.order.PromptOrder`). Generation and scoring happen in
+    :class:`~capo_lightning.data.rollout.RolloutMaker`, with the engine and tokenizer that the module
+    attaches through :meth:`connect`.
 
     Args:
         train_source: where training prompts come from.
         val_source: prompts for validation, or a list of sources, each logged under its own name
-            (``val/<name>/accuracy``, see :meth:`eval_names`); None disables validation.
+            (``val/<name>/accuracy``, see :class:`EvalSpec`); None disables validation.
         test_source: prompts for ``capo test`` (a source or a list); None uses ``val_source``.
         prompts_per_step: B, prompts per optimizer step per rank.
         group_size: G, completions sampled per prompt.
@@ -98,69 +93,44 @@ class RolloutDataModule(L.LightningDataModule):
         max_sampling_rounds: int = 4,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("prompts_per_step", prompts_per_step),
-            ("group_size", group_size),
-            ("val_samples", val_samples),
-            ("val_batch_size", val_batch_size),
-            ("steps_per_epoch", steps_per_epoch),
-            ("max_prompt_tokens", max_prompt_tokens),
-        ):
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        _require_positive(
+            prompts_per_step=prompts_per_step, group_size=group_size, val_samples=val_samples,
+            val_batch_size=val_batch_size, steps_per_epoch=steps_per_epoch, max_prompt_tokens=max_prompt_tokens,
+            max_sampling_rounds=max_sampling_rounds,
+        )  # fmt: skip
         self.train_source = train_source if train_source is not None else ArithmeticSource(seed=seed)
-        self.val_source = val_source
-        self.test_source = test_source
+        self.val_source, self.test_source = val_source, test_source
         self.template = get_template(template)
         self.eval_template = self.template if eval_template is None else get_template(eval_template)
-        self.prompts_per_step = prompts_per_step
-        self.group_size = group_size
+        self.prompts_per_step, self.group_size = prompts_per_step, group_size
         self.sampling = sampling if sampling is not None else SamplingConfig()
-        self.val_sampling = (
-            val_sampling
-            if val_sampling is not None
-            else SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, temperature=0.6, top_p=0.95, top_k=0)
-        )
-        self.val_samples = val_samples
-        if self.val_sampling.temperature == 0 and val_samples > 1:
-            rank_zero_warn(
-                f"capo: data.val_sampling is greedy (temperature 0) but data.val_samples={val_samples}: the samples "
-                "are identical, so pass@k equals pass@1; set data.val_samples=1 or a temperature > 0"
-            )
-        self.val_prompts = val_prompts
-        self.val_batch_size = val_batch_size
-        self.reward_fn = reward_fn
-        self.eval_reward_fn = eval_reward_fn
-        self.system_prompt = system_prompt
-        self.max_prompt_tokens = max_prompt_tokens
-        self.steps_per_epoch = steps_per_epoch
-        self.seed = seed
-        if max_sampling_rounds < 1:
-            raise ValueError(f"data.max_sampling_rounds must be >= 1, got {max_sampling_rounds}")
-        self.dynamic_sampling = dynamic_sampling
-        self.max_sampling_rounds = max_sampling_rounds
-        self.engine: RolloutEngine | None = None
+        self.val_sampling = val_sampling if val_sampling is not None else _default_val_sampling(self.sampling)
+        self.val_samples, self.val_prompts, self.val_batch_size = val_samples, val_prompts, val_batch_size
+        _warn_if_greedy_with_samples(self.val_sampling, val_samples)
+        self.reward_fn, self.eval_reward_fn = reward_fn, eval_reward_fn
+        self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
+        self.steps_per_epoch, self.seed = steps_per_epoch, seed
+        self.dynamic_sampling, self.max_sampling_rounds = dynamic_sampling, max_sampling_rounds
+        self.order = PromptOrder(self.train_source, seed, prompts_per_step, max_sampling_rounds)
+        self.engine: RolloutEngine | None = None  # attached by connect()
         self.tokenizer: Any = None
-        self._state_fn: Callable[[], tuple[int, int]] = _initial_state  # a function, not a lambda: spawn pickles us
-        self._perms: dict[tuple[int, int], list[int]] = {}
+        self._state_fn: StateFn = _initial_state  # a function, not a lambda: spawn pickles us
 
     # ---- wiring -------------------------------------------------------------------------------
     def connect(
-        self,
-        engine: RolloutEngine,
-        tokenizer: Any,
-        state_fn: Callable[[], tuple[int, int]],
-        context_len: int | None = None,
-    ) -> None:
-        """Attach what exists only once the policy is built.
+        self, engine: RolloutEngine, tokenizer: Any, state_fn: StateFn, context_len: int | None = None
+    ) -> EvalSpec:
+        """Attach what exists only once the policy is built; CAPOModule calls it in ``configure_model``.
 
         Args:
             engine: the module's rollout engine (already bound to the policy).
             tokenizer: the policy's tokenizer.
             state_fn: returns (policy_version, rollout_step) at generation time.
             context_len: the model's maximum sequence length, checked against prompt + response budget.
+
+        Returns:
+            What evaluation needs to know: the set names per stage and the samples per problem.
         """
-        self.engine, self.tokenizer, self._state_fn = engine, tokenizer, state_fn
         for name, sampling in (("sampling", self.sampling), ("val_sampling", self.val_sampling)):
             budget = self.max_prompt_tokens + sampling.max_new_tokens
             if context_len is not None and budget > context_len:
@@ -169,17 +139,19 @@ class RolloutDataModule(L.LightningDataModule):
                     f"({sampling.max_new_tokens}) = {budget} exceeds the model's context of {context_len} tokens; "
                     "lower one of them"
                 )
+        self.engine, self.tokenizer, self._state_fn = engine, tokenizer, state_fn
+        return EvalSpec(tuple(self.eval_names("val")), tuple(self.eval_names("test")), self.val_samples)
 
     # ---- dataloaders --------------------------------------------------------------------------
-    def train_dataloader(self) -> _Stream:
+    def train_dataloader(self) -> RolloutStream:
         """Sized stream of training rollout batches (no prefetch, staleness 0)."""
-        return _Stream(self.steps_per_epoch, self._next_train_batch)
+        return RolloutStream(self.steps_per_epoch, self._next_train_batch)
 
-    def val_dataloader(self) -> _Stream | list:
+    def val_dataloader(self) -> RolloutStream | list[RolloutStream]:
         """Validation batches, generated with the current weights when iterated (one stream per source)."""
         return self._eval_streams("val")
 
-    def test_dataloader(self) -> _Stream | list:
+    def test_dataloader(self) -> RolloutStream | list[RolloutStream]:
         """Like validation, on ``test_source`` (falls back to ``val_source``)."""
         return self._eval_streams("test")
 
@@ -189,193 +161,78 @@ class RolloutDataModule(L.LightningDataModule):
         return [] if source is None else list(source) if isinstance(source, (list, tuple)) else [source]
 
     def eval_names(self, stage: str) -> list[str]:
-        """Metric names of the sources of ``stage``: ``source.name()`` made key-safe and unique."""
-        names: list[str] = []
-        for source in self.eval_sources(stage):
-            name = re.sub(r"[^A-Za-z0-9_.:-]+", "_", source.name())
-            names.append(name if name not in names else f"{name}_{len(names)}")
-        return names
+        """Metric names of the sources of ``stage`` (see :func:`~capo_lightning.data.eval_sets.set_names`)."""
+        return set_names(self.eval_sources(stage))
 
-    def _eval_streams(self, stage: str) -> _Stream | list:
+    def _eval_streams(self, stage: str) -> RolloutStream | list[RolloutStream]:
         streams = [self._eval_stream(source) for source in self.eval_sources(stage)]
         return streams[0] if len(streams) == 1 else streams
 
-    def _eval_stream(self, source: PromptSource) -> _Stream:
-        """This rank's share of the first ``val_prompts`` items: rank r takes r, r + W, r + 2W, ...
-
-        Every rank gets the same number of batches (FSDP needs equal collective calls); a rank whose
-        share is short pads its last batch with repeats, which ``stats["eval/valid_prompts"]`` excludes.
-        """
+    def _eval_stream(self, source: PromptSource) -> RolloutStream:
+        """This rank's share of the first ``val_prompts`` items (:func:`~capo_lightning.data.eval_sets.shard`)."""
         count = self.val_prompts if source.size is None else min(self.val_prompts, source.size)
-        world, rank = self._world(), self._rank()
-        per_rank = math.ceil(count / world)
-        indices = [rank + j * world for j in range(per_rank)]
-        chunks = [indices[s : s + self.val_batch_size] for s in range(0, per_rank, self.val_batch_size)]
-        return _Stream(len(chunks), lambda i: self._eval_batch(source, chunks[i], count))
+        chunks = shard(count, self._rank(), self._world(), self.val_batch_size)
+        return RolloutStream(len(chunks), lambda i: self._eval_batch(source, chunks[i], count))
 
-    # ---- batch construction -------------------------------------------------------------------
+    # ---- batches ------------------------------------------------------------------------------
     def _next_train_batch(self, _: int) -> RolloutBatch:
         version, step = self._state_fn()
+        maker = self._maker()
         items = [self._train_item(step, j) for j in range(self.prompts_per_step)]
         sampling = replace(self.sampling, seed=self.seed * 1_000_003 + step * 7919 + self._rank())
-        groups, stats = self._sample_groups(items, self.group_size, sampling)
+        sampled = maker.sample(items, self.group_size, sampling, self.reward_fn)
         if self.dynamic_sampling:
-            groups, more = self._keep_varied_groups(groups, step, sampling)
-            stats.update(more)
-        return self._collate(groups, version, step, stats | pop_stats(self.reward_fn) | pop_stats(self.engine))
+            more = partial(self._refill_groups, step, sampling)
+            kept = keep_varied_groups(sampled.groups, self.prompts_per_step, self.max_sampling_rounds, more)
+            sampled = Sampled(kept.groups, sampled.stats | kept.stats)
+        stats = sampled.stats | pop_stats(self.reward_fn) | pop_stats(maker.engine)
+        return maker.collate(sampled.groups, version, step, stats, sampling.max_new_tokens)
+
+    def _refill_groups(self, step: int, sampling: SamplingConfig, round_: int) -> list[ScoredGroup]:
+        """Dynamic sampling's round ``round_`` (>= 1): fresh prompts, sampled with a seed of their own."""
+        items = [self._refill_item(step, round_, j) for j in range(self.prompts_per_step)]
+        extra = replace(sampling, seed=sampling.seed + 104_729 * round_)
+        return self._maker().sample(items, self.group_size, extra, self.reward_fn).groups
 
     def _eval_batch(self, source: PromptSource, indices: list[int], count: int) -> RolloutBatch:
         version, step = self._state_fn()
+        maker = self._maker()
         items = [source.item(i % count) for i in indices]
         sampling = replace(self.val_sampling, seed=self.seed + 17 * indices[0])
-        groups, stats = self._sample_groups(items, self.val_samples, sampling, self.eval_reward_fn, self.eval_template)
-        stats["eval/valid_prompts"] = float(sum(i < count for i in indices))
-        return self._collate(groups, version, step, stats | pop_stats(self.eval_reward_fn))
+        sampled = maker.sample(items, self.val_samples, sampling, self.eval_reward_fn, self.eval_template)
+        stats = sampled.stats | {"eval/valid_prompts": float(sum(i < count for i in indices))}
+        return maker.collate(
+            sampled.groups, version, step, stats | pop_stats(self.eval_reward_fn), sampling.max_new_tokens
+        )
 
     def rollout(
         self, items: list[PromptItem], n: int, sampling: SamplingConfig, version: int, step: int
     ) -> RolloutBatch:
-        """Generate ``n`` completions per item, score them and collate a RolloutBatch."""
-        groups, stats = self._sample_groups(items, n, sampling, self.reward_fn)
-        return self._collate(groups, version, step, stats)
+        """Generate ``n`` completions per item, score them with ``reward_fn`` and collate a RolloutBatch."""
+        maker = self._maker()
+        sampled = maker.sample(items, n, sampling, self.reward_fn)
+        return maker.collate(sampled.groups, version, step, sampled.stats, sampling.max_new_tokens)
 
-    def _sample_groups(
-        self,
-        items: list[PromptItem],
-        n: int,
-        sampling: SamplingConfig,
-        reward_fn: RewardFn | None = None,
-        template: PromptTemplate | None = None,
-    ) -> tuple[list[_Group], dict]:
-        """Generate ``n`` completions per item and score them (default: training's reward and template)."""
+    def format_prompt(self, question: str, template: PromptTemplate | None = None) -> str:
+        """``question`` formatted by ``template`` (default ``data.template``); raises past max_prompt_tokens."""
+        return self._maker().format_prompt(question, template)
+
+    def _maker(self) -> RolloutMaker:
+        """A RolloutMaker with the connected engine and the current prompt settings."""
         if self.engine is None:
             raise RuntimeError(
                 "RolloutDataModule used before connect(); the CAPOModule connects it in configure_model()"
             )
-        prompts = [self.format_prompt(item.prompt, template) for item in items]
-        t0 = time.perf_counter()
-        completions = self.engine.generate(prompts, n, sampling)
-        gen_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        reward_fn = self.reward_fn if reward_fn is None else reward_fn
-        items_n = [item for item in items for _ in range(n)]
-        rewards = self._score(reward_fn, completions, items_n, sampling.max_new_tokens)
-        reward_s = time.perf_counter() - t1
-        groups = [
-            _Group(item, prompt, completions[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n])
-            for j, (item, prompt) in enumerate(zip(items, prompts))
-        ]
-        tokens = sum(len(c.token_ids) for c in completions)
-        stats = {"time/generate_s": gen_s, "time/reward_s": reward_s, "rollout/tokens_per_s": tokens / max(gen_s, 1e-9)}
-        return groups, stats
+        return RolloutMaker(self.engine, self.tokenizer, self.template, self.system_prompt, self.max_prompt_tokens)
 
-    def _keep_varied_groups(
-        self, groups: list[_Group], step: int, sampling: SamplingConfig
-    ) -> tuple[list[_Group], dict]:
-        """DAPO's dynamic sampling: keep groups whose rewards differ; refill with fresh prompts.
-
-        At most ``max_sampling_rounds`` generation rounds; if B varied groups are still missing, the
-        batch is topped up with zero-variance groups (advantage 0, no gradient) so every rank keeps
-        exactly B groups, and a warning says so.
-        """
-        b = self.prompts_per_step
-        kept = [g for g in groups if g.varies()]
-        dropped = [g for g in groups if not g.varies()]
-        generated, rounds = len(groups), 1
-        while len(kept) < b and rounds < self.max_sampling_rounds:
-            items = [self._refill_item(step, rounds, j) for j in range(b)]
-            more, extra = self._sample_groups(
-                items, self.group_size, replace(sampling, seed=sampling.seed + 104_729 * rounds)
-            )
-            kept += [g for g in more if g.varies()]
-            dropped += [g for g in more if not g.varies()]
-            generated, rounds = generated + len(more), rounds + 1
-        filled = max(0, b - len(kept))
-        if filled:
-            rank_zero_warn(
-                f"capo: dynamic sampling found {len(kept)} of {b} groups with varied rewards in "
-                f"{rounds} rounds (data.max_sampling_rounds); {filled} zero-variance groups fill the batch"
-            )
-        batch_groups = (kept + dropped[:filled])[:b]
-        stats = {
-            "rollout/sampling_rounds": float(rounds),
-            "rollout/groups_generated": float(generated),
-            "rollout/groups_kept_frac": len(kept) / generated,
-            "rollout/groups_filled": float(filled),
-        }
-        return batch_groups, stats
-
-    def _collate(self, groups: list[_Group], version: int, step: int, stats: dict) -> RolloutBatch:
-        n = len(groups[0].completions)
-        batch = collate_completions(
-            [c for g in groups for c in g.completions],
-            [r for g in groups for r in g.rewards],
-            [j for j in range(len(groups)) for _ in range(n)],
-            pad_id=self.tokenizer.pad_token_id,
-            policy_version=version,
-            rollout_step=step,
-            prompts=[g.prompt for g in groups for _ in range(n)],
-            answers=[g.item.answer for g in groups for _ in range(n)],
-        )
-        batch.stats.update(stats)
-        return batch
-
-    def format_prompt(self, question: str, template: PromptTemplate | None = None) -> str:
-        """Apply ``template`` (default ``data.template``); raise if the result exceeds max_prompt_tokens."""
-        text = (template or self.template).format(question, self.tokenizer, self.system_prompt)
-        num = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if num > self.max_prompt_tokens:
-            raise ValueError(
-                f"a prompt has {num} tokens after formatting, more than data.max_prompt_tokens="
-                f"{self.max_prompt_tokens}: {question[:80]!r}... Raise data.max_prompt_tokens (prompt + "
-                "max_new_tokens must fit the model's context) or remove long prompts from the source"
-            )
-        return text
-
-    def _score(
-        self, reward_fn: RewardFn, completions: list[Completion], items: list[PromptItem], max_new_tokens: int
-    ) -> list[float]:
-        """Call the reward function with each item's columns plus ``completion_tokens``, ``truncated``
-        and ``max_new_tokens`` (what length-aware rewards such as OverlongPenalty read)."""
-        texts = [c.text for c in completions]
-        keys = sorted(set().union(*(item.columns for item in items)))
-        cols: dict[str, list[Any]] = {k: [item.columns.get(k) for item in items] for k in keys}
-        cols["completion_tokens"] = [len(c.token_ids) for c in completions]
-        cols["truncated"] = [c.finish_reason == "length" for c in completions]
-        cols["max_new_tokens"] = [max_new_tokens] * len(completions)
-        rewards = [float(r) for r in reward_fn(texts, [item.answer for item in items], **cols)]
-        name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
-        if len(rewards) != len(texts):
-            raise ValueError(f"data.reward_fn {name} returned {len(rewards)} rewards for {len(texts)} completions")
-        if not all(math.isfinite(r) for r in rewards):
-            raise ValueError(f"data.reward_fn {name} returned a non-finite reward: {rewards}")
-        return rewards
-
+    # ---- position and ranks -------------------------------------------------------------------
     def _train_item(self, step: int, j: int) -> PromptItem:
         """Prompt j of rollout step ``step`` on this rank: a pure function of (seed, step, rank, j)."""
-        index = (step * self._world() + self._rank()) * self.prompts_per_step + j
-        return self._source_item(index, stream=0)
+        return self.order.train_item(step, j, self._rank(), self._world())
 
     def _refill_item(self, step: int, round_: int, j: int) -> PromptItem:
         """Prompt j of dynamic-sampling round ``round_`` (>= 1): drawn from a separate, seeded stream."""
-        rounds = max(1, self.max_sampling_rounds - 1)
-        index = ((step * rounds + round_ - 1) * self._world() + self._rank()) * self.prompts_per_step + j
-        return self._source_item(index, stream=1)
-
-    def _source_item(self, index: int, stream: int) -> PromptItem:
-        size = self.train_source.size
-        if size is None:  # unbounded generators: the refill stream lives far above any training index
-            return self.train_source.item(index + stream * 10**12)
-        epoch, pos = divmod(index, size)
-        return self.train_source.item(self._perm(stream, epoch, size)[pos])
-
-    def _perm(self, stream: int, epoch: int, size: int) -> list[int]:
-        key = (stream, epoch)
-        if key not in self._perms:
-            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919 * stream)
-            self._perms = {k: v for k, v in self._perms.items() if k[0] != stream}  # one epoch per stream
-            self._perms[key] = torch.randperm(size, generator=gen).tolist()
-        return self._perms[key]
+        return self.order.refill_item(step, round_, j, self._rank(), self._world())
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self._has_trainer() else 0
@@ -387,13 +244,32 @@ class RolloutDataModule(L.LightningDataModule):
         return getattr(self, "trainer", None) is not None
 
 
+def _require_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"data.{name} must be >= 1, got {value}")
+
+
+def _default_val_sampling(sampling: SamplingConfig) -> SamplingConfig:
+    """Validation samples at temperature 0.6, top_p 0.95 with the training budget."""
+    return SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=0.6, top_p=0.95, top_k=0)
+
+
+def _warn_if_greedy_with_samples(val_sampling: SamplingConfig, val_samples: int) -> None:
+    if val_sampling.temperature == 0 and val_samples > 1:
+        rank_zero_warn(
+            f"capo: data.val_sampling is greedy (temperature 0) but data.val_samples={val_samples}: the samples "
+            "are identical, so pass@k equals pass@1; set data.val_samples=1 or a temperature > 0"
+        )
+
+
 def _initial_state() -> tuple[int, int]:
     """(policy_version, rollout_step) before the module connects its own state."""
     return 0, 0
 
 
-class _Stream:
-    """A sized iterable whose items are made on demand, when Lightning asks for the next batch."""
+class RolloutStream:
+    """A sized iterable whose batches are made on demand, when Lightning asks for the next one."""
 
     def __init__(self, length: int, make: Callable[[int], RolloutBatch]) -> None:
         self.length, self.make = length, make

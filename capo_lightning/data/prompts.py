@@ -3,7 +3,8 @@
 ``PromptSource.item(i)`` is a pure function of ``i`` and the constructor arguments,
 so the data position of a run is a single integer and resume is exact. Sources here:
 procedural arithmetic and a local JSONL file. Sources that wrap other libraries (a
-``reasoning_gym`` task, a Hugging Face dataset) are in :mod:`capo_lightning.data.library_sources`.
+``reasoning_gym`` task, a Hugging Face dataset) are in :mod:`capo_lightning.data.library_sources`,
+the CHAMP set in :mod:`capo_lightning.data.champ`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class PromptSource(ABC):
             raise IndexError(f"{self.name()}: index {index} is out of range; expected {bound}.")
 
 
-def _arg_error(source: object, arg: str, problem: str, fix: str) -> ValueError:
+def arg_error(source: object, arg: str, problem: str, fix: str) -> ValueError:
     """A ValueError naming the source, the config key of ``arg``, the problem and the fix."""
     return ValueError(
         f"{type(source).__name__}: invalid `{arg}` (config key `<source>.init_args.{arg}`, e.g. "
@@ -107,13 +108,13 @@ class ArithmeticSource(PromptSource):
         """Raises ValueError naming the first bad argument and its fix."""
         if self.max_value < self.min_value:
             problem = f"max_value={self.max_value} is smaller than min_value={self.min_value}"
-            raise _arg_error(self, "max_value", problem, "set max_value >= min_value")
+            raise arg_error(self, "max_value", problem, "set max_value >= min_value")
         unknown = [op for op in self.ops if op not in self.SUPPORTED_OPS]
         if not self.ops or unknown:
             problem = f"unsupported operators {unknown}" if unknown else "the list is empty"
-            raise _arg_error(self, "ops", problem, f"use a non-empty subset of {list(self.SUPPORTED_OPS)}")
+            raise arg_error(self, "ops", problem, f"use a non-empty subset of {list(self.SUPPORTED_OPS)}")
         if self.num_terms < 2:
-            raise _arg_error(self, "num_terms", f"got {self.num_terms}", "use num_terms >= 2")
+            raise arg_error(self, "num_terms", f"got {self.num_terms}", "use num_terms >= 2")
 
     @property
     def size(self) -> None:

@@ -3,48 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
+from capo_lightning.objectives.functional import Normalizer
 
-@dataclass(frozen=True)
-class Normalizer:
-    """Global denominators of one optimizer step's loss, computed once from the final mask.
-
-    Counts are summed over every micro-batch of the minibatch and all-reduced over ranks, so the
-    gradient does not depend on how the minibatch is split. DDP averages gradients over ranks;
-    ``world_size`` multiplies each rank's loss back so the average equals the global value.
-    """
-
-    num_sequences: float  # sequences in the minibatch, all ranks
-    num_tokens: float  # kept tokens in the minibatch, all ranks
-    world_size: int = 1
-    max_len: int | None = None  # constant L of Dr.GRPO (max_new_tokens)
-
-    @classmethod
-    def from_mask(
-        cls,
-        mask: Tensor,
-        max_len: int | None = None,
-        all_reduce: Callable[[Tensor], Tensor] | None = None,
-        world_size: int = 1,
-    ) -> Normalizer:
-        """Count sequences and kept tokens in ``mask`` [N, L], summed over ranks by ``all_reduce``."""
-        counts = torch.tensor([float(mask.shape[0]), float(mask.sum())], dtype=torch.float64, device=mask.device)
-        if all_reduce is not None:
-            counts = all_reduce(counts)
-        return cls(num_sequences=float(counts[0]), num_tokens=float(counts[1]), world_size=world_size, max_len=max_len)
-
-    def denominator(self, aggregation: str) -> float:
-        """The resolved denominator of ``aggregation`` (logged as ``objective/normalizer``)."""
-        if aggregation == "token_mean":
-            return self.num_tokens
-        if aggregation == "seq_mean_token_sum_norm":
-            return float(self.max_len or 0) * self.num_sequences
-        return self.num_sequences
+__all__ = ["LossOutput", "Normalizer", "Objective"]
 
 
 @dataclass
@@ -64,7 +29,11 @@ class Objective(nn.Module, ABC):
     """
 
     aggregation: str = "seq_mean_token_mean"
+    """How per-token losses become the step loss: a key of ``functional.AGGREGATIONS``."""
     beta: float = 0.0
+    """Coefficient of the KL term to the frozen reference; 0 builds no reference."""
+    max_len: int | None = None
+    """Constant L of the ``seq_mean_token_sum_norm`` aggregation; None = the batch's ``max_new_tokens``."""
 
     @property
     def needs_reference(self) -> bool:

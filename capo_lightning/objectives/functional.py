@@ -6,16 +6,87 @@ values worked by hand. Shapes follow the legend in :mod:`capo_lightning.batch`.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from capo_lightning.objectives.base import Normalizer
-
-Aggregation = Literal["seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean"]
-AGGREGATIONS: tuple[str, ...] = ("seq_mean_token_mean", "seq_mean_token_sum_norm", "token_mean")
 CONSTANT_TOL = 1e-6  # rewards of a group within this range count as all equal
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Global denominators of one optimizer step's loss, computed once from the final mask.
+
+    Counts are summed over every micro-batch of the minibatch and all-reduced over ranks, so the
+    gradient does not depend on how the minibatch is split. DDP averages gradients over ranks;
+    ``world_size`` multiplies each rank's loss back so the average equals the global value.
+    """
+
+    num_sequences: float  # sequences in the minibatch, all ranks
+    num_tokens: float  # kept tokens in the minibatch, all ranks
+    world_size: int = 1
+    max_len: int | None = None  # constant L of Dr.GRPO (max_new_tokens)
+
+    @classmethod
+    def from_mask(
+        cls,
+        mask: Tensor,
+        max_len: int | None = None,
+        all_reduce: Callable[[Tensor], Tensor] | None = None,
+        world_size: int = 1,
+    ) -> Normalizer:
+        """Count sequences and kept tokens in ``mask`` [N, L], summed over ranks by ``all_reduce``."""
+        counts = torch.tensor([float(mask.shape[0]), float(mask.sum())], dtype=torch.float64, device=mask.device)
+        if all_reduce is not None:
+            counts = all_reduce(counts)
+        return cls(num_sequences=float(counts[0]), num_tokens=float(counts[1]), world_size=world_size, max_len=max_len)
+
+    def denominator(self, aggregation: str) -> float:
+        """The denominator ``aggregation`` divides by (logged as ``objective/normalizer``)."""
+        return _rule(aggregation).denominator(self)
+
+
+@dataclass(frozen=True)
+class AggregationRule:
+    """One way to reduce per-token values to a step loss: ``numerator(values, mask) / denominator(norm)``."""
+
+    numerator: Callable[[Tensor, Tensor], Tensor]  # ([n, L] values, [n, L] float mask) -> scalar
+    denominator: Callable[[Normalizer], float]  # global counts of the step -> divisor
+
+
+def _sum_of_sequence_means(values: Tensor, mask_f: Tensor) -> Tensor:
+    return ((values * mask_f).sum(dim=1) / mask_f.sum(dim=1).clamp(min=1.0)).sum()  # sum over rows of [N] means
+
+
+def _token_sum(values: Tensor, mask_f: Tensor) -> Tensor:
+    return (values * mask_f).sum()
+
+
+def _constant_len_times_sequences(norm: Normalizer) -> float:
+    if norm.max_len is None:
+        raise ValueError("aggregation 'seq_mean_token_sum_norm' needs Normalizer.max_len (the constant L)")
+    return norm.max_len * norm.num_sequences
+
+
+AGGREGATIONS: dict[str, AggregationRule] = {
+    # GRPO (DeepSeekMath): mean over sequences of each sequence's token mean; a sequence with no kept
+    # token contributes 0 but still counts in the mean
+    "seq_mean_token_mean": AggregationRule(_sum_of_sequence_means, lambda norm: norm.num_sequences),
+    # Dr.GRPO: sum of kept token values / (constant L x sequences)
+    "seq_mean_token_sum_norm": AggregationRule(_token_sum, _constant_len_times_sequences),
+    # DAPO: sum over every kept token / global kept-token count
+    "token_mean": AggregationRule(_token_sum, lambda norm: max(norm.num_tokens, 1.0)),
+}
+"""The aggregation modes, by the name objectives give in ``Objective.aggregation``."""
+
+
+def _rule(mode: str) -> AggregationRule:
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {mode!r}; choose one of {tuple(AGGREGATIONS)}")
+    return AGGREGATIONS[mode]
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-4) -> Tensor:
@@ -54,6 +125,15 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale_by_std: bool = Tr
     return torch.where(no_signal, torch.zeros_like(centred), centred)
 
 
+class Surrogate(NamedTuple):
+    """Per-token result of :func:`clipped_surrogate`; every field is [N, L]."""
+
+    loss: Tensor  # -min(r A, clip(r) A) [dual-clipped], with grad
+    ratio: Tensor  # pi_theta / pi_old, detached
+    clipped_low: Tensor  # bool: ratio < 1 - clip_low with A < 0 (the clip removed the gradient)
+    clipped_high: Tensor  # bool: ratio > 1 + clip_high with A > 0
+
+
 def clipped_surrogate(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -61,7 +141,7 @@ def clipped_surrogate(
     clip_low: float,
     clip_high: float,
     dual_clip: float | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Surrogate:
     """Per-token PPO loss  l = -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A).
 
     With ``dual_clip = c`` (> 1), the loss of tokens with A < 0 is capped at -c A:
@@ -76,9 +156,8 @@ def clipped_surrogate(
         dual_clip: c for the dual clip, or None.
 
     Returns:
-        loss [N, L], ratio [N, L], clipped_low [N, L] bool, clipped_high [N, L] bool. The masks
-        mark tokens whose gradient the clip removed: ratio below 1 - clip_low with A < 0, and
-        ratio above 1 + clip_high with A > 0.
+        A :class:`Surrogate`: the per-token loss, the ratio and the masks of tokens whose gradient
+        the clip removed (ratio below 1 - clip_low with A < 0, above 1 + clip_high with A > 0).
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)  # [N, 1]
@@ -92,7 +171,7 @@ def clipped_surrogate(
     with torch.no_grad():
         clipped_low = (ratio < 1.0 - clip_low) & (advantages < 0)
         clipped_high = (ratio > 1.0 + clip_high) & (advantages > 0)
-    return loss, ratio.detach(), clipped_low, clipped_high
+    return Surrogate(loss, ratio.detach(), clipped_low, clipped_high)
 
 
 def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
@@ -108,28 +187,13 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def aggregate(values: Tensor, mask: Tensor, mode: str, norm: Normalizer) -> Tensor:
     """Reduce per-token values [N, L] over kept tokens to this micro-batch's share of the loss.
 
-    Each mode is defined at the optimizer-step level: the micro-batch contributions summed over
-    micro-batches (and averaged by DDP over ranks) give exactly the full-batch value, because the
-    denominators come from ``norm`` (global counts), never from the micro-batch.
-
-    - ``seq_mean_token_mean`` (GRPO, DeepSeekMath): mean over sequences of each sequence's token
-      mean; a sequence with no kept token contributes 0 but still counts in the mean.
-    - ``seq_mean_token_sum_norm`` (Dr.GRPO): sum of kept token values / ``norm.max_len``, mean over sequences.
-    - ``token_mean`` (DAPO): sum over every kept token / global kept-token count.
+    Each mode of :data:`AGGREGATIONS` is defined at the optimizer-step level: the micro-batch
+    contributions summed over micro-batches (and averaged by DDP over ranks) give exactly the
+    full-batch value, because the denominators come from ``norm`` (global counts), never from the
+    micro-batch.
     """
-    mask_f = mask.to(values.dtype)  # [N, L]
-    if mode == "seq_mean_token_mean":
-        per_seq = (values * mask_f).sum(dim=1) / mask_f.sum(dim=1).clamp(min=1.0)  # [N]
-        total = per_seq.sum() / norm.num_sequences
-    elif mode == "seq_mean_token_sum_norm":
-        if norm.max_len is None:
-            raise ValueError("aggregation 'seq_mean_token_sum_norm' needs Normalizer.max_len (the constant L)")
-        total = (values * mask_f).sum() / (norm.max_len * norm.num_sequences)
-    elif mode == "token_mean":
-        total = (values * mask_f).sum() / max(norm.num_tokens, 1.0)
-    else:
-        raise ValueError(f"unknown aggregation {mode!r}; choose one of {AGGREGATIONS}")
-    return total * norm.world_size
+    rule = _rule(mode)
+    return rule.numerator(values, mask.to(values.dtype)) / rule.denominator(norm) * norm.world_size
 
 
 def truncated_importance_weight(old_logprobs: Tensor, behavior_logprobs: Tensor, cap: float) -> Tensor:

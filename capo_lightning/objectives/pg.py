@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from capo_lightning.objectives import functional as F
+from capo_lightning.objectives import functional
 from capo_lightning.objectives.base import LossOutput, Normalizer, Objective
 
 
@@ -35,7 +35,7 @@ class ClippedPolicyGradient(Objective):
         """[N] advantages: raw rewards without a baseline, else group-centred (and std-scaled)."""
         if not self.use_baseline:
             return rewards.float().clone()
-        return F.group_advantages(rewards, group_ids, scale_by_std=self.scale_rewards, eps=self.eps)
+        return functional.group_advantages(rewards, group_ids, scale_by_std=self.scale_rewards, eps=self.eps)
 
     def forward(
         self,
@@ -48,9 +48,10 @@ class ClippedPolicyGradient(Objective):
         token_weights: Tensor | None = None,
     ) -> LossOutput:
         """Per-token clipped surrogate (x token weights, + beta KL), aggregated over the step."""
-        per_token, ratio, low, high = F.clipped_surrogate(
+        surrogate = functional.clipped_surrogate(
             logprobs, old_logprobs, advantages, self.clip_low, self.clip_high, self.dual_clip
         )  # [n, L] each
+        per_token = surrogate.loss
         if token_weights is not None:
             per_token = per_token * token_weights
         metrics: dict[str, Tensor] = {}
@@ -59,12 +60,12 @@ class ClippedPolicyGradient(Objective):
                 raise ValueError(
                     f"{type(self).__name__} with beta > 0 needs ref_logprobs (the module builds a reference)"
                 )
-            kl = F.k3_kl(logprobs, ref_logprobs)  # [n, L]
+            kl = functional.k3_kl(logprobs, ref_logprobs)  # [n, L]
             per_token = per_token + self.beta * kl
-            metrics["objective/kl"] = F.masked_mean(kl.detach(), mask)
-        loss = F.aggregate(per_token, mask, self.aggregation, norm)
+            metrics["objective/kl"] = functional.masked_mean(kl.detach(), mask)
+        loss = functional.aggregate(per_token, mask, self.aggregation, norm)
         with torch.no_grad():
-            metrics["objective/clip_frac_low"] = F.masked_mean(low.float(), mask)
-            metrics["objective/clip_frac_high"] = F.masked_mean(high.float(), mask)
-            metrics["objective/ratio_mean"] = F.masked_mean(ratio, mask)
+            metrics["objective/clip_frac_low"] = functional.masked_mean(surrogate.clipped_low.float(), mask)
+            metrics["objective/clip_frac_high"] = functional.masked_mean(surrogate.clipped_high.float(), mask)
+            metrics["objective/ratio_mean"] = functional.masked_mean(surrogate.ratio, mask)
         return LossOutput(loss=loss, metrics=metrics)

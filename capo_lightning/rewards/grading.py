@@ -1,10 +1,11 @@
 r"""Answer equivalence: exact fast paths in-process, symbolic comparison with math-verify.
 
 :func:`quick_verdict` decides what needs no sympy (identical normalised strings, numbers compared
-as exact fractions, multiple-choice letters, inputs refused by the :func:`_is_pathological`
-guard). :func:`symbolic_verdict` runs ``math_verify`` and can take unbounded time on adversarial
-input, so :mod:`capo_lightning.rewards.verifier` runs it in a worker process under a hard
-wall-clock timeout. :func:`is_equivalent` chains both in the calling process, without a timeout.
+as exact fractions, multiple-choice letters, inputs refused by the guard of
+:mod:`~capo_lightning.rewards.sympy_guard`). :func:`symbolic_verdict` runs ``math_verify`` and can
+take unbounded time on adversarial input, so :mod:`capo_lightning.rewards.verifier` runs it in a
+worker process under a hard wall-clock timeout. :func:`is_equivalent` chains both in the calling
+process, without a timeout.
 
 Judgement calls, made the same way on both sides of a comparison:
 
@@ -24,20 +25,11 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from itertools import accumulate
 
 from capo_lightning.rewards.extract import strip_math_delimiters
+from capo_lightning.rewards.sympy_guard import is_pathological
 
-__all__ = ["is_equivalent", "normalize", "quick_verdict", "symbolic_verdict"]
-
-MAX_VERIFY_CHARS = 300
-"""Strings longer than this are never handed to sympy (graded as not equivalent)."""
-
-MAX_EXPONENTS = 8
-"""More exponent operators than this in one string is treated as pathological."""
-
-MAX_NESTING = 8
-"""Deeper bracket nesting is pathological: the LaTeX parser is exponential in it (20 bare braces: minutes)."""
+__all__ = ["as_number", "is_equivalent", "normalize", "quick_verdict", "symbolic_verdict"]
 
 MAX_NUMBER_CHARS = 4_000
 """Longer numbers are not parsed (Python refuses ``int`` of more than 4300 digits)."""
@@ -71,11 +63,6 @@ _ASSIGNMENT = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(?P<value>[^=]+)$")
 _CHOICE_MARKUP = re.compile(_TEXT.replace("textrm", "textbf|textrm|mathbf") + "|[{}\\s]")
 _CHOICE = re.compile(r"^\(?(?P<letter>[A-E])\)?$")
 _CHOICE_WITH_TEXT = re.compile(r"\((?P<letter>[A-E])\)")
-_BIG_EXPONENT = re.compile(r"(?:\^|\*\*)\s*\{?\s*[+-]?\d{5,}")
-_BIG_EXPONENT_ON_GROUP = re.compile(r"[)\]}|]\s*\^\s*\{?\s*[+-]?\d{4,}")
-_EXPONENT_CHAIN = re.compile(r"\^\s*(?:\{[^{}]*\}|\\?\w)\s*\^")
-_SUM_BOUNDS = re.compile(r"\\(?:sum|prod)(?:\\limits)?\s*((?:[_^]\s*(?:\{[^{}]*\}|\\[A-Za-z]+|\w)\s*){1,2})")
-_HEAVY_OPERAND = re.compile(r"[\^!*]|\\cdot|\\times")
 
 
 def normalize(text: str) -> str:
@@ -96,7 +83,7 @@ def normalize(text: str) -> str:
     return text.strip()
 
 
-def _as_number(text: str) -> Fraction | None:
+def as_number(text: str) -> Fraction | None:
     r"""Parses a number written without variables exactly, or returns None.
 
     Accepted: ``-1,234.5``, ``.5``, ``1/2``, ``\frac{1}{2}``, mixed numbers ``2\frac{1}{2}``
@@ -142,97 +129,14 @@ def _choice_letter(text: str, with_text: bool) -> str | None:
     return match.group("letter") if match and not hedged else None
 
 
-def _is_pathological(text: str) -> bool:
-    r"""True when sympy could hang on ``text``; such strings are never verified.
-
-    Refused, each seen to take seconds to minutes in ``math_verify``: strings over
-    :data:`MAX_VERIFY_CHARS` characters; bracket nesting deeper than :data:`MAX_NESTING`; more than
-    :data:`MAX_EXPONENTS` exponent operators; towers (``9^{9^{9}}``, ``a^b^c``, ``9**9**9``,
-    ``((2^{99})^{99})^{99}``); exponents of five or more digits, or of four on a bracketed base
-    (``(x+1)^{2024}`` against its expansion); factorials and binomials of large or compound
-    arguments (``1000000!``, ``(10^{6})!``, ``99999!!``, ``\binom{10^{8}}{5\cdot10^{7}}``);
-    ``\sum``/``\prod`` with a bound of three or more digits (``\sum_{k=1}^{300} k^{k}``).
-    """
-    if len(text) > MAX_VERIFY_CHARS:
-        return True
-    exponent_count = text.count("^") + text.count("**")
-    return (
-        max(accumulate((c in "{([") - (c in "})]") for c in text), default=0) > MAX_NESTING
-        or exponent_count > MAX_EXPONENTS
-        or ("**" in text and exponent_count > 1)
-        or any(pattern.search(text) for pattern in (_BIG_EXPONENT, _BIG_EXPONENT_ON_GROUP, _EXPONENT_CHAIN))
-        or any(re.search(r"\d{3,}", bounds) for bounds in _SUM_BOUNDS.findall(text))
-        or any(_is_heavy_operand(operand) for operand in _factorial_operands(text))
-        or any(_is_tower(base, argument) for base, argument in _exponents(text))
-    )
-
-
-def _is_heavy_operand(operand: str) -> bool:
-    """A factorial or binomial argument that may be astronomically large."""
-    return (
-        bool(_HEAVY_OPERAND.search(operand)) or sum(map(int, re.findall(r"\d+", operand.replace(",", "")))) >= 100_000
-    )
-
-
-def _factorial_operands(text: str) -> list[str]:
-    r"""The argument of each ``!`` (``"!"`` for the second of ``!!``) and both arguments of each ``\binom``."""
-    operands = []
-    for position, char in enumerate(text):
-        if char != "!":
-            continue
-        before = text[:position].rstrip()
-        if before and before[-1] in ")}]":
-            operands.append(_group(before, backward=True))
-        else:
-            operands.append("!" if before.endswith("!") else re.search(r"[\w.,]*$", before).group())
-    for match in re.finditer(r"\\binom", text):
-        rest = text[match.end() :].lstrip()
-        first = _group(rest) if rest.startswith("{") else rest[:1]
-        second = text[match.end() :].lstrip()[len(first) :].lstrip()
-        operands += [first, _group(second) if second.startswith("{") else second[:1]]
-    return operands
-
-
-def _exponents(text: str) -> list[tuple[str, str]]:
-    """``(base, argument)`` of each ``^``: a bracket group or one char each (base "" if unbracketed)."""
-    pairs = []
-    for position, char in enumerate(text):
-        if char != "^":
-            continue
-        before, rest = text[:position].rstrip(), text[position + 1 :].lstrip()
-        base = _group(before, backward=True) if before and before[-1] in ")}]" else ""
-        pairs.append((base, _group(rest) if rest and rest[0] in "{(" else rest[:1]))
-    return pairs
-
-
-def _is_tower(base: str, argument: str) -> bool:
-    """``a^{b^c}``, ``a^{b**c}``, or ``(a^b)^{cd}`` with a power of a power whose outer exponent has 2+ digits."""
-    return (
-        "^" in argument or "**" in argument or (("^" in base or "**" in base) and bool(re.search(r"\d{2,}", argument)))
-    )
-
-
-def _group(text: str, backward: bool = False) -> str:
-    """The bracket group opening at ``text[0]`` (closing at ``text[-1]`` if ``backward``), or all of ``text``."""
-    chars = text[::-1] if backward else text
-    opener = chars[0]
-    closer = {"(": ")", "{": "}", "[": "]", ")": "(", "}": "{", "]": "["}[opener]
-    depth = 0
-    for position, char in enumerate(chars):
-        depth += (char == opener) - (char == closer)
-        if depth == 0:
-            return text[len(text) - position - 1 :] if backward else text[: position + 1]
-    return text
-
-
 def quick_verdict(pred: str, gold: str) -> bool | None:
     r"""Decides equivalence without sympy where that is exact; None means "ask :func:`symbolic_verdict`".
 
     After :func:`normalize`: True for identical strings; for a gold multiple-choice letter and a
-    predicted letter, whether the letters agree; for two numbers (see :func:`_as_number`) the
+    predicted letter, whether the letters agree; for two numbers (see :func:`as_number`) the
     exact fraction comparison, so ``0.333`` is *not* ``1/3``; False for empty sides and for inputs
-    the :func:`_is_pathological` guard refuses. ``x = 3`` is read as ``3`` when the other side has
-    no ``=``. Takes microseconds; never raises.
+    the :func:`~capo_lightning.rewards.sympy_guard.is_pathological` guard refuses. ``x = 3`` is
+    read as ``3`` when the other side has no ``=``. Takes microseconds; never raises.
     """
     try:
         pred, gold = normalize(pred), normalize(gold)
@@ -247,10 +151,10 @@ def quick_verdict(pred: str, gold: str) -> bool | None:
         pred_value, gold_value = _value_side(pred, gold), _value_side(gold, pred)
         if pred_value == gold_value:
             return True
-        pred_number, gold_number = _as_number(pred_value), _as_number(gold_value)
+        pred_number, gold_number = as_number(pred_value), as_number(gold_value)
         if pred_number is not None and gold_number is not None:
             return pred_number == gold_number
-        if _is_pathological(pred) or _is_pathological(gold):
+        if is_pathological(pred) or is_pathological(gold):
             return False
         return None
     except Exception:  # noqa: BLE001 - a grader must never crash the training loop

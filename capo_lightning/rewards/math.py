@@ -7,9 +7,9 @@ exactly in this process; everything else goes to ``math_verify`` in a
 :class:`~capo_lightning.rewards.verifier.GradingPool`, under a hard wall-clock timeout that works
 in any thread and in DataLoader workers. Timeouts grade 0.
 
-Reward functions share one signature, ``reward(completions, answers, **columns) -> list[float]``,
-and never raise on bad text. Those with a ``pop_stats()`` method also report metrics, which the
-RolloutDataModule logs with each batch (``verifier/*``).
+Reward functions share one signature (:data:`~capo_lightning.rewards.base.RewardFn`) and never
+raise on bad text; :class:`MathReward` also reports verifier health through ``pop_stats()``, which
+the RolloutDataModule logs with each batch (``verifier/*``).
 
 Differs from the paper's code on purpose: a gold answer that cannot be parsed is not a reward of
 1.0 for every completion (there it zeroes the group's advantage silently). Here it is compared by
@@ -21,29 +21,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from capo_lightning.rewards.base import check_lengths
 from capo_lightning.rewards.extract import TAIL_CHARS, extract_answer, last_boxed
-from capo_lightning.rewards.grading import _as_number, is_equivalent, normalize, quick_verdict
+from capo_lightning.rewards.grading import as_number, normalize, quick_verdict
 from capo_lightning.rewards.verifier import GradingPool, Outcome
 
-__all__ = [
-    "FormatReward",
-    "Grade",
-    "MathReward",
-    "WeightedSum",
-    "extract_answer",
-    "format_reward",
-    "is_equivalent",
-    "last_boxed",
-    "math_reward",
-    "pop_stats",
-    "think_format_reward",
-]
+__all__ = ["Grade", "MathReward", "answer_key", "math_reward"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +97,7 @@ class MathReward:
         Raises:
             ValueError: if ``completions`` and ``answers`` differ in length.
         """
-        _check_lengths(completions, answers)
+        check_lengths(completions, answers)
         golds = [_gold_answer(answer) for answer in answers]
         preds, quick, seconds = [], [], []
         for completion, gold in zip(completions, golds):
@@ -203,86 +191,8 @@ def answer_key(completion: str) -> str | None:
     if pred is None:
         return None
     text = normalize(pred)
-    number = _as_number(text)
+    number = as_number(text)
     return str(number) if number is not None else text
-
-
-class FormatReward:
-    r"""1.0 per completion that follows the answer format, else 0.0; correctness is not checked.
-
-    Args:
-        require_box: the last box must be closed and non-empty (``\boxed{}`` alone fails).
-        require_think: exactly one ``<think>...</think>`` block with non-empty content, opened before
-            it is closed; with ``require_box`` the box must come after ``</think>``.
-    """
-
-    def __init__(self, require_box: bool = True, require_think: bool = False) -> None:
-        if not (require_box or require_think):
-            raise ValueError("FormatReward needs require_box or require_think (or both)")
-        self.require_box, self.require_think = require_box, require_think
-        self.__name__ = "think_format_reward" if require_think else "format_reward"
-
-    def __call__(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
-        _check_lengths(completions, answers)
-        return [float(self._follows(str(c))) for c in completions]
-
-    def _follows(self, text: str) -> bool:
-        answer_part = text
-        if self.require_think:
-            if text.count("<think>") != 1 or text.count("</think>") != 1:
-                return False
-            before, _, answer_part = text.partition("</think>")
-            if "<think>" not in before or not before.split("<think>", 1)[1].strip():
-                return False
-        return not self.require_box or bool((last_boxed(answer_part[-TAIL_CHARS:]) or "").strip())
-
-
-format_reward = FormatReward()
-think_format_reward = FormatReward(require_think=True)
-
-
-class WeightedSum:
-    """A weighted sum of reward functions, e.g. ``math_reward + 0.1 * think_format_reward``.
-
-    Args:
-        rewards: reward functions with the common signature.
-        weights: one weight per reward (default all 1.0).
-    """
-
-    def __init__(self, rewards: list[Callable[..., list[float]]], weights: list[float] | None = None) -> None:
-        weights = [1.0] * len(rewards) if weights is None else list(weights)
-        if not rewards or len(weights) != len(rewards):
-            raise ValueError(
-                f"WeightedSum needs one weight per reward: got {len(rewards)} rewards and {len(weights)} weights "
-                "(data.reward_fn.init_args.weights)"
-            )
-        self.rewards, self.weights = list(rewards), weights
-        names = [getattr(r, "__name__", type(r).__name__) for r in rewards]
-        self.__name__ = " + ".join(f"{w:g}*{n}" for w, n in zip(weights, names))
-
-    def __call__(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
-        total = [0.0] * len(completions)
-        for reward, weight in zip(self.rewards, self.weights):
-            values = reward(completions, answers, **columns)
-            total = [t + weight * float(v) for t, v in zip(total, values, strict=True)]
-        return total
-
-    def pop_stats(self) -> dict[str, float]:
-        """The merged stats of the parts that report any."""
-        stats: dict[str, float] = {}
-        for reward in self.rewards:
-            stats.update(pop_stats(reward))
-        return stats
-
-
-def pop_stats(source: Any) -> dict[str, float]:
-    """What ``source`` collected since the last call, if it keeps stats (has ``pop_stats()``), else ``{}``.
-
-    The one place that asks: the DataModule (rewards, engines) and the reward wrappers, which pass their
-    inner reward's stats on, so that ``verifier/*`` survives wrapping.
-    """
-    pop = getattr(source, "pop_stats", None)
-    return dict(pop()) if callable(pop) else {}
 
 
 def _safe_extract(completion: Any) -> str | None:
@@ -290,16 +200,6 @@ def _safe_extract(completion: Any) -> str | None:
         return extract_answer(str(completion))
     except Exception:  # noqa: BLE001 - a grader must never crash the training loop
         return None
-
-
-def _check_lengths(completions: list[str], answers: list[str]) -> None:
-    """Raises ValueError unless there is exactly one answer per completion."""
-    if len(completions) != len(answers):
-        raise ValueError(
-            f"Got {len(completions)} completions but {len(answers)} answers; "
-            "pass exactly one gold answer per completion (repeat each answer once per "
-            "sample of its prompt)."
-        )
 
 
 def _gold_answer(answer: Any) -> str:

@@ -1,11 +1,13 @@
-"""Reward wrappers that reshape a base reward (DAPO's overlong penalty)."""
+"""Reward wrappers: DAPO's overlong penalty on a base reward, and weighted sums of rewards."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from capo_lightning.rewards.math import math_reward, pop_stats
+from capo_lightning.rewards.base import RewardFn, pop_stats
+from capo_lightning.rewards.math import math_reward
+
+__all__ = ["OverlongPenalty", "WeightedSum"]
 
 
 class OverlongPenalty:
@@ -30,7 +32,7 @@ class OverlongPenalty:
 
     def __init__(
         self,
-        reward_fn: Callable[..., list[float]] = math_reward,
+        reward_fn: RewardFn = math_reward,
         cache_fraction: float = 0.2,
         factor: float = 1.0,
         max_tokens: int | None = None,
@@ -69,3 +71,37 @@ class OverlongPenalty:
     def pop_stats(self) -> dict[str, float]:
         """The base reward's stats (``verifier/*`` of the math reward), passed on."""
         return pop_stats(self.reward_fn)
+
+
+class WeightedSum:
+    """A weighted sum of reward functions, e.g. ``math_reward + 0.1 * think_format_reward``.
+
+    Args:
+        rewards: reward functions with the common signature.
+        weights: one weight per reward (default all 1.0).
+    """
+
+    def __init__(self, rewards: list[RewardFn], weights: list[float] | None = None) -> None:
+        weights = [1.0] * len(rewards) if weights is None else list(weights)
+        if not rewards or len(weights) != len(rewards):
+            raise ValueError(
+                f"WeightedSum needs one weight per reward: got {len(rewards)} rewards and {len(weights)} weights "
+                "(data.reward_fn.init_args.weights)"
+            )
+        self.rewards, self.weights = list(rewards), weights
+        names = [getattr(r, "__name__", type(r).__name__) for r in rewards]
+        self.__name__ = " + ".join(f"{w:g}*{n}" for w, n in zip(weights, names))
+
+    def __call__(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
+        total = [0.0] * len(completions)
+        for reward, weight in zip(self.rewards, self.weights):
+            values = reward(completions, answers, **columns)
+            total = [t + weight * float(v) for t, v in zip(total, values, strict=True)]
+        return total
+
+    def pop_stats(self) -> dict[str, float]:
+        """The merged stats of the parts that report any."""
+        stats: dict[str, float] = {}
+        for reward in self.rewards:
+            stats.update(pop_stats(reward))
+        return stats

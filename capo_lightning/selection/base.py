@@ -37,6 +37,10 @@ class Selector(nn.Module, ABC):
 
     needs_hidden: bool = False  # whether TokenView.hidden and .lm_head must be filled
 
+    def build(self, num_vocab: int, hidden_size: int) -> None:  # noqa: B027 (optional hook)
+        """Allocate state sized by the policy's [V, d] LM head; the module calls it before a checkpoint
+        is restored, so buffers exist to load into. Nothing to allocate by default."""
+
     @abstractmethod
     def forward(self, view: TokenView) -> Selection:
         """Return the mask (and shifts, metrics) for ``view``."""

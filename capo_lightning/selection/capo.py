@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from capo_lightning.selection import curvature as C
+from capo_lightning.selection import curvature
 from capo_lightning.selection.base import Selection, Selector, TokenView
 
 
@@ -84,16 +82,16 @@ class CAPOSelector(Selector):
         self.build(*lm_head.shape)
         hidden = view.hidden[valid].float()  # [T, d]
         adv = view.advantages[valid].float()  # [T]
-        top = C.topk_policy(hidden, lm_head, view.actions[valid], self.top_k, self.token_chunk)
-        shifts = self._token_shifts(top, hidden, adv, view.lr)
+        top = curvature.topk_policy(hidden, lm_head, view.actions[valid], self.top_k, self.token_chunk)
+        shifts = curvature.token_shifts(top, hidden, adv, view.lr, self._direction)
         ok_f, ok_h = self._tests(shifts)
         keep_flat = ok_f & ok_h if self.enforce else torch.ones_like(ok_f)
         seq = valid.nonzero()[:, 0]  # [T] sequence of each token
-        reduce = view.all_reduce
-        pre = self._global(top, hidden, adv, seq, torch.ones_like(keep_flat), view.lr, lm_head.shape[0], reduce)
-        post = self._global(top, hidden, adv, seq, keep_flat, view.lr, lm_head.shape[0], reduce)
+        common = dict(lr=view.lr, num_vocab=lm_head.shape[0], direction=self._direction, all_reduce=view.all_reduce)
+        pre = curvature.batch_shifts(top, hidden, adv, seq, torch.ones_like(keep_flat), **common)  # every token
+        post = curvature.batch_shifts(top, hidden, adv, seq, keep_flat, **common)  # the kept tokens
         if self.enforce and self.optimizer_model == "adam":
-            self._advance(post["g_rows"], post["touched"])
+            self._advance(post.row_gradients, post.touched)
         mask = torch.zeros_like(valid)
         mask[valid] = keep_flat
         mask |= ~valid  # padding positions are the response mask's business, not ours
@@ -101,80 +99,26 @@ class CAPOSelector(Selector):
         token_f[valid], token_h[valid] = shifts.fisher, shifts.hessian
         out_shifts = {
             "token_fisher": token_f, "token_hessian": token_h,
-            "global_fisher": pre["fisher"], "global_hessian": pre["hessian"],
-            "masked_global_fisher": post["fisher"], "masked_global_hessian": post["hessian"],
+            "global_fisher": pre.fisher, "global_hessian": pre.hessian,
+            "masked_global_fisher": post.fisher, "masked_global_hessian": post.hessian,
         }  # fmt: skip
         metrics = self._metrics(shifts, ok_f, ok_h, keep_flat, pre, post)
         return Selection(token_mask=mask, shifts=out_shifts, metrics=metrics)
 
-    def _tests(self, shifts: C.Shifts) -> tuple[Tensor, Tensor]:
+    def _tests(self, shifts: curvature.Shifts) -> tuple[Tensor, Tensor]:
+        """(m_F passes, m_H passes) per token."""
         ok_f = shifts.fisher < self.delta_f
         low = -self.tau_h < shifts.hessian if self.symmetric else shifts.hessian >= 0
         return ok_f, low & (shifts.hessian < self.tau_h)
 
     def _direction(self, grads: Tensor, ids: Tensor) -> Tensor:
+        """The optimizer model (:data:`~capo_lightning.selection.curvature.Direction`) of this selector."""
         if self.optimizer_model == "sgd":
             return grads
         # the raw gradient while no row has ever been updated (also after steps that accepted nothing),
         # as the official code's empty-dictionary check
         step = int(self.adam_step) if bool(self.adam_has_rows) else 0
-        return C.adam_direction(grads, self.adam_m[ids], self.adam_v[ids], step, self.betas, self.eps)
-
-    def _token_shifts(self, top: C.TopK, hidden: Tensor, adv: Tensor, lr: float) -> C.Shifts:
-        """Token-level shifts, chunked so [chunk, k, d] is the largest block."""
-        parts = []
-        chunk = max(1, C.BLOCK_BUDGET // max(1, top.ids.shape[1] * hidden.shape[1]))
-        for s in range(0, hidden.shape[0], chunk):
-            sub = C.TopK(top.ids[s : s + chunk], top.probs[s : s + chunk], top.onehot[s : s + chunk])
-            grads = C.token_gradients(sub, hidden[s : s + chunk], adv[s : s + chunk])  # [c, k, d]
-            direction = self._direction(grads, sub.ids)
-            parts.append(C.shifts_from_direction(sub, hidden[s : s + chunk], adv[s : s + chunk], grads, direction, lr))
-        if not parts:
-            empty = torch.zeros(0, device=hidden.device)
-            return C.Shifts(empty, empty, empty, empty, empty)
-        return C.Shifts(*(torch.cat([getattr(p, f) for p in parts]) for f in C.Shifts.__dataclass_fields__))
-
-    # ---- batch ("global") level -----------------------------------------------------------------
-    def _global(
-        self,
-        top: C.TopK,
-        hidden: Tensor,
-        adv: Tensor,
-        seq: Tensor,
-        keep: Tensor,
-        lr: float,
-        num_vocab: int,
-        reduce: Callable[[Tensor], Tensor] | None,
-    ) -> dict[str, Tensor]:
-        """Shifts of the step built from the kept tokens' per-row mean gradient (all ranks)."""
-        sums, counts = (
-            torch.zeros(num_vocab, hidden.shape[1], device=hidden.device),
-            torch.zeros(num_vocab, device=hidden.device),
-        )
-        chunk = max(1, C.BLOCK_BUDGET // max(1, top.ids.shape[1] * hidden.shape[1]))
-        for s in range(0, hidden.shape[0], chunk):
-            sub = C.TopK(top.ids[s : s + chunk], top.probs[s : s + chunk], top.onehot[s : s + chunk])
-            grads = C.token_gradients(sub, hidden[s : s + chunk], adv[s : s + chunk])
-            C.row_gradient_sums(sub, grads, keep[s : s + chunk], num_vocab, sums, counts)  # accumulates
-        if reduce is not None:
-            sums, counts = reduce(sums), reduce(counts)
-        touched = counts > 0  # [V]
-        g_rows = torch.zeros_like(sums)
-        g_rows[touched] = sums[touched] / counts[touched].unsqueeze(1)
-        d_rows = torch.zeros_like(sums)
-        d_rows[touched] = self._direction(g_rows[touched], touched.nonzero().squeeze(1))
-        first = (g_rows * d_rows).sum()
-        u = torch.cat([  # [T, k]: the step direction on each token's subspace rows, in token chunks
-            torch.einsum("tkd,td->tk", d_rows[top.ids[s : s + chunk]], hidden[s : s + chunk])
-            for s in range(0, hidden.shape[0], chunk)
-        ]) if hidden.shape[0] else torch.zeros(0, top.ids.shape[1], device=hidden.device)  # fmt: skip
-        s_vec = top.onehot - top.probs
-        su2 = (s_vec * u).sum(-1) ** 2
-        centred = u - (top.probs * u).sum(-1, keepdim=True)
-        ff = (top.probs * centred * centred).sum(-1)
-        fisher = 0.5 * lr**2 * _seq_then_batch_mean(su2, seq, keep)
-        hessian = lr * first + 0.5 * lr**2 * _seq_then_batch_mean(adv * (su2 - ff), seq, keep)
-        return {"fisher": fisher, "hessian": hessian, "g_rows": g_rows, "touched": touched}
+        return curvature.adam_direction(grads, self.adam_m[ids], self.adam_v[ids], step, self.betas, self.eps)
 
     def _advance(self, g_rows: Tensor, touched: Tensor) -> None:
         """One shadow-Adam step on the touched rows with the accepted-token mean gradient."""
@@ -186,14 +130,22 @@ class CAPOSelector(Selector):
         self.adam_has_rows |= bool(touched.any())
 
     # ---- reporting ----------------------------------------------------------------------------
-    def _metrics(self, shifts: C.Shifts, ok_f: Tensor, ok_h: Tensor, keep: Tensor, pre: dict, post: dict) -> dict:
+    def _metrics(
+        self,
+        shifts: curvature.Shifts,
+        ok_f: Tensor,
+        ok_h: Tensor,
+        keep: Tensor,
+        pre: curvature.BatchShifts,
+        post: curvature.BatchShifts,
+    ) -> dict[str, Tensor]:
         n = max(1, ok_f.numel())
         out = {
             "select/token_reject_rate": (~(ok_f & ok_h)).sum().float() / n,
             "select/reject_rate_fisher": (~ok_f).sum().float() / n,
             "select/reject_rate_hessian": (~ok_h).sum().float() / n,
-            "curvature/global_fisher": pre["fisher"], "curvature/global_hessian": pre["hessian"],
-            "curvature/masked_global_fisher": post["fisher"], "curvature/masked_global_hessian": post["hessian"],
+            "curvature/global_fisher": pre.fisher, "curvature/global_hessian": pre.hessian,
+            "curvature/masked_global_fisher": post.fisher, "curvature/masked_global_hessian": post.hessian,
         }  # fmt: skip
         for name, values in (("fisher", shifts.fisher), ("hessian", shifts.hessian)):
             out.update(_stats(f"curvature/token_{name}", values))
@@ -212,13 +164,3 @@ def _stats(prefix: str, values: Tensor) -> dict[str, Tensor]:
         f"{prefix}_p50": q[0],
         f"{prefix}_p95": q[1],
     }
-
-
-def _seq_then_batch_mean(values: Tensor, seq: Tensor, keep: Tensor) -> Tensor:
-    """Mean over kept tokens within each sequence, then over sequences that have any (the code's order)."""
-    if not bool(keep.any()):
-        return torch.zeros((), device=values.device)
-    ids, inverse = torch.unique(seq[keep], return_inverse=True)
-    sums = torch.zeros(ids.numel(), device=values.device).index_add_(0, inverse, values[keep])
-    counts = torch.zeros(ids.numel(), device=values.device).index_add_(0, inverse, torch.ones_like(values[keep]))
-    return (sums / counts).mean()

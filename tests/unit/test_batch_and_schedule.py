@@ -12,7 +12,7 @@ from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.prompts import JsonlSource
 from capo_lightning.optim import WarmupCosineLR
 from capo_lightning.rollout import Completion
-from capo_lightning.steps import plan_step
+from capo_lightning.training.plan import plan_step
 
 
 def test_collate_left_pads_prompts_and_right_pads_responses() -> None:

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from capo_lightning.cli import main
-from capo_lightning.data.library_sources import ChampSource, HFDatasetSource, champ_answer, champ_gradeable
+from capo_lightning.data.champ import ChampSource, champ_answer, champ_gradeable
+from capo_lightning.data.library_sources import HFDatasetSource
 from capo_lightning.data.prompts import DEFAULT_INSTRUCTION, PromptItem
 from capo_lightning.rewards.grading import is_equivalent
 from tests.conftest import ROOT

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from capo_lightning.rewards.math import (
+from capo_lightning.rewards import (
     extract_answer,
     format_reward,
     is_equivalent,

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from capo_lightning.rewards.math import MathReward, WeightedSum, format_reward, think_format_reward
+from capo_lightning.rewards import MathReward, WeightedSum, format_reward, think_format_reward
 from capo_lightning.rewards.verifier import GradingPool
 
 SLOW_PRED, SLOW_GOLD = "(x+1)^{999}", "x^{999}+1"

@@ -1,0 +1,176 @@
+"""Prompts in, a RolloutBatch out: format, generate, score, collate (and DAPO's dynamic sampling).
+
+Nothing here knows about Lightning or ranks: :class:`RolloutMaker` is handed prompt items and
+returns a batch; which items, and when, is the DataModule's business.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from capo_lightning.batch import RolloutBatch
+from capo_lightning.data.collate import collate_completions
+from capo_lightning.data.prompts import PromptItem
+from capo_lightning.data.templates import PromptTemplate
+from capo_lightning.rewards.base import RewardFn
+from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
+
+
+@dataclass
+class ScoredGroup:
+    """The G scored completions of one prompt."""
+
+    item: PromptItem
+    prompt: str  # formatted
+    completions: list[Completion]
+    rewards: list[float]
+
+    def varies(self, tol: float = 1e-6) -> bool:
+        """True when the rewards differ (max - min > tol), i.e. the group has a learning signal."""
+        return max(self.rewards) - min(self.rewards) > tol
+
+
+@dataclass
+class Sampled:
+    """Scored groups of one generation round and what the round measured (``time/*``, ``rollout/*``)."""
+
+    groups: list[ScoredGroup]
+    stats: dict[str, float]
+
+
+class RolloutMaker:
+    """Turns prompt items into scored groups and RolloutBatches with one engine and one tokenizer.
+
+    Args:
+        engine: the rollout engine, bound to the policy.
+        tokenizer: the policy's tokenizer (templates and the prompt-length check use it).
+        template: the default prompt template.
+        system_prompt: replaces the template's system message, if given.
+        max_prompt_tokens: longest allowed formatted prompt, in tokens.
+    """
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        tokenizer: Any,
+        template: PromptTemplate,
+        system_prompt: str | None,
+        max_prompt_tokens: int,
+    ) -> None:
+        self.engine, self.tokenizer, self.template = engine, tokenizer, template
+        self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
+
+    def format_prompt(self, question: str, template: PromptTemplate | None = None) -> str:
+        """Apply ``template`` (default: this maker's); raise if the result exceeds max_prompt_tokens."""
+        text = (template or self.template).format(question, self.tokenizer, self.system_prompt)
+        num = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if num > self.max_prompt_tokens:
+            raise ValueError(
+                f"a prompt has {num} tokens after formatting, more than data.max_prompt_tokens="
+                f"{self.max_prompt_tokens}: {question[:80]!r}... Raise data.max_prompt_tokens (prompt + "
+                "max_new_tokens must fit the model's context) or remove long prompts from the source"
+            )
+        return text
+
+    def sample(
+        self,
+        items: list[PromptItem],
+        n: int,
+        sampling: SamplingConfig,
+        reward_fn: RewardFn,
+        template: PromptTemplate | None = None,
+    ) -> Sampled:
+        """Generate ``n`` completions per item and score them with ``reward_fn``."""
+        prompts = [self.format_prompt(item.prompt, template) for item in items]
+        t0 = time.perf_counter()
+        completions = self.engine.generate(prompts, n, sampling)
+        gen_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        items_n = [item for item in items for _ in range(n)]
+        rewards = compute_rewards(reward_fn, completions, items_n, sampling.max_new_tokens)
+        reward_s = time.perf_counter() - t1
+        groups = [
+            ScoredGroup(item, prompt, completions[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n])
+            for j, (item, prompt) in enumerate(zip(items, prompts))
+        ]
+        tokens = sum(len(c.token_ids) for c in completions)
+        stats = {"time/generate_s": gen_s, "time/reward_s": reward_s, "rollout/tokens_per_s": tokens / max(gen_s, 1e-9)}
+        return Sampled(groups, stats)
+
+    def collate(
+        self, groups: list[ScoredGroup], version: int, step: int, stats: dict, max_new_tokens: int
+    ) -> RolloutBatch:
+        """Stack the groups into one RolloutBatch carrying ``stats`` and its token budget."""
+        n = len(groups[0].completions)
+        batch = collate_completions(
+            [c for g in groups for c in g.completions],
+            [r for g in groups for r in g.rewards],
+            [j for j in range(len(groups)) for _ in range(n)],
+            pad_id=self.tokenizer.pad_token_id,
+            policy_version=version,
+            rollout_step=step,
+            prompts=[g.prompt for g in groups for _ in range(n)],
+            answers=[g.item.answer for g in groups for _ in range(n)],
+            max_new_tokens=max_new_tokens,
+        )
+        batch.stats.update(stats)
+        return batch
+
+
+def compute_rewards(
+    reward_fn: RewardFn, completions: list[Completion], items: list[PromptItem], max_new_tokens: int
+) -> list[float]:
+    """Call ``reward_fn`` with each item's columns plus ``completion_tokens``, ``truncated`` and
+    ``max_new_tokens`` (what length-aware rewards such as OverlongPenalty read), and check its answer."""
+    texts = [c.text for c in completions]
+    keys = sorted(set().union(*(item.columns for item in items)))
+    cols: dict[str, list[Any]] = {k: [item.columns.get(k) for item in items] for k in keys}
+    cols["completion_tokens"] = [len(c.token_ids) for c in completions]
+    cols["truncated"] = [c.finish_reason == "length" for c in completions]
+    cols["max_new_tokens"] = [max_new_tokens] * len(completions)
+    rewards = [float(r) for r in reward_fn(texts, [item.answer for item in items], **cols)]
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    if len(rewards) != len(texts):
+        raise ValueError(f"data.reward_fn {name} returned {len(rewards)} rewards for {len(texts)} completions")
+    if not all(math.isfinite(r) for r in rewards):
+        raise ValueError(f"data.reward_fn {name} returned a non-finite reward: {rewards}")
+    return rewards
+
+
+def keep_varied_groups(
+    groups: list[ScoredGroup], wanted: int, max_rounds: int, more: Callable[[int], list[ScoredGroup]]
+) -> Sampled:
+    """DAPO's dynamic sampling: keep groups whose rewards differ; refill with fresh prompts.
+
+    At most ``max_rounds`` generation rounds (the first one made ``groups``; ``more(round_)`` makes
+    round 1, 2, ...). If ``wanted`` varied groups are still missing, the batch is topped up with
+    zero-variance groups (advantage 0, no gradient) so every rank keeps exactly ``wanted`` groups,
+    and a warning says so.
+    """
+    kept = [g for g in groups if g.varies()]
+    dropped = [g for g in groups if not g.varies()]
+    generated, rounds = len(groups), 1
+    while len(kept) < wanted and rounds < max_rounds:
+        fresh = more(rounds)
+        kept += [g for g in fresh if g.varies()]
+        dropped += [g for g in fresh if not g.varies()]
+        generated, rounds = generated + len(fresh), rounds + 1
+    filled = max(0, wanted - len(kept))
+    if filled:
+        rank_zero_warn(
+            f"capo: dynamic sampling found {len(kept)} of {wanted} groups with varied rewards in "
+            f"{rounds} rounds (data.max_sampling_rounds); {filled} zero-variance groups fill the batch"
+        )
+    stats = {
+        "rollout/sampling_rounds": float(rounds),
+        "rollout/groups_generated": float(generated),
+        "rollout/groups_kept_frac": len(kept) / generated,
+        "rollout/groups_filled": float(filled),
+    }
+    return Sampled((kept + dropped[:filled])[:wanted], stats)

@@ -1,0 +1,205 @@
+"""What runs on one rollout batch: forward, selection, normaliser, loss, backward and optimizer steps.
+
+Two paths, chosen by :class:`~capo_lightning.training.plan.StepPlan`:
+
+* **fused** (``ppo_epochs = minibatches = 1`` and one micro-batch holds the step; the paper's setting):
+  the training forward is the only forward. Its detached logprobs are the old logprobs (the ratio is
+  exactly 1) and its detached LM-head inputs feed the selector, before the loss is aggregated.
+* **multi-pass**: a no-grad pass over every row first fixes the old logprobs and the selector's inputs,
+  so the mask, and with it every normaliser, is final before any loss is computed; then ``ppo_epochs``
+  passes of ``minibatches`` optimizer steps, each accumulated over micro-batches.
+
+Either way the selector's mask is applied before the normaliser, so rejected tokens leave both the
+numerator and the denominator, and normalisers count the whole step on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from capo_lightning.batch import RolloutBatch
+from capo_lightning.forward import ForwardOut, score_responses
+from capo_lightning.objectives import Normalizer, Objective
+from capo_lightning.objectives.functional import masked_mean, truncated_importance_weight
+from capo_lightning.policy import lm_head_weight
+from capo_lightning.selection import Selection, Selector, TokenView
+from capo_lightning.training.guard import NonFiniteGuard
+from capo_lightning.training.plan import StepPlan
+from capo_lightning.training.step_metrics import accumulate
+
+
+@dataclass
+class StepContext:
+    """Everything one rollout batch's step uses, gathered by the module at the start of the step."""
+
+    policy: nn.Module
+    objective: Objective
+    selector: Selector | None
+    guard: NonFiniteGuard
+    backward: Callable[[Tensor], None]  # the module's manual_backward
+    optimizer: Any  # Lightning-wrapped optimizer
+    scheduler: Any | None  # stepped once per optimizer step
+    sum_over_ranks: Callable[[Tensor], Tensor] | None  # None in one process
+    world_size: int
+    max_grad_norm: float | None
+    tis_cap: float | None
+    rollout_step: int  # for messages
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the coming optimizer step will use."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def fused_step(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, metrics: dict) -> Selection:
+    """One forward serves old logprobs, selection and loss; one optimizer step."""
+    out = policy_forward(ctx, batch, need_hidden=needs_hidden(ctx))
+    old = out.logprobs.detach()  # [N, L]
+    selection, mask = select_tokens(ctx, batch, adv, old, out.hidden)
+    norm = normalizer(ctx, batch, mask)
+    metrics["objective/normalizer"] = torch.tensor(norm.denominator(ctx.objective.aggregation))
+    loss_out = ctx.objective(out.logprobs, old, ref, adv, mask, norm, tis_weights(ctx, old, batch.behavior_logprobs))
+    accumulate(metrics, loss_out.metrics, weight=1.0)
+    accumulate(
+        metrics, {"objective/loss": loss_out.loss.detach(), "objective/entropy": masked_mean(out.entropy, mask)}, 1.0
+    )
+    backward_and_step(ctx, loss_out.loss, metrics)
+    metrics["rollout/engine_trainer_logprob_gap"] = masked_mean(
+        (old - batch.behavior_logprobs).abs(), batch.response_mask
+    )
+    return selection
+
+
+def multi_pass_step(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict
+) -> Selection:
+    """A no-grad pass fixes old logprobs and the mask; then ``ppo_epochs`` x ``minibatches`` optimizer steps."""
+    with torch.no_grad():
+        parts = [
+            policy_forward(ctx, batch, rows, need_hidden=needs_hidden(ctx))
+            for rows in plan.chunks(batch.num_completions)
+        ]
+    old = torch.cat([p.logprobs for p in parts])  # [N, L]
+    hidden = torch.cat([p.hidden for p in parts]) if parts[0].hidden is not None else None
+    selection, mask = select_tokens(ctx, batch, adv, old, hidden)
+    metrics["rollout/engine_trainer_logprob_gap"] = masked_mean(
+        (old - batch.behavior_logprobs).abs(), batch.response_mask
+    )
+    num_updates = plan.ppo_epochs * len(plan.minibatch_rows(0))
+    for epoch in range(plan.ppo_epochs):
+        for mb_rows in plan.minibatch_rows(epoch):
+            norm = normalizer(ctx, batch, mask[mb_rows])
+            accumulate(
+                metrics,
+                {"objective/normalizer": torch.tensor(norm.denominator(ctx.objective.aggregation))},
+                1.0 / num_updates,
+            )
+            total = torch.zeros((), device=old.device)
+            for rows in plan.micro_rows(mb_rows):
+                out = policy_forward(ctx, batch, rows)
+                r_ref = ref[rows] if ref is not None else None
+                weights = tis_weights(ctx, old[rows], batch.behavior_logprobs[rows])
+                loss_out = ctx.objective(out.logprobs, old[rows], r_ref, adv[rows], mask[rows], norm, weights)
+                ctx.backward(loss_out.loss)
+                total = total + loss_out.loss.detach()
+                share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0) / plan.ppo_epochs
+                accumulate(metrics, loss_out.metrics, share)
+                accumulate(metrics, {"objective/entropy": masked_mean(out.entropy, mask[rows])}, share)
+            accumulate(metrics, {"objective/loss": total}, 1.0 / num_updates)
+            backward_and_step(ctx, None, metrics, weight=1.0 / num_updates)
+    return selection
+
+
+def policy_forward(
+    ctx: StepContext, batch: RolloutBatch, rows: Tensor | None = None, need_hidden: bool = False
+) -> ForwardOut:
+    """The policy's logprobs (and entropies, LM-head inputs) of the batch's responses, for ``rows`` or all."""
+    ids, attn = (
+        (batch.input_ids, batch.attention_mask) if rows is None else (batch.input_ids[rows], batch.attention_mask[rows])
+    )
+    return score_responses(ctx.policy, ids, attn, batch.response_mask.shape[1], need_hidden=need_hidden)
+
+
+def needs_hidden(ctx: StepContext) -> bool:
+    """Whether the forward must return LM-head inputs (the selector reads them)."""
+    return ctx.selector is not None and ctx.selector.needs_hidden
+
+
+def select_tokens(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, old: Tensor, hidden: Tensor | None
+) -> tuple[Selection, Tensor]:
+    """The selector's decision and the final loss mask (response mask AND selection), [N, L] bool."""
+    if ctx.selector is None:
+        return Selection(token_mask=batch.response_mask), batch.response_mask
+    view = TokenView(
+        actions=batch.responses,
+        response_mask=batch.response_mask,
+        advantages=(adv.unsqueeze(1) if adv.dim() == 1 else adv).expand_as(old).detach(),
+        old_logprobs=old,
+        hidden=hidden,
+        lm_head=lm_head_weight(ctx.policy).detach() if ctx.selector.needs_hidden else None,
+        lr=ctx.lr,
+        all_reduce=ctx.sum_over_ranks,
+    )
+    with torch.no_grad():
+        selection = ctx.selector(view)
+    return selection, batch.response_mask & selection.token_mask
+
+
+def normalizer(ctx: StepContext, batch: RolloutBatch, mask: Tensor) -> Normalizer:
+    """Global counts of ``mask`` summed over ranks (gradients then match any data split)."""
+    return Normalizer.from_mask(
+        mask, max_len=constant_len(ctx.objective, batch), all_reduce=ctx.sum_over_ranks, world_size=ctx.world_size
+    )
+
+
+def constant_len(objective: Objective, batch: RolloutBatch) -> int:
+    """Dr.GRPO's constant L: the objective's ``max_len``, else the batch's token budget, else its padded length."""
+    if objective.max_len is not None:
+        return int(objective.max_len)
+    if batch.max_new_tokens is not None:
+        return int(batch.max_new_tokens)
+    return int(batch.response_mask.shape[1])
+
+
+def reference_logprobs(reference: nn.Module, batch: RolloutBatch) -> Tensor:
+    """[N, L] logprobs of the frozen reference model (moved to the batch's device on first use)."""
+    device = batch.input_ids.device
+    if next(reference.parameters()).device != device:
+        reference.to(device)
+    with torch.no_grad():
+        return score_responses(reference, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]).logprobs
+
+
+def tis_weights(ctx: StepContext, old: Tensor, behavior: Tensor) -> Tensor | None:
+    """Truncated importance weights min(pi_old / pi_engine, tis_cap), or None when TIS is off."""
+    if ctx.tis_cap is None:
+        return None
+    return truncated_importance_weight(old, behavior, ctx.tis_cap)
+
+
+def backward_and_step(ctx: StepContext, loss: Tensor | None, metrics: dict, weight: float = 1.0) -> None:
+    """Backward (if ``loss`` given), clip, and step, unless the loss or gradient is not finite."""
+    if loss is not None:
+        if ctx.guard.any_rank_non_finite(loss, ctx.sum_over_ranks):
+            ctx.guard.skip(ctx.optimizer, ctx.scheduler, "loss", ctx.rollout_step)
+            return
+        ctx.backward(loss)
+    params = [p for p in ctx.policy.parameters() if p.grad is not None]
+    max_norm = ctx.max_grad_norm if ctx.max_grad_norm is not None else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    if not torch.isfinite(grad_norm):
+        ctx.guard.skip(ctx.optimizer, ctx.scheduler, "gradient", ctx.rollout_step)
+        return
+    accumulate(metrics, {"objective/grad_norm": grad_norm.detach()}, weight)
+    metrics["train/lr"] = torch.tensor(ctx.lr)
+    ctx.optimizer.step()
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.guard.stepped()
+    if ctx.scheduler is not None:
+        ctx.scheduler.step()
