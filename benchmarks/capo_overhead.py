@@ -5,62 +5,10 @@ Run from the repository root (CPU, offline)::
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python benchmarks/capo_overhead.py            # everything
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 python benchmarks/capo_overhead.py --smollm2  # one part
 
-Parts (default: all three)
-
-``--tiny`` / ``--smollm2``: step ratio.
-    One rollout batch (B=4 prompts x G=8 samples, 48 new tokens, top-50 sampling at temperature 1,
-    the quickstart's arithmetic prompts) is generated ONCE with the model's own HFEngine; generation
-    is never timed. A fresh CAPOModule (GRPO, AdamW lr 2e-5, grad-clip 1.0, fused single-forward path)
-    is built with a CAPOSelector (paper thresholds delta_f=1e-4, tau_h=0.01, symmetric, Adam model,
-    top_k=50) and trained by a real ``lightning.Trainer`` on that same batch repeated. A callback swaps
-    ``module.selector`` between the CAPOSelector and KeepAll before every batch, so both arms run inside
-    the same process, Trainer and weights, interleaved in pairs whose order alternates (CA, AC, CA, ...)
-    to cancel drift and the noise of other jobs on the machine. The timed region is the whole
-    ``module.training_step`` call (forward with hidden states if the selector needs them, selection,
-    loss, backward, clip, AdamW step, metric logging), measured by wrapping the bound method; its
-    ``_score`` (forward), ``_select`` and ``_backward_and_step`` parts are timed the same way. The first
-    pair is warm-up and dropped (CAPO's first call sees an empty shadow-Adam state and takes the cheaper
-    raw-gradient path). Reported, in wall time and in process CPU time (all threads; less sensitive to
-    other jobs taking the cores): median step time of each arm, the ratio of the medians, the median of
-    the per-pair ratios, and 1 + (median CAPO selection CPU time) / (median KeepAll step CPU time), the
-    selection's own cost, which has the smallest noise because only its small numerator is CAPO-specific.
-    Swapping is honest for KeepAll: it is exactly what a KeepAll run executes
-    (no hidden states requested, all-True mask); the CAPO arm's shadow-Adam state advances only on its
-    own steps, as in a CAPO run. The weights move by one small AdamW step per step, which does not
-    change the cost. Where the time goes: the live selector carries per-phase timers during the fit
-    (its methods and the curvature functions they call; printed as the median over timed CAPO steps),
-    and each step's minor page faults are counted (getrusage), because on CPU a large part of the
-    in-step cost is the kernel faulting in and zeroing fresh pages for the selector's big temporaries
-    (glibc gives a fresh mmap to every allocation above its mmap threshold, at most 32 MiB, that free
-    heap space cannot serve; while the autograd graph is alive there is little free heap to reuse, after
-    the step there is plenty). Afterwards the last CAPO TokenView is replayed through a copy of the
-    selector (warm heap, no live graph) with the same timers and under ``torch.profiler`` (top ops by self CPU time).
-    ``--block-budget N`` is a what-if knob: it sets ``curvature.LOGIT_BUDGET`` (elements of one
-    [chunk,k,d] block; the library uses 2**25) in this process only, to try smaller blocks. Running the
-    whole script with ``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296`` shows the
-    cost without page faults.
-
-``--sweep``: the curvature pass alone.
-    ``CAPOSelector.forward`` on a synthetic TokenView (random W ~ N(0, 0.02^2) [V, d], hidden ~ N(0, 1)
-    [T, d], d=576, k=50, actions drawn from each token's top 5, +/-1 advantages, every token valid) for
-    V in {1k, 32k, 152k} at T=1024 and T in {256, 1k, 4k} at V=32k. The shadow-Adam state is pre-filled
-    (step 10, non-zero m and v), i.e. the steady state. Each configuration runs in two fresh
-    subprocesses per mode: time (one warm-up call, then the median of ``--sweep-repeats`` calls, split by
-    phase) and memory. Time is measured twice: with ``MALLOC_MMAP_THRESHOLD_=4GiB`` so glibc serves the
-    large temporaries from the already-resident heap, as it does in a warmed-up training process (the
-    main columns), and with default glibc in a fresh process ("fresh"), where nearly every temporary of
-    more than 32 MiB gets a new mmap that the kernel page-faults and zeroes on first touch (this alone
-    can double or triple the time). Memory: torch's CPU allocations are invisible to tracemalloc,
-    so the memory worker resets the kernel's resident-set high-water mark
-    (``echo 5 > /proc/self/clear_refs``) right before ONE steady-state forward and reports VmHWM minus
-    the VmRSS just before the call: the transient peak of the pass on top of inputs and state. That
-    worker runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors go back to the OS instead of
-    staying in glibc's heap (otherwise RSS would under-report re-used memory). The persistent state
-    (2 x V x d fp32 for Adam's m and v) is reported separately.
-
-Timings are wall-clock on whatever CPU runs this; other processes add noise, which is why arms are
-interleaved and medians reported. Total default runtime is ~5-6 minutes on 2 idle cores (more under load).
-"""
+``--tiny`` / ``--smollm2`` time interleaved CAPO and KeepAll training steps on one fixed rollout batch in
+one real Trainer; ``--sweep`` times ``CAPOSelector.forward`` alone against V and T. The method (what
+is timed, why arms are interleaved, how memory and page faults are measured) is in
+``benchmarks/README.md``."""
 
 from __future__ import annotations
 
@@ -85,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import torch  # noqa: E402
 
-from capo_lightning.selection import curvature as C  # noqa: E402
+from capo_lightning.selection import curvature  # noqa: E402
 from capo_lightning.selection.base import TokenView  # noqa: E402
 from capo_lightning.selection.capo import CAPOSelector  # noqa: E402
 
-_LIBRARY_BUDGET = C.LOGIT_BUDGET
+_LIBRARY_BLOCK_BUDGET = curvature.BLOCK_BUDGET
 PAPER = dict(delta_f=1e-4, tau_h=0.01, symmetric=True, top_k=50, optimizer_model="adam", enforce=True)
 LR = 2e-5  # the quickstart's learning rate
 
@@ -129,7 +77,7 @@ def make_batch(model: str, prompts: int, samples: int, new_tokens: int, seed: in
     from capo_lightning.data.prompts import ArithmeticSource
     from capo_lightning.module import CAPOModule
     from capo_lightning.policy import PolicySpec
-    from capo_lightning.rewards.math import math_reward
+    from capo_lightning.rewards import math_reward
     from capo_lightning.rollout import SamplingConfig
 
     gen = CAPOModule(policy=PolicySpec(model))
@@ -195,6 +143,7 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
     from capo_lightning.objectives import GRPO
     from capo_lightning.policy import PolicySpec
     from capo_lightning.selection import KeepAll
+    from capo_lightning.training import pipeline
 
     print(f"\n=== step ratio: {model} ({prompts} prompts x {samples} samples, {new_tokens} new tokens) ===", flush=True)
     batch, gen_s = make_batch(model, prompts, samples, new_tokens)
@@ -258,10 +207,12 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
             parts["select_faults"].append(_minor_faults() - f0)
 
     module.training_step = timed_step
-    module._score = _timed(parts, "forward", module._score, parts_cpu)
-    timed_select = _timed(parts, "select", module._select, parts_cpu)
-    module._select = faults_of_select
-    module._backward_and_step = _timed(parts, "backward_step", module._backward_and_step, parts_cpu)
+    # the step's parts are functions of capo_lightning.training.pipeline, looked up at call time
+    originals = {name: getattr(pipeline, name) for name in ("policy_forward", "select_tokens", "backward_and_step")}
+    pipeline.policy_forward = _timed(parts, "forward", originals["policy_forward"], parts_cpu)
+    timed_select = _timed(parts, "select", originals["select_tokens"], parts_cpu)
+    pipeline.select_tokens = faults_of_select
+    pipeline.backward_and_step = _timed(parts, "backward_step", originals["backward_and_step"], parts_cpu)
     capo.register_forward_pre_hook(lambda mod, args: views.__setitem__(slice(None), [args[0]]))
 
     trainer = L.Trainer(
@@ -276,8 +227,12 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
     )
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    with inst:
-        trainer.fit(module, train_dataloaders=_FixedBatches([batch] * len(schedule)))
+    try:
+        with inst:
+            trainer.fit(module, train_dataloaders=_FixedBatches([batch] * len(schedule)))
+    finally:
+        for name, fn in originals.items():
+            setattr(pipeline, name, fn)
     print(
         f"{len(schedule)} training steps in {time.perf_counter() - t0:.1f} s wall (incl. setup); "
         f"1-min load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)",
@@ -346,21 +301,25 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
     return res
 
 
-_OUTER = {  # CAPOSelector methods (patched on the instance) -> label
-    "_token_shifts": "token level: [chunk,k,d] grads, Adam direction, shifts",
-    "_global": "global level x2 (pre + post): [V,d] row sums, dense ops, u",
+_OUTER = {  # phase -> label: curvature functions the selector calls, then CAPOSelector methods
+    "token_shifts": "token level: [chunk,k,d] grads, Adam direction, shifts",
+    "batch_shifts": "global level x2 (pre + post): [V,d] row sums, dense ops, u",
     "_advance": "shadow-Adam m, v update on touched rows",
     "_metrics": "metrics: means, max, 4 quantiles",
 }
+_OUTER_FUNCTIONS = ("token_shifts", "batch_shifts")  # patched on the curvature module
+_OUTER_METHODS = ("_advance", "_metrics")  # patched on the selector instance
 _INNER = ("topk_policy", "token_gradients", "adam_direction", "shifts_from_direction", "row_gradient_sums")
 
 
 class _Instrument:
     """Times a CAPOSelector's calls by phase while installed (``with _Instrument(sel) as rec:``).
 
-    Outer phases are the selector's methods; inner ones the curvature functions they call, attributed
-    to the outer phase that is running ("_global/row_gradient_sums"). ``finish()`` adds "<outer>/other",
-    the outer phase's own code (e.g. the dense [V, d] ops of ``_global``), and "forward/other"."""
+    Outer phases are the batch-level curvature functions and the selector's own methods; inner ones
+    the curvature functions they call, attributed to the outer phase that is running
+    ("batch_shifts/row_gradient_sums"). ``finish()`` adds "<outer>/other", the outer phase's own code
+    (e.g. the dense [V, d] ops of ``batch_shifts``), and "forward/other". Curvature functions are looked
+    up as module attributes at call time, so patching the module reaches the calls inside it."""
 
     def __init__(self, sel: CAPOSelector) -> None:
         self.sel, self.rec = sel, defaultdict(float)
@@ -382,10 +341,12 @@ class _Instrument:
         return wrapper
 
     def __enter__(self) -> _Instrument:
-        self.originals = {name: getattr(C, name) for name in _INNER}
+        self.originals = {name: getattr(curvature, name) for name in (*_INNER, *_OUTER_FUNCTIONS)}
         for name in _INNER:
-            setattr(C, name, self._wrap(name, self.originals[name], outer=False))
-        for name in _OUTER:
+            setattr(curvature, name, self._wrap(name, self.originals[name], outer=False))
+        for name in _OUTER_FUNCTIONS:
+            setattr(curvature, name, self._wrap(name, self.originals[name], outer=True))
+        for name in _OUTER_METHODS:
             setattr(self.sel, name, self._wrap(name, getattr(self.sel, name), outer=True))
         self.sel_forward = self.sel.forward
         self.sel.forward = self._wrap("TOTAL", self.sel_forward, outer=True)
@@ -393,8 +354,8 @@ class _Instrument:
 
     def __exit__(self, *exc) -> None:
         for name, fn in self.originals.items():
-            setattr(C, name, fn)
-        for name in (*_OUTER, "forward"):
+            setattr(curvature, name, fn)
+        for name in (*_OUTER_METHODS, "forward"):
             delattr(self.sel, name)
 
     def finish(self) -> dict[str, float]:
@@ -475,7 +436,7 @@ def _synthetic_view(V: int, T: int, d: int, seed: int = 0) -> TokenView:
     flat = hidden.reshape(-1, d)
     actions = torch.empty(N * L, dtype=torch.long)
     pick = torch.randint(0, 5, (N * L,), generator=g)
-    chunk = C.token_chunk(V)
+    chunk = curvature.token_chunk(V)
     for s in range(0, N * L, chunk):  # a plausible sampled token: one of the 5 most likely
         top5 = (flat[s : s + chunk] @ W.T).topk(5, dim=-1).indices
         actions[s : s + chunk] = top5.gather(1, pick[s : s + chunk, None]).squeeze(1)
@@ -535,8 +496,8 @@ def _run_worker(V: int, T: int, d: int, mode: str, repeats: int, malloc: dict | 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(malloc or {})
     cmd = [sys.executable, __file__, "--_worker", f"{V},{T},{d},{mode},{repeats}"]
-    if C.LOGIT_BUDGET != _LIBRARY_BUDGET:
-        cmd += ["--block-budget", str(C.LOGIT_BUDGET)]
+    if curvature.BLOCK_BUDGET != _LIBRARY_BLOCK_BUDGET:
+        cmd += ["--block-budget", str(curvature.BLOCK_BUDGET)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -550,10 +511,10 @@ def sweep(repeats: int, d: int = 576) -> list[dict]:
     rows = []
     cols = [
         ("topk", "forward/topk_policy"),
-        ("token", "_token_shifts"),
-        ("global", "_global"),
-        ("g:rows", "_global/row_gradient_sums"),
-        ("g:dense", "_global/other"),
+        ("token", "token_shifts"),
+        ("global", "batch_shifts"),
+        ("g:rows", "batch_shifts/row_gradient_sums"),
+        ("g:dense", "batch_shifts/other"),
         ("adv", "_advance"),
         ("metr", "_metrics"),
     ]
@@ -571,7 +532,7 @@ def sweep(repeats: int, d: int = 576) -> list[dict]:
         t = _run_worker(V, T, d, "time", repeats, _HEAP_REUSE)
         fresh = _run_worker(V, T, d, "time", repeats)
         m = _run_worker(V, T, d, "mem", 1, _RETURN_FREED)
-        chunk = max(1, C.LOGIT_BUDGET // (50 * d))
+        chunk = curvature.block_rows(50, d)
         row = {
             **t,
             **m,
@@ -617,8 +578,9 @@ def main() -> None:
         "--block-budget",
         type=int,
         default=None,
-        help="what-if experiment: elements of one [chunk,k,d] block in CAPOSelector (sets curvature.LOGIT_BUDGET "
-        "in this process only; topk_policy's [chunk,V] logits keep the library default). Default: the library's",
+        help="what-if experiment: elements of one [chunk,k,d] block of the curvature pass (sets "
+        "curvature.BLOCK_BUDGET, which block_rows reads at call time, in this process and its sweep workers; "
+        "topk_policy's [chunk,V] logits keep LOGIT_BUDGET). Default: the library's 2**21",
     )
     p.add_argument("--no-profile", action="store_true", help="skip the selector breakdown / torch.profiler table")
     p.add_argument("--json", type=str, default=None, help="also write all results to this JSON file")
@@ -626,9 +588,10 @@ def main() -> None:
     args = p.parse_args()
 
     if args.block_budget:
-        C.LOGIT_BUDGET = args.block_budget  # read at call time by CAPOSelector's [chunk,k,d] loops only
+        curvature.BLOCK_BUDGET = args.block_budget  # read at call time by curvature.block_rows
+        assert curvature.block_rows(50, 576) == max(1, args.block_budget // (50 * 576)), "the knob must take effect"
         if not args._worker:
-            print(f"WHAT-IF: [chunk,k,d] block budget set to {args.block_budget} elements (library: 2**25)")
+            print(f"WHAT-IF: [chunk,k,d] block budget {args.block_budget} elements (library: {_LIBRARY_BLOCK_BUDGET})")
     if args._worker:
         V, T, d, mode, repeats = args._worker.split(",")
         print("RESULT " + json.dumps(sweep_worker(int(V), int(T), int(d), mode, int(repeats))), flush=True)
