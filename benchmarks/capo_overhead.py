@@ -106,9 +106,9 @@ class _Alternate:
 
     @staticmethod
     def make(schedule: list[str], selectors: dict):
-        import lightning as L
+        from lightning import Callback
 
-        class Alternate(L.Callback):
+        class Alternate(Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
                 pl_module.selector = selectors[schedule[batch_idx]]
 
@@ -137,7 +137,7 @@ def _timed(record: dict, key: str, fn, cpu: dict | None = None):
 
 def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: int, profile: bool) -> dict:
     """Interleaved CAPO / KeepAll training steps on one fixed batch; returns the summary."""
-    import lightning as L
+    from lightning import Trainer
 
     from capo_lightning.module import CAPOModule
     from capo_lightning.objectives import GRPO
@@ -215,7 +215,7 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
     pipeline.backward_and_step = _timed(parts, "backward_step", originals["backward_and_step"], parts_cpu)
     capo.register_forward_pre_hook(lambda mod, args: views.__setitem__(slice(None), [args[0]]))
 
-    trainer = L.Trainer(
+    trainer = Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=len(schedule),
