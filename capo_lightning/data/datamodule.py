@@ -182,17 +182,19 @@ class RolloutDataModule(LightningDataModule):
         sampling = replace(self.sampling, seed=self.seed * 1_000_003 + step * 7919 + self._rank())
         sampled = maker.sample(items, self.group_size, sampling, self.reward_fn)
         if self.dynamic_sampling:
-            more = partial(self._refill_groups, step, sampling)
+            more = partial(self._refill_groups, maker, step, sampling)
             kept = keep_varied_groups(sampled.groups, self.prompts_per_step, self.max_sampling_rounds, more)
             sampled = Sampled(kept.groups, sampled.stats | kept.stats)
         stats = sampled.stats | pop_stats(self.reward_fn) | pop_stats(maker.engine)
         return maker.collate(sampled.groups, version, step, stats, sampling.max_new_tokens)
 
-    def _refill_groups(self, step: int, sampling: SamplingConfig, round_: int) -> list[ScoredGroup]:
+    def _refill_groups(
+        self, maker: RolloutMaker, step: int, sampling: SamplingConfig, round_: int
+    ) -> list[ScoredGroup]:
         """Dynamic sampling's round ``round_`` (>= 1): fresh prompts, sampled with a seed of their own."""
         items = [self._refill_item(step, round_, j) for j in range(self.prompts_per_step)]
         extra = replace(sampling, seed=sampling.seed + 104_729 * round_)
-        return self._maker().sample(items, self.group_size, extra, self.reward_fn).groups
+        return maker.sample(items, self.group_size, extra, self.reward_fn).groups
 
     def _eval_batch(self, source: PromptSource, indices: list[int], count: int) -> RolloutBatch:
         version, step = self._state_fn()
