@@ -1,0 +1,163 @@
+"""``capo report RUN_DIR... --out DIR``: read the runs, group them, write ``summary.json`` and the figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from capo_lightning.report.figures import draw_figures
+from capo_lightning.report.groups import group_runs, plain, summarize_group
+from capo_lightning.report.runs import Run, find_metrics, load_run
+
+
+def _label_overrides(labels: Mapping[str, str], runs: list[Run]) -> dict[int, str]:
+    """``--label RUN_DIR=NAME`` pairs as run index -> NAME, matched on the metrics.csv each RUN_DIR names."""
+    overrides = {}
+    where = {(run.path / "metrics.csv").resolve(): index for index, run in enumerate(runs)}
+    for run_dir, name in labels.items():
+        target = find_metrics(run_dir).resolve()
+        if target not in where:
+            given = ", ".join(str(run.path) for run in runs)
+            raise ValueError(
+                f"--label {run_dir}={name}: {run_dir} is not one of the runs given ({given}); "
+                "pass the same RUN_DIR as a positional argument too"
+            )
+        overrides[where[target]] = name
+    return overrides
+
+
+def _load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
+    """Each RUN_DIR's run, a run named twice (overlapping globs) only once."""
+    runs, notes, seen = [], [], set()
+    for run_dir in run_dirs:
+        run = load_run(run_dir)
+        resolved = run.path.resolve()
+        if resolved in seen:
+            notes.append(f"{run_dir} names the run {run.path} a second time; counted once")
+            continue
+        seen.add(resolved)
+        runs.append(run)
+        notes += run.notes
+    return runs, notes
+
+
+def build_report(
+    run_dirs: Sequence[str | Path],
+    out: str | Path,
+    ema: float | None = None,
+    reference: str | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Read runs, group them, aggregate their curves and write ``summary.json`` and the PNG figures.
+
+    ``summary.json`` is ``{"groups": {label: {"runs", "seeds", "curves", "final", "best"}}, "figures": [...],
+    "notes": [...]}``; see ``summarize_group`` for the numbers and ``draw_figures`` for the figures. NaN is
+    written as null.
+
+    Args:
+        run_dirs: run roots, ``version_N`` folders or ``metrics.csv`` paths; one run each.
+        out: the output folder (created if missing).
+        ema: one EMA alpha in (0, 1] for every metric (1 = no smoothing); None: the defaults (0.1 for training
+            accuracy and reward, 0.35 for the rest).
+        reference: the label of the group whose maximum is Fig. 3's dashed line; None: the first group whose
+            selector does not enforce and that logged the shift.
+        labels: RUN_DIR -> group label, overriding the automatic one (runs with the same label form a group).
+
+    Returns:
+        The summary as written to ``out/summary.json``.
+
+    Raises:
+        FileNotFoundError: a RUN_DIR holds no metrics.csv.
+        ValueError: no RUN_DIR, an alpha outside (0, 1], an unknown reference label, or a label for a run
+            not given.
+    """
+    if not run_dirs:
+        raise ValueError("capo report needs at least one RUN_DIR (a run's trainer.default_root_dir)")
+    if ema is not None and not 0.0 < ema <= 1.0:
+        raise ValueError(f"--ema must be in (0, 1] (1 = no smoothing), got {ema}")
+    runs, notes = _load_runs(run_dirs)
+    groups, group_notes = group_runs(runs, _label_overrides(labels or {}, runs))
+    notes += group_notes
+    if reference is not None and reference not in [group.label for group in groups]:
+        known = "; ".join(repr(group.label) for group in groups)
+        raise ValueError(f"--reference {reference!r} is not a group label; the groups are: {known}")
+    entries = {}
+    for group in groups:
+        entries[group.label], summary_notes = summarize_group(group, ema)
+        notes += summary_notes
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures, figure_notes = draw_figures(groups, out_dir, reference)
+    summary = plain({"groups": entries, "figures": figures, "notes": notes + figure_notes})
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capo report",
+        description="Draw the paper's figures (training and held-out accuracy, curvature shifts, rejection rate, "
+        "health) from the CSV logs of `capo fit` runs, seeds averaged as mean ± SEM, and write summary.json.",
+    )
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="a run's trainer.default_root_dir (its highest logs/version_N is taken), a version_N "
+        "folder or a metrics.csv; several runs of one configuration are seeds",
+    )
+    parser.add_argument("--out", required=True, help="folder for the PNG files and summary.json (created if missing)")
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        help="EMA alpha for every curve, in (0, 1]; 1 = no smoothing (default: 0.1 for training "
+        "accuracy and reward, 0.35 for the rest)",
+    )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="LABEL",
+        help="group whose maximum is the dashed line of fig3_shifts.png (default: the first group "
+        "whose selector does not mask)",
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="RUN_DIR=NAME",
+        help="group label for one run instead of the automatic one; repeatable",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``capo report RUN_DIR [RUN_DIR ...] --out DIR [--ema A] [--reference LABEL] [--label DIR=NAME ...]``.
+
+    Prints the files written and the notes. Errors (no metrics.csv, bad option) exit with status 2 and a
+    message saying what is wrong.
+
+    Args:
+        argv: the arguments after ``report``; None reads ``sys.argv[1:]``.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    labels = {}
+    for pair in args.label:
+        run_dir, sep, name = pair.rpartition("=")
+        if not sep or not run_dir or not name:
+            parser.error(f"--label {pair!r}: expected RUN_DIR=NAME, e.g. --label runs/seed0=GRPO")
+        labels[run_dir] = name
+    try:
+        summary = build_report(args.run_dirs, args.out, ema=args.ema, reference=args.reference, labels=labels)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    out = Path(args.out)
+    print(f"capo report: {len(summary['groups'])} group(s) from {len(args.run_dirs)} RUN_DIR(s); wrote:")
+    for name in [*summary["figures"], "summary.json"]:
+        print(f"  {out / name}")
+    for note in summary["notes"]:
+        print(f"note: {note}")

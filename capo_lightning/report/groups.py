@@ -1,0 +1,181 @@
+"""Runs grouped by (objective, selector, regime), seeds as replicates, and each group's numbers."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from capo_lightning.report.curves import BEST_KEYS, DEFAULT_EMA, Curve, aggregate, last_and_best, mean_sem
+from capo_lightning.report.runs import Run
+
+
+@dataclass
+class Group:
+    """Runs of one configuration (seeds are replicates) and their aggregated curves.
+
+    Attributes:
+        label: the name in legends and in ``summary.json``.
+        runs: the runs, in command-line order.
+        curves: metric key -> aggregated curve (``summarize_group`` fills it).
+    """
+
+    label: str
+    runs: list[Run]
+    curves: dict[str, Curve] = field(default_factory=dict)
+
+    @property
+    def enforces(self) -> bool:
+        """Whether the group's selector masks tokens (any of its runs does)."""
+        return any(run.enforces for run in self.runs)
+
+    @property
+    def seeds(self) -> list[Any]:
+        """``seed_everything`` of each run, in run order (None where unknown)."""
+        return [run.seed for run in self.runs]
+
+
+def auto_label(run: Run) -> str:
+    """A run's group label: ``"GRPO + CAPO · lr 2e-05, 32/step"``.
+
+    The selector is named only when it masks (``+ CAPO``); a measuring-only selector reads as the baseline
+    with ``(monitor)``; no selector and KeepAll (bit-identical to none) leave it out.
+
+    Args:
+        run: a run whose config was read.
+
+    Returns:
+        ``"<objective>[ + <selector> | (monitor)] · <regime>"``.
+    """
+    if run.enforces:
+        head = f"{run.objective} + {run.selector}"
+    elif run.selector.endswith("(monitor)"):
+        head = f"{run.objective} (monitor)"
+    else:
+        head = run.objective
+    return f"{head} · {run.regime}"
+
+
+def group_runs(runs: list[Run], overrides: dict[int, str] | None = None) -> tuple[list[Group], list[str]]:
+    """Group runs by their label: ``auto_label`` (one per objective, selector, regime) or a user override.
+
+    When two different (objective, selector, regime) keys get the same automatic label (no selector vs
+    KeepAll), each of them gets ``" [<selector>]"`` appended. Runs given the same override label form one
+    group, whatever their configs. Groups come in the order of their first run.
+
+    Args:
+        runs: the runs, in command-line order.
+        overrides: run index -> label (``--label RUN_DIR=NAME``).
+
+    Returns:
+        ``(groups, notes)``; a note names every group in which several runs share a seed (they still
+        count as separate replicates).
+    """
+    overrides = overrides or {}
+    keys_of: dict[str, set[tuple[str, str, str]]] = {}
+    for index, run in enumerate(runs):
+        if index not in overrides:
+            keys_of.setdefault(auto_label(run), set()).add((run.objective, run.selector, run.regime))
+    groups: dict[str, Group] = {}
+    for index, run in enumerate(runs):
+        label = overrides.get(index)
+        if label is None:
+            label = auto_label(run)
+            if len(keys_of[label]) > 1:
+                label += f" [{'no selector' if run.selector == 'none' else run.selector}]"
+        groups.setdefault(label, Group(label, [])).runs.append(run)
+    notes = []
+    for group in groups.values():
+        counts = Counter(seed for seed in group.seeds if seed is not None)
+        for seed, count in counts.items():
+            if count > 1:
+                paths = ", ".join(str(run.path) for run in group.runs if run.seed == seed)
+                notes.append(
+                    f"group '{group.label}': {count} runs share seed {seed} ({paths}); counted as {count} replicates"
+                )
+    return list(groups.values()), notes
+
+
+def _stat(values: list[float]) -> dict[str, float | int]:
+    mean, sem, n = mean_sem(values)
+    return {"mean": mean, "sem": sem, "n": n}
+
+
+def summarize_group(group: Group, ema_alpha: float | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Aggregate every known metric of a group (``DEFAULT_EMA``'s keys) and fill ``group.curves``.
+
+    For each metric at least one run logged: the curve (``aggregate``: per-run EMA, alignment on the
+    completions shared by all those runs, mean ± SEM), ``final`` = mean and SEM over runs of each run's
+    last raw (unsmoothed) value, and for ``BEST_KEYS`` ``best`` = mean and SEM over runs of each run's
+    largest raw value. SEM = std(ddof=1) / sqrt(n), 0.0 for one run.
+
+    Args:
+        group: the group; its ``curves`` are replaced.
+        ema_alpha: one EMA alpha for every metric (1 = no smoothing); None uses ``DEFAULT_EMA``.
+
+    Returns:
+        ``(entry, notes)``: the group's ``summary.json`` entry, with keys ``runs``, ``seeds``, ``curves``
+        (metric -> ``x``, ``mean``, ``sem``, ``n``, ``ema``), ``final`` and ``best`` (metric -> ``mean``,
+        ``sem``, ``n``), and notes on metrics that only some runs logged or whose runs share no x.
+    """
+    notes: list[str] = []
+    curves: dict[str, dict[str, Any]] = {}
+    final: dict[str, dict[str, float | int]] = {}
+    best: dict[str, dict[str, float | int]] = {}
+    group.curves = {}
+    for key, default_alpha in DEFAULT_EMA.items():
+        present = [series for series in (run.series(key) for run in group.runs) if len(series[0])]
+        if not present:
+            continue
+        if len(present) < len(group.runs):
+            notes.append(
+                f"group '{group.label}': {key} is logged by {len(present)} of its {len(group.runs)} runs; "
+                "its curve and final value average those"
+            )
+        curve = aggregate(present, default_alpha if ema_alpha is None else ema_alpha)
+        if curve.x.size == 0:
+            notes.append(
+                f"group '{group.label}': the runs logging {key} share no completions value; no curve "
+                "(runs of different batch sizes in one group?)"
+            )
+        group.curves[key] = curve
+        curves[key] = {
+            "x": curve.x.tolist(),
+            "mean": curve.mean.tolist(),
+            "sem": curve.sem.tolist(),
+            "n": curve.n,
+            "ema": curve.ema,
+        }
+        last, largest = last_and_best(present)
+        final[key] = _stat(last)
+        if key in BEST_KEYS:
+            best[key] = _stat(largest)
+    entry = {
+        "runs": [str(run.path) for run in group.runs],
+        "seeds": group.seeds,
+        "curves": curves,
+        "final": final,
+        "best": best,
+    }
+    return entry, notes
+
+
+def plain(value: Any) -> Any:
+    """``value`` with NaN and infinities as None and numpy scalars as Python numbers (strict JSON).
+
+    Args:
+        value: nested dicts, lists, tuples, floats, ints, strings, None or numpy scalars.
+
+    Returns:
+        The same structure, safe for ``json.dumps(..., allow_nan=False)``.
+    """
+    if isinstance(value, dict):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,313 @@
+"""``capo report``: runs written here as the CSV logger and LightningCLI write them, numbers checked by hand.
+
+Run: ``pytest tests/unit/test_report.py``. Every expected number is computed in this file from the values the
+test wrote (statistics and a written-out EMA), never taken from the report's own output.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import yaml
+
+from capo_lightning.report import build_report, main
+from capo_lightning.report.curves import aggregate
+from capo_lightning.report.figures import reference_line
+from capo_lightning.report.groups import group_runs, summarize_group
+from capo_lightning.report.runs import completions_at_step, load_run
+
+STEPS = (1, 2, 3, 4, 5)
+PER_STEP = 32  # prompts_per_step 4 x group_size 8
+VAL_STEPS = (0, 3, 5)
+SHIFTS = ("token_fisher_mean", "global_fisher", "token_hessian_mean", "global_hessian")
+CAPO = {"class_path": "capo_lightning.selection.CAPOSelector", "init_args": {"enforce": True, "delta_f": 1.0e-4}}
+MONITOR = {"class_path": "capo_lightning.selection.CAPOSelector", "init_args": {"enforce": False}}
+BASE_LABEL = "GRPO · lr 2e-05, 32/step"
+CAPO_LABEL = "GRPO + CAPO · lr 2e-05, 32/step"
+
+
+def known_values(group: int, seed: int, selector: dict | None) -> dict[str, dict[int, float]]:
+    """metric -> step -> value of one run: distinct, reproducible numbers (rounded: exact in the CSV)."""
+    rng = np.random.default_rng(100 * group + seed)
+    values = {
+        "train/accuracy": {s: round(float(rng.uniform(0, 1)), 4) for s in STEPS},
+        "train/reward_mean": {s: round(float(rng.uniform(0, 1)), 4) for s in STEPS},
+        "objective/entropy": {s: round(float(rng.uniform(0.5, 2)), 4) for s in STEPS},
+        "rollout/response_length_mean": {s: round(float(rng.uniform(10, 40)), 2) for s in STEPS},
+        "objective/grad_norm": {s: round(float(rng.uniform(0.1, 3)), 4) for s in STEPS},
+        "val/accuracy": {s: round(float(rng.uniform(0, 1)), 4) for s in VAL_STEPS},
+    }
+    if selector is not None:
+        for name in SHIFTS:
+            values[f"curvature/{name}"] = {s: round(float(rng.uniform(0, 0.01)), 6) for s in STEPS}
+            values[f"curvature/masked_{name}"] = {s: round(float(rng.uniform(0, 0.01)), 6) for s in STEPS}
+        values["select/token_reject_rate"] = {s: round(float(rng.uniform(0, 0.1)), 4) for s in STEPS}
+    return values
+
+
+def write_run(
+    folder: Path, values: dict[str, dict[int, float]], seed: int, selector: dict | None, lr: float = 2e-5
+) -> Path:
+    """metrics.csv as Lightning's CSVLogger writes it (val rows separate, empty cells) and config.yaml."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train_keys = [key for key in values if not key.startswith("val/")]
+    header = ["epoch", *sorted([*values, "train/completions_total", "val/arithmetic/accuracy"]), "step"]
+    rows = [{"epoch": 0, "step": 0, "val/accuracy": values["val/accuracy"][0]}]
+    for step in STEPS:
+        row = {"epoch": 0, "step": step, "train/completions_total": float(PER_STEP * step)}
+        rows.append(row | {key: values[key][step] for key in train_keys})
+        if step in values["val/accuracy"]:
+            val = values["val/accuracy"][step]
+            rows.append({"epoch": 0, "step": step, "val/accuracy": val, "val/arithmetic/accuracy": val})
+    with (folder / "metrics.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    config = {
+        "seed_everything": seed,
+        "trainer": {"max_steps": len(STEPS)},
+        "model": {
+            "objective": {"class_path": "capo_lightning.objectives.GRPO", "init_args": {"beta": 0.0}},
+            "selector": selector,
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": lr}},
+        },
+        "data": {"prompts_per_step": 4, "group_size": 8},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def hand_ema(values: list[float], alpha: float) -> list[float]:
+    smoothed: list[float] = []
+    for value in values:
+        smoothed.append(value if not smoothed else alpha * value + (1 - alpha) * smoothed[-1])
+    return smoothed
+
+
+def hand_mean_sem(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+@pytest.fixture
+def two_groups(tmp_path: Path) -> tuple[list[Path], dict[str, list[dict[str, dict[int, float]]]]]:
+    """GRPO without a selector and GRPO + CAPO (enforcing), three seeds each, as run roots."""
+    dirs, truth = [], {BASE_LABEL: [], CAPO_LABEL: []}
+    for group, (label, selector) in enumerate(((BASE_LABEL, None), (CAPO_LABEL, CAPO))):
+        for seed in range(3):
+            values = known_values(group, seed, selector)
+            root = tmp_path / "runs" / f"g{group}_s{seed}"
+            write_run(root / "logs" / "version_0", values, seed, selector)
+            dirs.append(root)
+            truth[label].append(values)
+    return dirs, truth
+
+
+def test_groups_labels_seeds_and_val_x_axis(two_groups, tmp_path: Path) -> None:
+    dirs, truth = two_groups
+    summary = build_report(dirs, tmp_path / "out", ema=1.0)
+    assert list(summary["groups"]) == [BASE_LABEL, CAPO_LABEL]
+    for group in summary["groups"].values():
+        assert group["seeds"] == [0, 1, 2]
+        assert len(group["runs"]) == 3 and all(run.endswith("version_0") for run in group["runs"])
+    # validation rows hold no completions: step 0 -> 0, step s -> the training row's 32 s
+    val = summary["groups"][BASE_LABEL]["curves"]["val/accuracy"]
+    assert val["x"] == [0.0, 3.0 * PER_STEP, 5.0 * PER_STEP]
+    assert summary["groups"][BASE_LABEL]["curves"]["train/accuracy"]["x"] == [float(PER_STEP * s) for s in STEPS]
+    # only the CAPO runs logged shifts and rejection
+    assert "curvature/masked_global_fisher" in summary["groups"][CAPO_LABEL]["curves"]
+    assert not any(key.startswith(("curvature/", "select/")) for key in summary["groups"][BASE_LABEL]["curves"])
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+
+
+@pytest.mark.parametrize("ema", [1.0, None])
+def test_curves_are_mean_and_sem_of_smoothed_seeds(two_groups, tmp_path: Path, ema: float | None) -> None:
+    dirs, truth = two_groups
+    summary = build_report(dirs, tmp_path / "out", ema=ema)
+    defaults = {"train/accuracy": 0.1, "val/accuracy": 0.35, "curvature/masked_token_hessian_mean": 0.35}
+    for label, key in (
+        (BASE_LABEL, "train/accuracy"),
+        (CAPO_LABEL, "val/accuracy"),
+        (CAPO_LABEL, "curvature/masked_token_hessian_mean"),
+    ):
+        alpha = defaults[key] if ema is None else ema
+        per_run = [hand_ema([values[key][s] for s in sorted(values[key])], alpha) for values in truth[label]]
+        curve = summary["groups"][label]["curves"][key]
+        assert curve["ema"] == alpha and curve["n"] == 3
+        for point in range(len(per_run[0])):
+            mean, sem = hand_mean_sem([run[point] for run in per_run])
+            assert curve["mean"][point] == pytest.approx(mean, rel=1e-12)
+            assert curve["sem"][point] == pytest.approx(sem, rel=1e-12)
+
+
+def test_final_and_best_use_raw_values(two_groups, tmp_path: Path) -> None:
+    dirs, truth = two_groups
+    summary = build_report(dirs, tmp_path / "out")  # smoothing must not touch final and best
+    for label in (BASE_LABEL, CAPO_LABEL):
+        for key in ("train/accuracy", "train/reward_mean", "val/accuracy"):
+            lasts = [values[key][max(values[key])] for values in truth[label]]
+            bests = [max(values[key].values()) for values in truth[label]]
+            final, best = summary["groups"][label]["final"][key], summary["groups"][label]["best"][key]
+            assert (final["mean"], final["sem"]) == pytest.approx(hand_mean_sem(lasts), rel=1e-12)
+            assert (best["mean"], best["sem"]) == pytest.approx(hand_mean_sem(bests), rel=1e-12)
+            assert final["n"] == best["n"] == 3
+    rejects = [values["select/token_reject_rate"][5] for values in truth[CAPO_LABEL]]
+    final = summary["groups"][CAPO_LABEL]["final"]["select/token_reject_rate"]
+    assert final["mean"] == pytest.approx(statistics.mean(rejects), rel=1e-12)
+    assert "select/token_reject_rate" not in summary["groups"][CAPO_LABEL]["best"]
+
+
+def test_figures_are_written_and_baseline_missing_from_fig5_is_noted(two_groups, tmp_path: Path) -> None:
+    dirs, _ = two_groups
+    summary = build_report(dirs, tmp_path / "out")
+    expected = ["fig1_accuracy.png", "fig2_heldout.png", "fig3_shifts.png", "fig5_rejection.png", "health.png"]
+    assert sorted(summary["figures"]) == expected
+    for name in expected:
+        image = matplotlib.image.imread(tmp_path / "out" / name)
+        assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+        assert image[..., :3].std() > 0.01  # not a blank canvas
+    notes = " | ".join(summary["notes"])
+    assert f"fig5_rejection.png: group '{BASE_LABEL}' has no select/token_reject_rate" in notes
+    assert f"fig3_shifts.png: group '{BASE_LABEL}' logged no curvature shifts" in notes
+    # no group without an enforcing selector logged shifts, so Fig. 3 has no reference line, and says so
+    assert "no reference (max) line" in notes
+
+
+def test_runs_without_selector_leave_out_shift_figures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = write_run(tmp_path / "plain" / "logs" / "version_0", known_values(0, 0, None), 0, None)
+    main([str(run), "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "fig3_shifts.png" not in summary["figures"] and "fig5_rejection.png" not in summary["figures"]
+    assert any(note.startswith("fig5_rejection.png not written") for note in summary["notes"])
+    group = summary["groups"][BASE_LABEL]
+    assert group["final"]["train/accuracy"]["sem"] == 0.0 and group["curves"]["train/accuracy"]["sem"] == [0.0] * 5
+    printed = capsys.readouterr().out
+    assert "fig1_accuracy.png" in printed and "summary.json" in printed and "note: fig5_rejection.png" in printed
+
+
+def test_monitor_baseline_is_the_reference_line_and_capo_plots_masked_keys(tmp_path: Path) -> None:
+    monitor = [known_values(2, seed, MONITOR) for seed in range(2)]
+    capo = known_values(1, 0, CAPO)
+    dirs = [write_run(tmp_path / f"m{seed}", values, seed, MONITOR) for seed, values in enumerate(monitor)]
+    dirs.append(write_run(tmp_path / "c0", capo, 0, CAPO))
+    runs = [load_run(path) for path in dirs]
+    groups, _ = group_runs(runs)
+    assert [group.label for group in groups] == ["GRPO (monitor) · lr 2e-05, 32/step", CAPO_LABEL]
+    for group in groups:
+        summarize_group(group, ema_alpha=1.0)
+    value, label = reference_line(groups, "curvature/global_fisher", None)
+    steps_mean = [statistics.mean(values["curvature/global_fisher"][s] for values in monitor) for s in STEPS]
+    assert label == groups[0].label and value == pytest.approx(max(steps_mean), rel=1e-12)
+    # naming the CAPO group as reference takes the curve it plots: the masked one
+    value, label = reference_line(groups, "curvature/global_fisher", CAPO_LABEL)
+    assert value == pytest.approx(max(capo["curvature/masked_global_fisher"].values()), rel=1e-12)
+
+
+def test_root_takes_highest_version_and_labels_override(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    old, new = known_values(0, 0, None), known_values(0, 1, None)
+    write_run(root / "logs" / "version_0", old, 0, None)
+    write_run(root / "logs" / "version_1", new, 1, None)
+    other = write_run(tmp_path / "other" / "logs" / "version_0", known_values(0, 2, None), 0, None)
+    summary = build_report([root, other], tmp_path / "out", ema=1.0, labels={str(other): "mine"})
+    assert list(summary["groups"]) == [BASE_LABEL, "mine"]
+    assert summary["groups"][BASE_LABEL]["runs"] == [str(root / "logs" / "version_1")]
+    expected = [new["train/accuracy"][s] for s in STEPS]
+    assert summary["groups"][BASE_LABEL]["curves"]["train/accuracy"]["mean"] == pytest.approx(expected)
+    # the two version folders passed explicitly are two runs (seeds 0 and 1) of one group
+    summary = build_report([root / "logs" / "version_0", root / "logs" / "version_1"], tmp_path / "out2")
+    assert summary["groups"][BASE_LABEL]["seeds"] == [0, 1]
+
+
+def test_shared_seeds_noted_and_keepall_told_apart(tmp_path: Path) -> None:
+    keep_all = {"class_path": "capo_lightning.selection.KeepAll"}
+    dirs = [write_run(tmp_path / f"r{index}", known_values(0, index, None), 7, None) for index in range(2)]
+    dirs.append(write_run(tmp_path / "k", known_values(0, 5, keep_all), 7, keep_all))
+    groups, notes = group_runs([load_run(path) for path in dirs])
+    assert [group.label for group in groups] == [f"{BASE_LABEL} [no selector]", f"{BASE_LABEL} [KeepAll]"]
+    assert len(groups[0].runs) == 2 and not groups[1].enforces
+    assert len(notes) == 1 and "2 runs share seed 7" in notes[0]
+
+
+def test_alignment_keeps_only_shared_completions() -> None:
+    first = (np.array([0.0, 32.0, 64.0, 96.0]), np.array([1.0, 2.0, 3.0, 4.0]))
+    second = (np.array([0.0, 64.0, 96.0]), np.array([5.0, 7.0, 9.0]))
+    curve = aggregate([first, second], alpha=0.5)
+    assert curve.x.tolist() == [0.0, 64.0, 96.0]
+    smoothed_first = hand_ema([1.0, 2.0, 3.0, 4.0], 0.5)  # smoothed over all its points, then aligned
+    smoothed_second = hand_ema([5.0, 7.0, 9.0], 0.5)
+    for point, (a, b) in enumerate(zip([smoothed_first[i] for i in (0, 2, 3)], smoothed_second)):
+        mean, sem = hand_mean_sem([a, b])
+        assert curve.mean[point] == pytest.approx(mean) and curve.sem[point] == pytest.approx(sem)
+
+
+def test_val_steps_between_logged_training_rows_are_interpolated() -> None:
+    table = {10.0: 320.0, 20.0: 640.0}  # log_every_n_steps = 10
+    assert completions_at_step(20.0, table) == 640.0
+    assert completions_at_step(0.0, table) == 0.0
+    assert completions_at_step(15.0, table) == pytest.approx(480.0)
+    assert completions_at_step(25.0, table) == pytest.approx(800.0)
+
+
+def test_bad_run_dirs_say_what_was_expected(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty has no metrics.csv: expected .*logs/version_N/metrics.csv"):
+        build_report([tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_report([tmp_path / "nowhere"], tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "has no metrics.csv" in capsys.readouterr().err
+    run = write_run(tmp_path / "ok", known_values(0, 0, None), 0, None)
+    with pytest.raises(ValueError, match="--reference 'nope' is not a group label"):
+        build_report([run], tmp_path / "out", reference="nope")
+    with pytest.raises(ValueError, match=r"--ema must be in \(0, 1\]"):
+        build_report([run], tmp_path / "out", ema=0.0)
+
+
+def test_capo_command_dispatches_report(two_groups, tmp_path: Path) -> None:
+    from capo_lightning.cli import main as capo_main
+
+    dirs, truth = two_groups
+    capo_main(["report", *map(str, dirs), "--out", str(tmp_path / "cli"), "--ema", "1", "--label", f"{dirs[0]}=A"])
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert list(summary["groups"]) == ["A", BASE_LABEL, CAPO_LABEL]
+    assert summary["groups"]["A"]["curves"]["train/accuracy"]["mean"] == pytest.approx(
+        [truth[BASE_LABEL][0]["train/accuracy"][s] for s in STEPS]
+    )
+    assert (tmp_path / "cli" / "fig3_shifts.png").is_file()
+
+
+def test_report_imports_nothing_else_of_the_package() -> None:
+    from tests.unit.test_layering import PACKAGE_ROOT, import_graph
+
+    graph = import_graph(PACKAGE_ROOT)
+    outside = [
+        f"{name} -> {target}"
+        for name, targets in sorted(graph.items())
+        if name.startswith("capo_lightning.report")
+        for target in sorted(targets)
+        if not target.startswith("capo_lightning.report")
+    ]
+    assert "capo_lightning.report.figures" in graph and outside == []
+    assert "capo_lightning.report" in graph["capo_lightning.cli"]  # the one way in: `capo report`
+
+
+def test_run_with_only_its_step0_validation_is_reported_with_notes(tmp_path: Path) -> None:
+    """A run still in its first step: the CSV holds the base model's validation row only."""
+    folder = tmp_path / "early" / "logs" / "version_0"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("step,time/val_s,val/accuracy\n0,35.5,0.25\n")
+    summary = build_report([tmp_path / "early"], tmp_path / "out")
+    (group,) = summary["groups"].values()  # no config.yaml: grouped as unknown, with a note
+    assert group["curves"]["val/accuracy"]["x"] == [0.0] and group["final"]["val/accuracy"]["mean"] == 0.25
+    assert summary["figures"] == ["fig2_heldout.png"]
+    notes = " | ".join(summary["notes"])
+    assert "has no train/completions_total yet" in notes and "config.yaml is missing" in notes
+    assert "fig1_accuracy.png not written" in notes and "health.png not written" in notes
