@@ -13,6 +13,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.module import CAPOModule
+from capo_lightning.wandb_config import CapoSaveConfig, fill_wandb_logger, finish_wandb_runs
 
 _DIR_ARGS = {"dirpath": "checkpoints", "save_dir": ""}  # init arg -> sub-folder of trainer.default_root_dir
 
@@ -61,12 +62,19 @@ class CapoCLI(LightningCLI):
         logger = trainer.get("logger")
         entries += logger if isinstance(logger, list) else [logger]
         for entry in entries:
+            fill_wandb_logger(entry, config)
             init_args = getattr(entry, "init_args", None)
             if init_args is None:
                 continue
             for arg, sub in _DIR_ARGS.items():
                 if arg in init_args and init_args[arg] in (None, "", "."):
                     init_args[arg] = str(root / sub) if sub else str(root)
+
+    def after_fit(self) -> None:
+        """Close W&B runs now (flushing their last steps), not at interpreter exit."""
+        finish_wandb_runs(self.trainer)
+
+    after_validate = after_test = after_fit
 
 
 def _quiet_known_warnings() -> None:
@@ -80,7 +88,18 @@ def _quiet_known_warnings() -> None:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``capo`` console script; tests call ``main([...])``."""
+    """Entry point of the ``capo`` console script; tests call ``main([...])``.
+
+    ``capo report ...`` goes to :func:`capo_lightning.report.main` (plain argparse, no LightningCLI).
+    """
+    import sys
+
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
+        from capo_lightning.report import main as report_main
+
+        report_main(list(argv[1:]))
+        return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
     CapoCLI(
@@ -89,6 +108,7 @@ def main(args: ArgsType = None) -> None:
         args=args,
         auto_configure_optimizers=False,
         parser_class=CapoArgumentParser,
+        save_config_callback=CapoSaveConfig,
         parser_kwargs={"parser_mode": "omegaconf"},
     )
 

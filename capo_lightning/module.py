@@ -106,6 +106,7 @@ class CAPOModule(LightningModule):
         self.completions_total = 0
         self.eval_spec = EvalSpec()  # replaced by what the DataModule's connect() returns
         self._last_step_end: float | None = None
+        self._val_seconds, self._val_start = 0.0, 0.0
 
     # ---- building -----------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -185,7 +186,6 @@ class CAPOModule(LightningModule):
             selection = multi_pass_step(context, batch, advantages, ref, plan, metrics)
         metrics.update(rollout_metrics(batch))
         metrics["rollout/staleness"] = staleness
-        metrics.update(selection.metrics)
         metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0)
         self.rollout_step += 1
         self.completions_total += batch.num_completions * self.trainer.world_size
@@ -216,11 +216,14 @@ class CAPOModule(LightningModule):
 
     # ---- metrics ------------------------------------------------------------------------------
     def _log_metrics(self, metrics: dict[str, Tensor], batch_size: int) -> None:
+        """The row's ``step`` = optimizer steps done (as ``max_steps`` and the progress bar count); ``time/step_s``
+        excludes validation (``time/val_s``). Selection and health are the callbacks' (:mod:`.callbacks`)."""
         now = time.perf_counter()
         if self._last_step_end is not None:
-            metrics["time/step_s"] = torch.tensor(now - self._last_step_end)
-        self._last_step_end = now
+            metrics["time/step_s"] = torch.tensor(now - self._last_step_end - self._val_seconds)
+        self._last_step_end, self._val_seconds = now, 0.0
         values = {k: v.float() for k, v in metrics.items()}
+        values["step"] = torch.tensor(float(self.global_step))
         self.log_dict(
             values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=self.trainer.world_size > 1
         )
@@ -230,10 +233,11 @@ class CAPOModule(LightningModule):
         """Push the new weights to the engine (a no-op for engines that share the policy)."""
         self.engine.sync_weights(self.policy, self.global_step)
         if self.sample_every_n_steps and batch.texts is not None and self.rollout_step % self.sample_every_n_steps == 0:
-            rank_zero_info(sample_text(batch, self.rollout_step))
+            rank_zero_info(sample_text(batch, self.global_step))
 
     def on_validation_epoch_start(self) -> None:
         self._evaluator = self._make_evaluator("val")
+        self._val_start = time.perf_counter()
 
     def on_test_epoch_start(self) -> None:
         self._evaluator = self._make_evaluator("test")
@@ -247,6 +251,9 @@ class CAPOModule(LightningModule):
         self._eval_step(batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
+        seconds = time.perf_counter() - self._val_start
+        self._val_seconds += seconds
+        self.log("time/val_s", seconds)
         self._end_eval()
 
     def on_test_epoch_end(self) -> None:
@@ -255,6 +262,8 @@ class CAPOModule(LightningModule):
     def _end_eval(self) -> None:
         results = self._evaluator.compute()  # torchmetrics already synchronised the ranks
         self.log_dict(results)
+        self.log("step", float(self.global_step))  # the row's step: optimizer steps done, as training rows
+        self.log("acc", results[f"{self._evaluator.stage}/accuracy"], prog_bar=True, logger=False)
         rank_zero_info(self._evaluator.summary(results, self.global_step))
 
     def _make_evaluator(self, stage: str) -> Evaluator:

@@ -153,3 +153,35 @@ def tiny_rollout(
 def multiple_of_three(completions: list[str], answers: list[str], **columns: Any) -> list[float]:
     """A grader that ignores the text: correct iff the gold answer is a multiple of 3 (picklable for spawn)."""
     return [float(int(a) % 3 == 0) for a in answers]
+
+
+class SelectionRecorder(L.Callback):
+    """Saves each step's selection, rewards and advantages on every rank to ``<folder>/rank<r>_step<s>.pt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        import torch
+
+        selection = outputs["selection"]
+        record = {
+            "judged": selection.judged.cpu() if selection.judged is not None else None,
+            "failed": {k: v.cpu() for k, v in selection.failed.items()},
+            "token_mask": selection.token_mask.cpu(),
+            "shifts": {k: v.detach().cpu() for k, v in selection.shifts.items()},
+            "rewards": batch.rewards.cpu(),
+            "advantages": outputs["advantages"].cpu(),
+            "completions": list(batch.texts.completions) if batch.texts is not None else None,
+        }
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(record, self.folder / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")
+
+
+def read_csv_metrics(log_dir: str | Path) -> list[dict[str, float]]:
+    """Rows of the CSV logger's metrics.csv under ``log_dir`` (any version), empty cells left out."""
+    import csv
+
+    (path,) = sorted(Path(log_dir).rglob("metrics.csv"))[-1:]
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]

@@ -1,5 +1,26 @@
-"""Callbacks: they observe and record; nothing essential to training lives here."""
+"""Callbacks: what is logged about selection and training health, the console, and the collapse guard.
 
+Each is usable alone from a config's ``trainer.callbacks`` list; they read what ``training_step``
+returns (``selection``, ``advantages``) and the logged metrics, and (except the collapse detector's
+``rollback``) never change training.
+"""
+
+from capo_lightning.callbacks.baseline import ValidateBeforeTraining
 from capo_lightning.callbacks.checkpoint import InterruptCheckpoint
+from capo_lightning.callbacks.collapse import CollapseDetector
+from capo_lightning.callbacks.completions import CompletionsLog
+from capo_lightning.callbacks.curvature import CurvatureMonitor
+from capo_lightning.callbacks.progress import CapoProgressBar
+from capo_lightning.callbacks.rejection import RejectionMonitor
+from capo_lightning.callbacks.summary import RunSummary
 
-__all__ = ["InterruptCheckpoint"]
+__all__ = [
+    "CapoProgressBar",
+    "CollapseDetector",
+    "CompletionsLog",
+    "CurvatureMonitor",
+    "InterruptCheckpoint",
+    "RejectionMonitor",
+    "RunSummary",
+    "ValidateBeforeTraining",
+]

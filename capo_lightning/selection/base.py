@@ -28,6 +28,8 @@ class Selection:
     """A selector's decision: the token mask plus what it measured on the way."""
 
     token_mask: Tensor  # [N, L] bool, True = keep
+    judged: Tensor | None = None  # [N, L] bool, the tokens the selector tested (None: no selector ran)
+    failed: dict[str, Tensor] = field(default_factory=dict)  # test name -> [N, L] bool, True = failed it
     shifts: dict[str, Tensor] = field(default_factory=dict)  # per-token [N, L] or scalar shifts, for monitors
     metrics: dict[str, Tensor] = field(default_factory=dict)  # "select/..." -> scalar
 

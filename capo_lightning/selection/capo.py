@@ -102,8 +102,10 @@ class CAPOSelector(Selector):
             "global_fisher": pre.fisher, "global_hessian": pre.hessian,
             "masked_global_fisher": post.fisher, "masked_global_hessian": post.hessian,
         }  # fmt: skip
+        failed = {"fisher": torch.zeros_like(valid), "hessian": torch.zeros_like(valid)}
+        failed["fisher"][valid], failed["hessian"][valid] = ~ok_f, ~ok_h
         metrics = self._metrics(shifts, ok_f, ok_h, keep_flat, pre, post)
-        return Selection(token_mask=mask, shifts=out_shifts, metrics=metrics)
+        return Selection(token_mask=mask, judged=valid, failed=failed, shifts=out_shifts, metrics=metrics)
 
     def _tests(self, shifts: curvature.Shifts) -> tuple[Tensor, Tensor]:
         """(m_F passes, m_H passes) per token."""

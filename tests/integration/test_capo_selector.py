@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from capo_lightning.callbacks import RejectionMonitor
 from capo_lightning.forward import score_responses
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
@@ -652,7 +653,10 @@ def test_huge_thresholds_keep_everything_and_give_the_no_selector_update(tiny_mo
     batch = real["batch"]
     rec = Record()
     capo, module, trainer = _fit(
-        tiny_model_dir, FixedBatches([batch]), CAPOSelector(delta_f=HUGE, tau_h=HUGE), callbacks=[rec]
+        tiny_model_dir,
+        FixedBatches([batch]),
+        CAPOSelector(delta_f=HUGE, tau_h=HUGE),
+        callbacks=[rec, RejectionMonitor()],
     )
     plain, _, plain_trainer = _fit(tiny_model_dir, FixedBatches([batch]), None)
     assert bool(rec.masks[0].all())

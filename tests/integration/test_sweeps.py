@@ -12,7 +12,7 @@ from capo_lightning.cli import main
 from tests.conftest import ROOT
 
 SWEEPS = sorted((ROOT / "sweeps").rglob("*.yaml"))
-LOGGED_KEY_SOURCES = [ROOT / "capo_lightning/module.py", ROOT / "capo_lightning/step_metrics.py"]
+LOGGED_KEY_SOURCES = [ROOT / "capo_lightning/module.py", ROOT / "capo_lightning/training/step_metrics.py"]
 
 
 def test_sweeps_are_found() -> None:

@@ -1,0 +1,131 @@
+"""The collapse detector's signals: running statistics of a few logged metrics and their alarm tests.
+
+Pure Python over one step's metric values at a time, so each test is checked on hand-made sequences.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+METRICS = {
+    "reward": "train/reward_mean",
+    "entropy": "objective/entropy",
+    "truncated": "rollout/truncated_frac",
+    "length": "rollout/response_length_mean",
+    "grad_norm": "objective/grad_norm",
+    "kl": "objective/kl",
+    "reject": "select/token_reject_rate",
+}  # signal input -> logged key
+
+
+@dataclass
+class Reading:
+    """One signal over its threshold at one step."""
+
+    signal: str
+    value: float
+    threshold: float
+    message: str
+
+
+@dataclass
+class Thresholds:
+    """When each signal fires; None switches a signal off. See :class:`CollapseDetector` for the meaning."""
+
+    reward_drop: float | None = 0.5
+    min_peak_reward: float = 0.1
+    entropy_ratio: float | None = 0.1
+    truncated_max: float | None = 0.9
+    min_length: float | None = 1.5
+    grad_spike: float | None = 10.0
+    grad_window: int = 20
+    reject_max: float | None = 0.5
+    kl_max: float | None = 1.0
+
+
+@dataclass
+class SignalState:
+    """Running statistics: EMAs, the reward peak, the entropy reference and recent gradient norms."""
+
+    steps: int = 0
+    ema: dict[str, float] = field(default_factory=dict)
+    reward_peak: float | None = None
+    entropy_start: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+
+
+class Signals:
+    """Feeds one step's metric values into the running statistics and returns the signals over threshold.
+
+    Smoothed (EMA with weight ``ema`` on the new value): reward, entropy, truncated fraction, length, KL.
+    Raw: gradient norm (against the median of the previous ``grad_window`` steps) and rejection rate.
+    No signal is judged during the first ``warmup_steps`` steps; the statistics still fill. The entropy
+    reference is the mean entropy of those warm-up steps.
+    """
+
+    def __init__(self, thresholds: Thresholds, warmup_steps: int = 5, ema: float = 0.3) -> None:
+        if not 0 < ema <= 1:
+            raise ValueError(f"CollapseDetector.ema must be in (0, 1], got {ema}")
+        self.thresholds, self.warmup_steps, self.alpha = thresholds, warmup_steps, ema
+        self.state = SignalState()
+
+    def reset(self) -> None:
+        """Forget everything (after a rollback: the restored policy starts a new warm-up)."""
+        self.state = SignalState()
+
+    def update(self, values: dict[str, float]) -> list[Reading]:
+        """Add one step (keys of :data:`METRICS`, missing ones skipped) and return the signals that fire."""
+        state, alpha = self.state, self.alpha
+        state.steps += 1
+        for name in ("reward", "entropy", "truncated", "length", "kl"):
+            if name in values:
+                previous = state.ema.get(name, values[name])
+                state.ema[name] = alpha * values[name] + (1 - alpha) * previous
+        judged = state.steps > self.warmup_steps
+        readings = self._judge(values) if judged else []
+        if "reward" in state.ema and (judged or state.steps == self.warmup_steps):
+            state.reward_peak = max(state.reward_peak or state.ema["reward"], state.ema["reward"])
+        if "entropy" in values and not judged:
+            state.entropy_start.append(values["entropy"])
+        if "grad_norm" in values:
+            state.grad_norms = (state.grad_norms + [values["grad_norm"]])[-self.thresholds.grad_window :]
+        return readings
+
+    def _judge(self, values: dict[str, float]) -> list[Reading]:
+        t, state, ema = self.thresholds, self.state, self.state.ema
+        found: list[Reading] = []
+
+        def below(signal: str, value: float | None, floor: float, what: str) -> None:
+            if value is not None and value < floor:
+                found.append(Reading(signal, value, floor, f"{what} {value:.3g} < {floor:.3g}"))
+
+        def above(signal: str, value: float | None, limit: float, what: str) -> None:
+            if value is not None and value > limit:
+                found.append(Reading(signal, value, limit, f"{what} {value:.3g} > {limit:.3g}"))
+
+        peak = state.reward_peak
+        if t.reward_drop is not None and peak is not None and peak >= t.min_peak_reward:
+            below("reward_drop", ema.get("reward"), (1 - t.reward_drop) * peak, f"smoothed reward (peak {peak:.3g})")
+        if t.entropy_ratio is not None and state.entropy_start:
+            start = statistics.fmean(state.entropy_start)
+            below(
+                "entropy_collapse", ema.get("entropy"), t.entropy_ratio * start, f"smoothed entropy (start {start:.3g})"
+            )
+        if t.truncated_max is not None:
+            above("length_cap", ema.get("truncated"), t.truncated_max, "smoothed share truncated at max_new_tokens")
+        if t.min_length is not None:
+            below("length_floor", ema.get("length"), t.min_length, "smoothed response length (tokens)")
+        if t.grad_spike is not None and len(state.grad_norms) >= self.warmup_steps:
+            median = statistics.median(state.grad_norms)
+            above(
+                "grad_spike",
+                values.get("grad_norm"),
+                t.grad_spike * median,
+                f"gradient norm (recent median {median:.3g})",
+            )
+        if t.reject_max is not None:
+            above("reject_spike", values.get("reject"), t.reject_max, "token rejection rate")
+        if t.kl_max is not None:
+            above("kl", ema.get("kl"), t.kl_max, "smoothed KL to the reference")
+        return found

@@ -1,0 +1,98 @@
+"""Predicted policy and objective shifts (m_F, m_H) of every step, over all ranks, as CAPO measures them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor
+
+from capo_lightning.callbacks.ranks import gather_over_ranks
+
+GLOBAL_KEYS = ("global_fisher", "global_hessian", "masked_global_fisher", "masked_global_hessian")
+
+
+class CurvatureMonitor(Callback):
+    """Logs ``curvature/*``: token- and batch-level m_F and m_H, before and after the selector's mask.
+
+    * ``curvature/token_{fisher,hessian}_{mean,max,p50,p95}``: over every judged response token of the step,
+      gathered from all ranks (percentiles of the whole step, not means of per-rank percentiles);
+    * ``curvature/masked_token_*``: the same over the tokens the mask kept;
+    * ``curvature/global_{fisher,hessian}`` and ``curvature/masked_global_*``: the step's batch ("global")
+      shifts with the direction built from every token / from the kept tokens (already computed over all
+      ranks by the selector).
+
+    These are the paper's Fig. 3 quantities: baselines plot the unmasked keys (with a measuring selector,
+    ``enforce: false``), CAPO the ``masked_`` ones. Every ``histogram_every_n_steps`` steps the token values
+    also go to the loggers that take histograms (W&B, TensorBoard); the CSV logger takes none. Nothing is
+    logged when the selector reports no shifts (no selector, KeepAll).
+
+    Args:
+        histogram_every_n_steps: steps between histograms; 0 = never.
+    """
+
+    def __init__(self, histogram_every_n_steps: int = 10) -> None:
+        if histogram_every_n_steps < 0:
+            raise ValueError(f"CurvatureMonitor.histogram_every_n_steps must be >= 0, got {histogram_every_n_steps}")
+        self.histogram_every_n_steps = histogram_every_n_steps
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Gather the step's token shifts from all ranks and log their statistics."""
+        selection = outputs.get("selection") if isinstance(outputs, dict) else None
+        if selection is None or "token_fisher" not in selection.shifts or selection.judged is None:
+            return
+        metrics: dict[str, float] = {}
+        histograms: dict[str, Tensor] = {}
+        for prefix, tokens in (("token", selection.judged), ("masked_token", selection.judged & selection.token_mask)):
+            for name in ("fisher", "hessian"):
+                values = gather_over_ranks(trainer, selection.shifts[f"token_{name}"][tokens].float())
+                metrics.update(token_stats(f"curvature/{prefix}_{name}", values))
+                histograms[f"curvature/{prefix}_{name}"] = values
+        for key in GLOBAL_KEYS:
+            if key in selection.shifts:
+                metrics[f"curvature/{key}"] = float(selection.shifts[key])
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=1)
+        step = trainer.global_step
+        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0 and trainer.is_global_zero:
+            log_histograms(trainer, histograms, step)
+
+
+def token_stats(prefix: str, values: Tensor) -> dict[str, float]:
+    """Mean, max, median and 95th percentile (linear interpolation, as ``torch.quantile``); zeros if empty."""
+    if values.numel() == 0:
+        return {f"{prefix}_{stat}": 0.0 for stat in ("mean", "max", "p50", "p95")}
+    ordered = values.double().sort().values
+    return {
+        f"{prefix}_mean": float(ordered.mean()),
+        f"{prefix}_max": float(ordered[-1]),
+        f"{prefix}_p50": _quantile(ordered, 0.5),
+        f"{prefix}_p95": _quantile(ordered, 0.95),
+    }
+
+
+def _quantile(ordered: Tensor, q: float) -> float:
+    """The q-quantile of sorted values with linear interpolation (no size limit, unlike torch.quantile)."""
+    position = q * (ordered.numel() - 1)
+    low = int(position)
+    high = min(low + 1, ordered.numel() - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
+
+
+def log_histograms(trainer: Trainer, histograms: dict[str, Tensor], step: int) -> None:
+    """Send histograms to every logger that takes them (W&B, TensorBoard)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            logger.experiment.log(
+                {f"{k}_hist": wandb.Histogram(v.cpu().numpy()) for k, v in histograms.items() if v.numel()}
+                | {"trainer/global_step": step}
+            )
+        elif isinstance(logger, TensorBoardLogger):
+            for key, values in histograms.items():
+                if values.numel():
+                    logger.experiment.add_histogram(f"{key}_hist", values.cpu(), step)

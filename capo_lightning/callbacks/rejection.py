@@ -1,0 +1,104 @@
+"""Token rejection rates of the selector, counted over every rank (the paper's ``curvature_clip_ratio_*``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from capo_lightning.callbacks.ranks import sum_over_ranks
+from capo_lightning.selection import Selection
+
+COUNTS = ("judged", "rejected", "rejected_fisher", "rejected_hessian")  # order of the summed count vector
+
+
+def rejected_tokens(selection: Selection) -> Tensor:
+    """[N, L] bool: the judged tokens that failed any test of the selector.
+
+    With tests reported (CAPO) a token is rejected when it fails the Fisher OR the Hessian test, also
+    when the selector only measures (``enforce=False``: what it would have rejected); a selector that
+    reports no tests rejects what its mask drops.
+    """
+    judged = selection.judged
+    if selection.failed:
+        failed = torch.stack(list(selection.failed.values())).any(dim=0)
+        return judged & failed
+    return judged & ~selection.token_mask
+
+
+def rejection_counts(trainer: Trainer, selection: Selection) -> dict[str, float] | None:
+    """Judged and rejected token counts of the step summed over all ranks; None when no selector ran."""
+    if selection.judged is None:
+        return None
+    judged = selection.judged
+    failed = selection.failed
+    local = torch.stack(
+        [
+            judged.sum(),
+            rejected_tokens(selection).sum(),
+            (judged & failed["fisher"]).sum() if "fisher" in failed else torch.zeros((), device=judged.device),
+            (judged & failed["hessian"]).sum() if "hessian" in failed else torch.zeros((), device=judged.device),
+        ]
+    ).double()
+    total = sum_over_ranks(trainer, local).tolist()
+    return dict(zip(COUNTS, total))
+
+
+class RejectionMonitor(Callback):
+    """Logs ``select/*``: the share of judged response tokens the selector rejected, per step and cumulative.
+
+    Rates are rejected tokens over judged tokens, both summed over all ranks before dividing (the paper's
+    definition; a mean of per-rank fractions would weigh a rank with few tokens as much as one with many):
+
+    * ``select/token_reject_rate``: rejected by the Fisher OR the Hessian test (Fig. 5's rejection rate);
+    * ``select/reject_rate_fisher``, ``select/reject_rate_hessian``: each test alone;
+    * ``select/tokens_judged``, ``select/tokens_rejected``: the step's counts;
+    * ``select/token_reject_rate_cum`` (and the ``_fisher``/``_hessian`` splits): over the run so far.
+
+    Cumulative counts are kept in the checkpoint, so a resumed run continues them. Nothing is logged in a
+    run without a selector. Reads the ``selection`` that ``training_step`` returns.
+
+    Args:
+        prog_bar: show the step's rejection rate in the progress bar.
+    """
+
+    def __init__(self, prog_bar: bool = True) -> None:
+        self.prog_bar = prog_bar
+        self.totals = dict.fromkeys(COUNTS, 0.0)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Count this step's rejections over all ranks and log the rates."""
+        selection = outputs.get("selection") if isinstance(outputs, dict) else None
+        counts = rejection_counts(trainer, selection) if selection is not None else None
+        if counts is None:
+            return
+        for key, value in counts.items():
+            self.totals[key] += value
+        metrics = {**_rates(counts, ""), **_rates(self.totals, "_cum")}
+        metrics["select/tokens_judged"] = counts["judged"]
+        metrics["select/tokens_rejected"] = counts["rejected"]
+        for key, value in metrics.items():
+            pl_module.log(key, float(value), on_step=True, on_epoch=False, batch_size=1)
+        if self.prog_bar:
+            pl_module.log("rej", metrics["select/token_reject_rate"], prog_bar=True, logger=False, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's cumulative counts."""
+        return {"totals": dict(self.totals)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the cumulative counts of a resumed run."""
+        self.totals.update(state_dict.get("totals", {}))
+
+
+def _rates(counts: dict[str, float], suffix: str) -> dict[str, float]:
+    judged = max(counts["judged"], 1.0)
+    return {
+        f"select/token_reject_rate{suffix}": counts["rejected"] / judged,
+        f"select/reject_rate_fisher{suffix}": counts["rejected_fisher"] / judged,
+        f"select/reject_rate_hessian{suffix}": counts["rejected_hessian"] / judged,
+    }
