@@ -45,7 +45,10 @@ def shift_key(group: Group, key: str) -> str:
 def _smoothing(groups: Sequence[Group], keys: Sequence[str]) -> str:
     """``"EMA α 0.35, mean ± SEM over seeds"`` from the alphas of the curves drawn (several: all listed)."""
     alphas = sorted({group.curves[key].ema for group in groups for key in keys if key in group.curves})
-    return f"EMA α {', '.join(f'{alpha:g}' for alpha in alphas)}, {BAND}" if alphas else BAND
+    smoothed = [alpha for alpha in alphas if alpha < 1.0]
+    if not smoothed:
+        return BAND
+    return f"EMA α {', '.join(f'{alpha:g}' for alpha in smoothed)}, faint: raw, {BAND}"
 
 
 def _new_figure(rows: int, cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
@@ -55,7 +58,9 @@ def _new_figure(rows: int, cols: int, width: float, height: float) -> tuple[Figu
 
 
 def _band(axes: Axes, curve: Curve, label: str, color: str, scale: float = 1.0, marker: str | None = None) -> None:
-    """The mean as a line, mean ± SEM as a shaded band."""
+    """The mean as a line, mean ± SEM as a shaded band, and (when smoothed) the raw mean as a faint line."""
+    if curve.ema < 1.0 and curve.raw_mean.size == curve.x.size:
+        axes.plot(curve.x, curve.raw_mean * scale, color=color, alpha=0.3, linewidth=0.8)
     axes.plot(curve.x, curve.mean * scale, label=label, color=color, marker=marker, markersize=4)
     lower, upper = (curve.mean - curve.sem) * scale, (curve.mean + curve.sem) * scale
     axes.fill_between(curve.x, lower, upper, color=color, alpha=0.2, linewidth=0)

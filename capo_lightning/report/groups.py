@@ -146,6 +146,7 @@ def summarize_group(group: Group, ema_alpha: float | None = None) -> tuple[dict[
             "sem": curve.sem.tolist(),
             "n": curve.n,
             "ema": curve.ema,
+            "raw_mean": curve.raw_mean.tolist(),
         }
         last, largest = last_and_best(present)
         final[key] = _stat(last)

@@ -130,7 +130,7 @@ def test_groups_labels_seeds_and_val_x_axis(two_groups, tmp_path: Path) -> None:
 def test_curves_are_mean_and_sem_of_smoothed_seeds(two_groups, tmp_path: Path, ema: float | None) -> None:
     dirs, truth = two_groups
     summary = build_report(dirs, tmp_path / "out", ema=ema)
-    defaults = {"train/accuracy": 0.1, "val/accuracy": 0.35, "curvature/masked_token_hessian_mean": 0.35}
+    defaults = {"train/accuracy": 0.1, "val/accuracy": 1.0, "curvature/masked_token_hessian_mean": 0.35}
     for label, key in (
         (BASE_LABEL, "train/accuracy"),
         (CAPO_LABEL, "val/accuracy"),
@@ -140,10 +140,12 @@ def test_curves_are_mean_and_sem_of_smoothed_seeds(two_groups, tmp_path: Path, e
         per_run = [hand_ema([values[key][s] for s in sorted(values[key])], alpha) for values in truth[label]]
         curve = summary["groups"][label]["curves"][key]
         assert curve["ema"] == alpha and curve["n"] == 3
+        raw = [[values[key][s] for s in sorted(values[key])] for values in truth[label]]
         for point in range(len(per_run[0])):
             mean, sem = hand_mean_sem([run[point] for run in per_run])
             assert curve["mean"][point] == pytest.approx(mean, rel=1e-12)
             assert curve["sem"][point] == pytest.approx(sem, rel=1e-12)
+            assert curve["raw_mean"][point] == pytest.approx(sum(run[point] for run in raw) / len(raw), rel=1e-12)
 
 
 def test_final_and_best_use_raw_values(two_groups, tmp_path: Path) -> None:
