@@ -73,6 +73,15 @@ class CAPOSelector(Selector):
             self.adam_m = torch.zeros(num_vocab, hidden_size, device=device)
             self.adam_v = torch.zeros(num_vocab, hidden_size, device=device)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        """Take the shadow-Adam shape of the state being loaded when this selector was never built (e.g. the
+        unconfigured module that ``ddp_spawn`` copies the trained weights back into)."""
+        for name in ("adam_m", "adam_v"):
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and getattr(self, name).numel() == 0 and incoming.numel():
+                setattr(self, name, torch.zeros_like(incoming, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     # ---- the decision -------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, view: TokenView) -> Selection:

@@ -665,3 +665,17 @@ def test_huge_thresholds_keep_everything_and_give_the_no_selector_update(tiny_mo
     assert float(plain.abs().max()) > 1e-4
     assert torch.equal(capo, plain), f"max difference {float((capo - plain).abs().max()):.3e}"
     assert trainer.callback_metrics["objective/loss"].item() == plain_trainer.callback_metrics["objective/loss"].item()
+
+
+def test_an_unbuilt_selector_loads_a_trained_shadow_adam() -> None:
+    # what ddp_spawn does after fit: the main process's module was never configured, its selector never built
+    trained = CAPOSelector()
+    trained.build(7, 3)
+    trained.adam_m.normal_()
+    trained.adam_v.uniform_()
+    trained.adam_step.fill_(4)
+    fresh = CAPOSelector()
+    assert fresh.adam_m.numel() == 0
+    fresh.load_state_dict(trained.state_dict())
+    for name, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name

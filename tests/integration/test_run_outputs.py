@@ -27,6 +27,10 @@ from capo_lightning.selection import CAPOSelector
 from tests.helpers import SelectionRecorder, length_reward, make_trainer, read_csv_metrics
 
 
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
 def _datamodule() -> RolloutDataModule:
     return RolloutDataModule(
         train_source=ArithmeticSource(seed=1, max_value=20),
@@ -46,7 +50,7 @@ def _fit(root: Path, model_dir: Path, callbacks: list, steps: int = 4, ckpt_path
     module = CAPOModule(
         policy=PolicySpec(str(model_dir)),
         selector=kwargs.pop("selector", None),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+        optimizer=adamw,
         ppo_epochs=kwargs.pop("ppo_epochs", 1),
     )
     settings = dict(
@@ -164,3 +168,14 @@ def test_completions_log_writes_rows_with_rewards_and_rejection_shares(tmp_path:
         shares = (rejected.sum(1).float() / judged.sum(1).float()).tolist()
         assert [r["rejected_share"] for r in logged] == pytest.approx(shares)
         assert [r["tokens"] for r in logged] == judged.sum(1).tolist()
+
+
+def test_baseline_validation_and_monitors_run_under_two_process_ddp(tmp_path: Path, tiny_model_dir: Path) -> None:
+    callbacks = [ValidateBeforeTraining(), RejectionMonitor(), CompletionsLog(every_n_steps=1, rows=2)]
+    _, rows = _fit(
+        tmp_path, tiny_model_dir, callbacks, steps=2, selector=CAPOSelector(), strategy="ddp_spawn", devices=2
+    )
+    assert [int(r["step"]) for r in rows if "val/accuracy" in r] == [0, 2]
+    assert [int(r["step"]) for r in rows if "select/tokens_judged" in r] == [1, 2]
+    lines = (tmp_path / "logs/version_0/completions.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # rank zero's sample only, 2 rows x 2 steps
