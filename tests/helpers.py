@@ -185,3 +185,22 @@ def read_csv_metrics(log_dir: str | Path) -> list[dict[str, float]]:
     (path,) = sorted(Path(log_dir).rglob("metrics.csv"))[-1:]
     with path.open() as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def tiny_datamodule(**overrides: Any) -> Any:
+    """The tests' rollout DataModule: 2 arithmetic prompts (seed 1, values <= 20) x 4 samples of <= 12 tokens,
+    length rewards; ``overrides`` replace or add constructor arguments."""
+    from capo_lightning.data.datamodule import RolloutDataModule
+    from capo_lightning.data.prompts import ArithmeticSource
+    from capo_lightning.rollout import SamplingConfig
+
+    kwargs: dict[str, Any] = dict(
+        train_source=ArithmeticSource(seed=1, max_value=20),
+        prompts_per_step=2,
+        group_size=4,
+        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0),
+        reward_fn=length_reward,
+        max_prompt_tokens=96,
+    )
+    kwargs.update(overrides)
+    return RolloutDataModule(**kwargs)

@@ -21,14 +21,13 @@ from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.prompts import ArithmeticSource
 from capo_lightning.module import CAPOModule
 from capo_lightning.policy import PolicySpec
-from capo_lightning.rollout import SamplingConfig
 from capo_lightning.selection import CAPOSelector
 from tests.helpers import (
     RankBatches,
     SelectionRecorder,
-    length_reward,
     make_trainer,
     read_csv_metrics,
+    tiny_datamodule,
     tiny_rollout,
 )
 
@@ -37,19 +36,8 @@ def adamw(params):
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def _datamodule(**overrides) -> RolloutDataModule:
-    kwargs = dict(
-        train_source=ArithmeticSource(seed=1, max_value=20),
-        val_source=ArithmeticSource(seed=5, max_value=20),
-        val_prompts=4,
-        prompts_per_step=2,
-        group_size=4,
-        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0),
-        reward_fn=length_reward,
-        max_prompt_tokens=96,
-    )
-    kwargs.update(overrides)
-    return RolloutDataModule(**kwargs)
+def _datamodule() -> RolloutDataModule:
+    return tiny_datamodule(val_source=ArithmeticSource(seed=5, max_value=20), val_prompts=4)
 
 
 def _records(folder: Path, rank: int = 0) -> dict[int, dict]:

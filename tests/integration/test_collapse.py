@@ -11,14 +11,11 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from capo_lightning.callbacks import CollapseDetector
-from capo_lightning.data.datamodule import RolloutDataModule
-from capo_lightning.data.prompts import ArithmeticSource
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
 from capo_lightning.optim import WarmupCosineLR
 from capo_lightning.policy import PolicySpec, lm_head_weight
-from capo_lightning.rollout import SamplingConfig
-from tests.helpers import length_reward, make_trainer, read_csv_metrics
+from tests.helpers import length_reward, make_trainer, read_csv_metrics, tiny_datamodule
 
 OFF = dict(reward_drop=None, entropy_ratio=None, truncated_max=None, min_length=None, grad_spike=None, reject_max=None)
 
@@ -101,14 +98,7 @@ def _fit(tmp_path: Path, model_dir: Path, callbacks: list, steps: int, reward=le
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
         lr_scheduler=lambda opt: WarmupCosineLR(opt, warmup_ratio=0.0, total_steps=steps),
     )
-    dm = RolloutDataModule(
-        train_source=ArithmeticSource(seed=1, max_value=20),
-        prompts_per_step=2,
-        group_size=4,
-        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0),
-        reward_fn=reward,
-        max_prompt_tokens=96,
-    )
+    dm = tiny_datamodule(reward_fn=reward)
     trainer = make_trainer(
         steps,
         callbacks=callbacks,

@@ -9,26 +9,22 @@ import pytest
 import torch
 
 from capo_lightning.data.datamodule import RolloutDataModule
-from capo_lightning.data.prompts import ArithmeticSource
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
 from capo_lightning.policy import PolicySpec
-from capo_lightning.rollout import SamplingConfig
 from capo_lightning.selection import KeepAll
-from tests.helpers import BatchRecorder, FixedBatches, length_reward, make_trainer, read_records, tiny_rollout
+from tests.helpers import (
+    BatchRecorder,
+    FixedBatches,
+    make_trainer,
+    read_records,
+    tiny_datamodule,
+    tiny_rollout,
+)
 
 
 def make_datamodule(**overrides) -> RolloutDataModule:
-    kwargs = dict(
-        train_source=ArithmeticSource(seed=1, max_value=20),
-        prompts_per_step=2,
-        group_size=4,
-        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0),
-        reward_fn=length_reward,
-        max_prompt_tokens=96,
-    )
-    kwargs.update(overrides)
-    return RolloutDataModule(**kwargs)
+    return tiny_datamodule(**overrides)
 
 
 def adamw(params):
