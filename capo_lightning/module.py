@@ -253,7 +253,7 @@ class CAPOModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._val_start
         self._val_seconds += seconds
-        self.log("time/val_s", seconds)
+        self.log("time/val_s", seconds, sync_dist=self.trainer.world_size > 1)
         self._end_eval()
 
     def on_test_epoch_end(self) -> None:
@@ -262,8 +262,9 @@ class CAPOModule(LightningModule):
     def _end_eval(self) -> None:
         results = self._evaluator.compute()  # torchmetrics already synchronised the ranks
         self.log_dict(results)
-        self.log("step", float(self.global_step))  # the row's step: optimizer steps done, as training rows
-        self.log("acc", results[f"{self._evaluator.stage}/accuracy"], prog_bar=True, logger=False)
+        sync = self.trainer.world_size > 1  # the values agree on every rank; syncing only quiets Lightning
+        self.log("step", float(self.global_step), sync_dist=sync)  # the row's step: optimizer steps done
+        self.log("acc", results[f"{self._evaluator.stage}/accuracy"], prog_bar=True, logger=False, sync_dist=sync)
         rank_zero_info(self._evaluator.summary(results, self.global_step))
 
     def _make_evaluator(self, stage: str) -> Evaluator:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from capo_lightning.callbacks.collapse_signals import METRICS, Reading, Signals, Thresholds
@@ -33,9 +34,11 @@ class CollapseDetector(Callback):
     moments), multiplies the learning rate (and the schedule's base) by ``lr_factor`` and goes on, at most
     ``max_rollbacks`` times, then stops. For ``stop`` and ``rollback`` a snapshot
     (``<checkpoint dir>/healthy-candidate.ckpt``) is written every ``snapshot_every_n_steps`` steps while no
-    signal is over its threshold; it becomes the trusted ``healthy.ckpt`` only when the next one is due and
-    no signal rose in between (a rising signal discards it), so the state rolled back to predates the first
-    sign of trouble by at least ``snapshot_every_n_steps`` steps: the smoothed signals lag the damage.
+    signal is over its threshold (never during a warm-up, when nothing is judged); it becomes the trusted
+    ``healthy.ckpt`` only when the next one is due and no signal rose in between (a rising signal discards
+    it), so the state rolled back to predates the first sign of trouble by at least
+    ``snapshot_every_n_steps`` steps: the smoothed signals lag the damage. ``rollback`` needs a strategy
+    whose full state dict loads back as is (single device, DDP).
     Every step logs ``collapse/<signal>`` (1 = over threshold) and ``collapse/alarm``;
     each decision is also a line of ``collapse.jsonl`` in the log folder.
 
@@ -95,6 +98,14 @@ class CollapseDetector(Callback):
         self._candidate: tuple[str, int] | None = None  # the newest snapshot, trusted once the next one is due
         self.decisions: list[dict[str, Any]] = []
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse ``rollback`` where a full state dict cannot simply be loaded back (sharded strategies)."""
+        if self.action == "rollback" and not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"CollapseDetector(action='rollback') supports single-device and DDP runs, not "
+                f"{type(trainer.strategy).__name__}; use action='stop' and resume from the checkpoint it names"
+            )
+
     # ---- every step ---------------------------------------------------------------------------
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -111,7 +122,7 @@ class CollapseDetector(Callback):
             self._drop_candidate()
         if alarms:
             self._act(trainer, pl_module, alarms)
-        elif not fired and self.action != "warn" and self.snapshot_every_n_steps:
+        elif not fired and self.action != "warn" and self.snapshot_every_n_steps and self.signals.judging:
             if trainer.global_step % self.snapshot_every_n_steps == 0:
                 self._save_snapshot(trainer)
 
@@ -167,15 +178,16 @@ class CollapseDetector(Callback):
             "signals": [{"signal": r.signal, "value": r.value, "threshold": r.threshold} for r in alarms],
         }
         self.decisions.append(decision)
-        if trainer.is_global_zero and trainer.log_dir:
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            with (Path(trainer.log_dir) / "collapse.jsonl").open("a") as f:
+        log_dir = trainer.log_dir  # a broadcast: every rank must ask
+        if trainer.is_global_zero and log_dir:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            with (Path(log_dir) / "collapse.jsonl").open("a") as f:
                 f.write(json.dumps(decision) + "\n")
 
     # ---- snapshots and rollback -----------------------------------------------------------------
     def _snapshot_path(self, trainer: Trainer, name: str) -> Path:
         folder = self.snapshot_dir or getattr(trainer.checkpoint_callback, "dirpath", None)
-        return Path(folder or Path(trainer.default_root_dir) / "checkpoints") / name
+        return (Path(folder or Path(trainer.default_root_dir) / "checkpoints") / name).resolve()
 
     def _save_snapshot(self, trainer: Trainer) -> None:
         """Trust the previous candidate (no signal since it was written), then write a new candidate."""
@@ -196,6 +208,7 @@ class CollapseDetector(Callback):
     def _rollback(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Healthy weights and optimizer state back, learning rate down, signals reset."""
         checkpoint = torch.load(self.snapshot[0], map_location="cpu", weights_only=False)
+        self.snapshot = (self.snapshot[0], int(checkpoint["global_step"]))  # the file's own step (also after a resume)
         pl_module.load_state_dict(checkpoint["state_dict"])
         for optimizer, state in zip(trainer.optimizers, checkpoint["optimizer_states"]):
             current = [group["lr"] for group in optimizer.param_groups]

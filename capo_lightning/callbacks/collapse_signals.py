@@ -67,8 +67,18 @@ class Signals:
     def __init__(self, thresholds: Thresholds, warmup_steps: int = 5, ema: float = 0.3) -> None:
         if not 0 < ema <= 1:
             raise ValueError(f"CollapseDetector.ema must be in (0, 1], got {ema}")
+        if warmup_steps < 1 or thresholds.grad_window < 1:
+            raise ValueError(
+                f"CollapseDetector needs warmup_steps >= 1 and grad_window >= 1, got {warmup_steps}, "
+                f"{thresholds.grad_window}"
+            )
         self.thresholds, self.warmup_steps, self.alpha = thresholds, warmup_steps, ema
         self.state = SignalState()
+
+    @property
+    def judging(self) -> bool:
+        """Whether the latest step was judged (the warm-up is over)."""
+        return self.state.steps > self.warmup_steps
 
     def reset(self) -> None:
         """Forget everything (after a rollback: the restored policy starts a new warm-up)."""
@@ -116,7 +126,7 @@ class Signals:
             above("length_cap", ema.get("truncated"), t.truncated_max, "smoothed share truncated at max_new_tokens")
         if t.min_length is not None:
             below("length_floor", ema.get("length"), t.min_length, "smoothed response length (tokens)")
-        if t.grad_spike is not None and len(state.grad_norms) >= self.warmup_steps:
+        if t.grad_spike is not None and len(state.grad_norms) >= min(self.warmup_steps, t.grad_window):
             median = statistics.median(state.grad_norms)
             above(
                 "grad_spike",

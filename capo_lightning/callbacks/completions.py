@@ -19,13 +19,14 @@ class CompletionsLog(Callback):
     """Every ``every_n_steps`` steps, records up to ``rows`` completions of the step (rank zero's).
 
     Each row: step, prompt, completion, gold answer, reward, advantage, response tokens and the share of
-    its judged tokens the selector rejected (null without a selector). With a W&B logger the rows go to a
+    its judged tokens the selector rejected (null without a selector, or when none of its tokens was judged, as
+    a truncated completion under ``mask_truncated``). With a W&B logger the rows go to a
     W&B table ``completions`` (one per logging step); with any other logger they are appended to
     ``completions.jsonl`` in that logger's folder, next to ``metrics.csv``.
 
     Args:
         every_n_steps: steps between samples (optimizer steps, as the ``step`` column); 0 = never.
-        rows: completions per sample (the first ones of the batch: whole groups, in order).
+        rows: completions per sample (the first ones of the batch, in order: whole groups when a multiple of G).
         max_chars: prompts and completions are cut to this many characters.
     """
 
@@ -63,7 +64,7 @@ class CompletionsLog(Callback):
         if selection is not None and selection.judged is not None:
             judged = selection.judged[:n].sum(dim=1).float()  # [n]
             rejected = rejected_tokens(selection)[:n].sum(dim=1).float()
-            shares = (rejected / judged.clamp(min=1)).tolist()
+            shares = [r / j if j else None for r, j in zip(rejected.tolist(), judged.tolist())]  # None: none judged
         tokens = batch.response_mask[:n].sum(dim=1).tolist()
         return [
             {

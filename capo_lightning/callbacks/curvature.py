@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
@@ -9,7 +10,9 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from capo_lightning.callbacks.ranks import gather_over_ranks
+from capo_lightning.selection.capo import shift_stats
 
+STATS = ("mean", "max", "p50", "p95")
 GLOBAL_KEYS = ("global_fisher", "global_hessian", "masked_global_fisher", "masked_global_hessian")
 
 
@@ -18,7 +21,8 @@ class CurvatureMonitor(Callback):
 
     * ``curvature/token_{fisher,hessian}_{mean,max,p50,p95}``: over every judged response token of the step,
       gathered from all ranks (percentiles of the whole step, not means of per-rank percentiles);
-    * ``curvature/masked_token_*``: the same over the tokens the mask kept;
+    * ``curvature/masked_token_*``: the same over the tokens the mask kept (NaN when it kept none: a 0
+      would read as "tiny shifts", and a key left out would repeat the previous step's value);
     * ``curvature/global_{fisher,hessian}`` and ``curvature/masked_global_*``: the step's batch ("global")
       shifts with the direction built from every token / from the kept tokens (already computed over all
       ranks by the selector).
@@ -49,7 +53,10 @@ class CurvatureMonitor(Callback):
         for prefix, tokens in (("token", selection.judged), ("masked_token", selection.judged & selection.token_mask)):
             for name in ("fisher", "hessian"):
                 values = gather_over_ranks(trainer, selection.shifts[f"token_{name}"][tokens].float())
-                metrics.update(token_stats(f"curvature/{prefix}_{name}", values))
+                key = f"curvature/{prefix}_{name}"
+                stats = {f"{key}_{stat}": math.nan for stat in STATS}  # none kept: NaN, not a stale or 0 value
+                stats.update({k: float(v) for k, v in shift_stats(key, values).items()})
+                metrics.update(stats)
                 histograms[f"curvature/{prefix}_{name}"] = values
         for key in GLOBAL_KEYS:
             if key in selection.shifts:
@@ -59,27 +66,6 @@ class CurvatureMonitor(Callback):
         step = trainer.global_step
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0 and trainer.is_global_zero:
             log_histograms(trainer, histograms, step)
-
-
-def token_stats(prefix: str, values: Tensor) -> dict[str, float]:
-    """Mean, max, median and 95th percentile (linear interpolation, as ``torch.quantile``); zeros if empty."""
-    if values.numel() == 0:
-        return {f"{prefix}_{stat}": 0.0 for stat in ("mean", "max", "p50", "p95")}
-    ordered = values.double().sort().values
-    return {
-        f"{prefix}_mean": float(ordered.mean()),
-        f"{prefix}_max": float(ordered[-1]),
-        f"{prefix}_p50": _quantile(ordered, 0.5),
-        f"{prefix}_p95": _quantile(ordered, 0.95),
-    }
-
-
-def _quantile(ordered: Tensor, q: float) -> float:
-    """The q-quantile of sorted values with linear interpolation (no size limit, unlike torch.quantile)."""
-    position = q * (ordered.numel() - 1)
-    low = int(position)
-    high = min(low + 1, ordered.numel() - 1)
-    return float(ordered[low] + (ordered[high] - ordered[low]) * (position - low))
 
 
 def log_histograms(trainer: Trainer, histograms: dict[str, Tensor], step: int) -> None:

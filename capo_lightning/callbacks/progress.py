@@ -26,22 +26,39 @@ class CapoProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1) -> None:
         super().__init__(refresh_rate=refresh_rate)
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Create the bar, set up for steps (a resumed run may never call ``on_train_epoch_start``)."""
+        super().on_train_start(trainer, pl_module)
+        self._count_steps(trainer)
+
     def on_train_epoch_start(self, trainer: Trainer, *_: Any) -> None:
-        """Total = ``max_steps`` (unknown when unset), start = the resumed step."""
+        """Keep counting steps across epochs (instead of Lightning's per-epoch restart)."""
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer: Trainer) -> None:
+        """Total = ``max_steps`` (unknown when unset); start (and the rate's origin) = the current step."""
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
-        bar.initial = 0
-        bar.n = trainer.global_step
+        bar.initial = bar.n = trainer.global_step
         bar.set_description("step")
         bar.refresh()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Move to the optimizer-step count and show the latest metrics."""
-        bar = self.train_progress_bar
-        if bar is None or (batch_idx + 1) % max(1, self.refresh_rate):
+        """Move to the optimizer-step count and show the latest metrics (every ``refresh_rate`` steps)."""
+        if self._train_progress_bar is None or (batch_idx + 1) % max(1, self.refresh_rate):
             return
+        self._show(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Draw the last step (skipped by ``refresh_rate`` > 1), then close."""
+        if self._train_progress_bar is not None:
+            self._show(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
+
+    def _show(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        bar = self.train_progress_bar
         bar.n = trainer.global_step
         bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
         bar.refresh()

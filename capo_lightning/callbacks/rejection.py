@@ -34,16 +34,17 @@ def rejection_counts(trainer: Trainer, selection: Selection) -> dict[str, float]
         return None
     judged = selection.judged
     failed = selection.failed
+    none = torch.zeros((), dtype=torch.long, device=judged.device)
     local = torch.stack(
         [
             judged.sum(),
             rejected_tokens(selection).sum(),
-            (judged & failed["fisher"]).sum() if "fisher" in failed else torch.zeros((), device=judged.device),
-            (judged & failed["hessian"]).sum() if "hessian" in failed else torch.zeros((), device=judged.device),
+            (judged & failed["fisher"]).sum() if "fisher" in failed else none,
+            (judged & failed["hessian"]).sum() if "hessian" in failed else none,
         ]
-    ).double()
+    )  # int64: exact counts
     total = sum_over_ranks(trainer, local).tolist()
-    return dict(zip(COUNTS, total))
+    return {key: float(value) for key, value in zip(COUNTS, total)}
 
 
 class RejectionMonitor(Callback):

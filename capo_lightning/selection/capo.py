@@ -159,19 +159,21 @@ class CAPOSelector(Selector):
             "curvature/masked_global_fisher": post.fisher, "curvature/masked_global_hessian": post.hessian,
         }  # fmt: skip
         for name, values in (("fisher", shifts.fisher), ("hessian", shifts.hessian)):
-            out.update(_stats(f"curvature/token_{name}", values))
-            out.update(_stats(f"curvature/masked_token_{name}", values[keep]))
+            out.update(shift_stats(f"curvature/token_{name}", values))
+            out.update(shift_stats(f"curvature/masked_token_{name}", values[keep]))
         return out
 
 
-def _stats(prefix: str, values: Tensor) -> dict[str, Tensor]:
+def shift_stats(prefix: str, values: Tensor) -> dict[str, Tensor]:
+    """``{prefix}_mean``, ``_max``, ``_p50``, ``_p95`` of 1-D ``values`` (fp64; quantiles interpolate linearly,
+    as ``torch.quantile``, without its 2^24-element limit); empty ``values`` give an empty dict."""
     if values.numel() == 0:
-        zero = torch.zeros((), device=values.device)
-        return {f"{prefix}_{s}": zero for s in ("mean", "max", "p50", "p95")}
-    q = torch.quantile(values.float(), torch.tensor([0.5, 0.95], device=values.device))
-    return {
-        f"{prefix}_mean": values.mean(),
-        f"{prefix}_max": values.max(),
-        f"{prefix}_p50": q[0],
-        f"{prefix}_p95": q[1],
-    }
+        return {}
+    ordered = values.double().sort().values
+    out = {f"{prefix}_mean": ordered.mean(), f"{prefix}_max": ordered[-1]}
+    for name, q in (("p50", 0.5), ("p95", 0.95)):
+        position = q * (ordered.numel() - 1)
+        low = int(position)
+        high = min(low + 1, ordered.numel() - 1)
+        out[f"{prefix}_{name}"] = ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return out

@@ -130,6 +130,19 @@ def test_progress_bar_counts_to_max_steps_and_shows_health(tmp_path: Path, tiny_
     assert "step: 100%" in console and "4/4" in console and "Epoch" not in console and "/-" not in console
 
 
+def test_progress_bar_of_a_resumed_run_starts_at_its_step(tmp_path: Path, tiny_model_dir: Path) -> None:
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=2
+    )
+    _fit(tmp_path / "first", tiny_model_dir, [checkpoint], steps=2, enable_checkpointing=True)
+    bar = CapoProgressBar(refresh_rate=3)
+    _fit(
+        tmp_path / "resumed", tiny_model_dir, [bar], steps=4, ckpt_path=str(tmp_path / "ckpt/last.ckpt"),
+        enable_progress_bar=True, limit_val_batches=0,
+    )  # fmt: skip
+    assert (bar.train_progress_bar.initial, bar.train_progress_bar.n, bar.train_progress_bar.total) == (2, 4, 4)
+
+
 def test_summary_reports_first_last_best_and_where_things_are(tmp_path: Path, tiny_model_dir: Path) -> None:
     summary = RunSummary()
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), save_last=True)

@@ -65,17 +65,17 @@ def test_length_signals_and_rejection_are_judged_after_warm_up_only() -> None:
     signals = Signals(_only(truncated_max=0.9, min_length=1.5, reject_max=0.5), warmup_steps=3)
     sequence = [{"truncated": 1.0, "length": 1.0, "reject": 0.9}] * 4
     assert _fire_steps(signals, sequence) == [(4, ["length_cap", "length_floor", "reject_spike"])]
-    calm = Signals(_only(reject_max=0.5), warmup_steps=0)
+    calm = Signals(_only(reject_max=0.5), warmup_steps=1)
     assert _fire_steps(calm, [{"reject": 0.4}, {"reject": 0.6}]) == [(2, ["reject_spike"])]
 
 
 def test_kl_fires_over_its_limit_when_a_reference_logs_it() -> None:
     # only objectives with a reference (beta > 0) log objective/kl; without it the signal stays silent
-    assert _fire_steps(Signals(Thresholds(**OFF), warmup_steps=0), [{"reward": 0.5}] * 3) == []
-    assert _fire_steps(Signals(Thresholds(**OFF), warmup_steps=0, ema=1.0), [{"kl": 0.5}, {"kl": 1.5}]) == [
+    assert _fire_steps(Signals(Thresholds(**OFF), warmup_steps=1), [{"reward": 0.5}] * 3) == []
+    assert _fire_steps(Signals(Thresholds(**OFF), warmup_steps=1, ema=1.0), [{"kl": 0.5}, {"kl": 1.5}]) == [
         (2, ["kl"])
     ]  # the default limit is 1.0 nat per token
-    assert _fire_steps(Signals(_only(kl_max=None), warmup_steps=0), [{"kl": 5.0}] * 3) == []
+    assert _fire_steps(Signals(_only(kl_max=None), warmup_steps=1), [{"kl": 5.0}] * 3) == []
 
 
 def test_reset_starts_a_new_warm_up() -> None:
@@ -85,6 +85,15 @@ def test_reset_starts_a_new_warm_up() -> None:
     assert _fire_steps(signals, [{"length": 1.0}] * 2) == []
 
 
-def test_bad_ema_is_refused() -> None:
+def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="ema"):
         Signals(Thresholds(), ema=0.0)
+    with pytest.raises(ValueError, match="warmup_steps >= 1"):
+        Signals(Thresholds(), warmup_steps=0)
+    with pytest.raises(ValueError, match="grad_window >= 1"):
+        Signals(Thresholds(grad_window=0))
+
+
+def test_gradient_spike_is_judged_when_the_window_is_shorter_than_the_warm_up() -> None:
+    signals = Signals(_only(grad_spike=10.0, grad_window=3), warmup_steps=6)
+    assert _fire_steps(signals, [{"grad_norm": g} for g in [1.0] * 6 + [20.0]]) == [(7, ["grad_spike"])]
