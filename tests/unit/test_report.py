@@ -313,3 +313,23 @@ def test_run_with_only_its_step0_validation_is_reported_with_notes(tmp_path: Pat
     notes = " | ".join(summary["notes"])
     assert "has no train/completions_total yet" in notes and "config.yaml is missing" in notes
     assert "fig1_accuracy.png not written" in notes and "health.png not written" in notes
+
+
+def test_the_committed_study_redraws_to_its_committed_summary(tmp_path: Path) -> None:
+    # README's figure: the four quickstart runs' real logs give back the numbers committed beside them
+    study = Path(__file__).resolve().parents[2] / "docs/study/quickstart"
+    runs = sorted(str(p) for p in study.glob("*_s*"))
+    assert len(runs) == 4
+    summary = build_report(runs, tmp_path / "out")
+    committed = json.loads((study / "report/summary.json").read_text())
+    assert sorted(summary["groups"]) == sorted(committed["groups"]) and len(summary["groups"]) == 2
+    for label, group in summary["groups"].items():
+        assert group["curves"] == committed["groups"][label]["curves"]
+        assert group["final"] == committed["groups"][label]["final"] and group["seeds"] == [0, 1]
+    assert set(summary["figures"]) == {
+        "fig1_accuracy.png",
+        "fig2_heldout.png",
+        "fig3_shifts.png",
+        "fig5_rejection.png",
+        "health.png",
+    }
