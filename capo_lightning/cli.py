@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -13,7 +14,8 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.module import CAPOModule
-from capo_lightning.wandb_config import CapoSaveConfig, fill_wandb_logger, finish_wandb_runs
+from capo_lightning.regime import Regime, apply_regime
+from capo_lightning.wandb_config import CapoSaveConfig, fill_wandb_logger, finish_wandb_runs, run_name
 
 _DIR_ARGS = {"dirpath": "checkpoints", "save_dir": ""}  # init arg -> sub-folder of trainer.default_root_dir
 
@@ -53,10 +55,23 @@ class CapoCLI(LightningCLI):
     one flag moves a whole run and ``--ckpt_path last`` finds the previous run's last checkpoint.
     """
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """``regime``: scale-free multipliers on the base config (``conf/regime/*.yaml``, :mod:`.regime`)."""
+        parser.add_class_arguments(Regime, "regime")
+
     def before_instantiate_classes(self) -> None:
-        """Fill missing ``dirpath``/``save_dir`` of callbacks and loggers from default_root_dir."""
+        """Apply the regime; fill ``{run}`` (the run's name) and ``{stamp}`` (its start time) in
+        default_root_dir; give callbacks and loggers without a folder one under it."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        apply_regime(config)
+        seed = config.get("seed_everything")
+        if config.get("data.seed") is None and isinstance(seed, int) and not isinstance(seed, bool):
+            config["data.seed"] = seed  # replicates differ in prompts and samples, not only in name
         trainer = config["trainer"]
+        root_dir = str(trainer.get("default_root_dir") or "")
+        if "{run}" in root_dir or "{stamp}" in root_dir:  # one folder per run (sweeps, studies)
+            stamp = os.environ.setdefault("CAPO_RUN_STAMP", time.strftime("%Y%m%d-%H%M%S"))  # DDP ranks inherit it
+            trainer["default_root_dir"] = root_dir.replace("{run}", run_name(config)).replace("{stamp}", stamp)
         root = Path(trainer.get("default_root_dir") or ".")
         entries: list[Any] = list(trainer.get("callbacks") or [])
         logger = trainer.get("logger")

@@ -27,12 +27,18 @@ def run_label(config: Any) -> str:
     if init.get("enforce") is False:
         selector += "monitor"
     regime = config.get("regime")
+    regime = regime.get("name") if hasattr(regime, "get") else regime
     if not regime:
         lr = _init_args(model.get("optimizer")).get("lr")
         data = config.get("data") or {}
         per_step = (data.get("prompts_per_step") or 0) * (data.get("group_size") or 0)
         regime = f"lr{lr:g}x{per_step}" if isinstance(lr, (int, float)) else f"x{per_step}"
     return f"{objective}-{selector}-{regime}"
+
+
+def run_name(config: Any) -> str:
+    """``<objective>-<selector>-<regime>-s<seed>``: one run's name (also its ``{run}`` folder)."""
+    return f"{run_label(config)}-s{config.get('seed_everything')}"
 
 
 def fill_wandb_logger(entry: Any, config: Any) -> None:
@@ -42,7 +48,7 @@ def fill_wandb_logger(entry: Any, config: Any) -> None:
     init_args = entry.init_args
     label = run_label(config)
     if not init_args.get("name"):
-        init_args["name"] = f"{label}-s{config.get('seed_everything')}"
+        init_args["name"] = run_name(config)
     if not init_args.get("group"):
         init_args["group"] = label
     if not init_args.get("tags"):

@@ -11,7 +11,16 @@ from torch import Tensor
 from capo_lightning.callbacks.ranks import sum_over_ranks
 from capo_lightning.selection import Selection
 
-COUNTS = ("judged", "rejected", "rejected_fisher", "rejected_hessian")  # order of the summed count vector
+COUNTS = (
+    "judged",
+    "rejected",
+    "rejected_fisher",
+    "rejected_hessian",
+    "judged_pos_adv",
+    "rejected_pos_adv",
+    "judged_neg_adv",
+    "rejected_neg_adv",
+)  # fmt: skip  (order of the summed count vector)
 
 
 def rejected_tokens(selection: Selection) -> Tensor:
@@ -28,22 +37,32 @@ def rejected_tokens(selection: Selection) -> Tensor:
     return judged & ~selection.token_mask
 
 
-def rejection_counts(trainer: Trainer, selection: Selection) -> dict[str, float] | None:
-    """Judged and rejected token counts of the step summed over all ranks; None when no selector ran."""
+def rejection_counts(
+    trainer: Trainer, selection: Selection, advantages: Tensor | None = None
+) -> dict[str, float] | None:
+    """Judged and rejected token counts of the step summed over all ranks; None when no selector ran.
+
+    With ``advantages`` ([N] per completion, or [N, L] per token) the counts are also split by the sign of
+    each token's advantage (zero-advantage tokens count in neither split).
+    """
     if selection.judged is None:
         return None
-    judged = selection.judged
-    failed = selection.failed
+    judged, failed, rejected = selection.judged, selection.failed, rejected_tokens(selection)
     none = torch.zeros((), dtype=torch.long, device=judged.device)
-    local = torch.stack(
-        [
-            judged.sum(),
-            rejected_tokens(selection).sum(),
-            (judged & failed["fisher"]).sum() if "fisher" in failed else none,
-            (judged & failed["hessian"]).sum() if "hessian" in failed else none,
-        ]
-    )  # int64: exact counts
-    total = sum_over_ranks(trainer, local).tolist()
+    counts = [
+        judged.sum(),
+        rejected.sum(),
+        (judged & failed["fisher"]).sum() if "fisher" in failed else none,
+        (judged & failed["hessian"]).sum() if "hessian" in failed else none,
+    ]
+    if advantages is not None:
+        adv = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).expand_as(judged)
+        positive, negative = adv > 0, adv < 0
+        counts += [(judged & positive).sum(), (rejected & positive).sum()]
+        counts += [(judged & negative).sum(), (rejected & negative).sum()]
+    else:
+        counts += [none] * 4
+    total = sum_over_ranks(trainer, torch.stack(counts)).tolist()  # int64: exact counts
     return {key: float(value) for key, value in zip(COUNTS, total)}
 
 
@@ -56,6 +75,9 @@ class RejectionMonitor(Callback):
     * ``select/token_reject_rate``: rejected by the Fisher OR the Hessian test (Fig. 5's rejection rate);
     * ``select/reject_rate_fisher``, ``select/reject_rate_hessian``: each test alone;
     * ``select/tokens_judged``, ``select/tokens_rejected``: the step's counts;
+    * ``select/reject_rate_pos_adv``, ``select/reject_rate_neg_adv``: the rate among tokens of positive /
+      negative advantage, and ``select/rejected_pos_adv_share``: the share of rejected tokens whose advantage
+      is positive (does the selector drop what the update would reinforce, or what it would suppress?);
     * ``select/token_reject_rate_cum`` (and the ``_fisher``/``_hessian`` splits): over the run so far.
 
     Cumulative counts are kept in the checkpoint, so a resumed run continues them. Nothing is logged in a
@@ -74,12 +96,16 @@ class RejectionMonitor(Callback):
     ) -> None:
         """Count this step's rejections over all ranks and log the rates."""
         selection = outputs.get("selection") if isinstance(outputs, dict) else None
-        counts = rejection_counts(trainer, selection) if selection is not None else None
+        advantages = outputs.get("advantages") if isinstance(outputs, dict) else None
+        counts = rejection_counts(trainer, selection, advantages) if selection is not None else None
         if counts is None:
             return
         for key, value in counts.items():
             self.totals[key] += value
         metrics = {**_rates(counts, ""), **_rates(self.totals, "_cum")}
+        metrics["select/reject_rate_pos_adv"] = counts["rejected_pos_adv"] / max(counts["judged_pos_adv"], 1.0)
+        metrics["select/reject_rate_neg_adv"] = counts["rejected_neg_adv"] / max(counts["judged_neg_adv"], 1.0)
+        metrics["select/rejected_pos_adv_share"] = counts["rejected_pos_adv"] / max(counts["rejected"], 1.0)
         metrics["select/tokens_judged"] = counts["judged"]
         metrics["select/tokens_rejected"] = counts["rejected"]
         for key, value in metrics.items():

@@ -62,7 +62,8 @@ class RolloutDataModule(LightningDataModule):
             with ``paper`` and reports TEST accuracy with ``eval``.
         max_prompt_tokens: longest allowed formatted prompt, in tokens.
         steps_per_epoch: length of one pass of the train stream (an epoch is bookkeeping only).
-        seed: seeds prompt order and sampling.
+        seed: seeds prompt order and sampling; None = the run's ``seed_everything`` (the ``capo`` command fills
+            it, so seeds are real replicates), 0 outside the command.
         dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards all agree and refill with
             fresh prompts until B varied groups are found.
         max_sampling_rounds: generation rounds per step at most, with dynamic sampling; then the batch
@@ -88,7 +89,7 @@ class RolloutDataModule(LightningDataModule):
         eval_template: str | None = None,
         max_prompt_tokens: int = 512,
         steps_per_epoch: int = 100,
-        seed: int = 0,
+        seed: int | None = None,
         dynamic_sampling: bool = False,
         max_sampling_rounds: int = 4,
     ) -> None:
@@ -98,6 +99,7 @@ class RolloutDataModule(LightningDataModule):
             val_batch_size=val_batch_size, steps_per_epoch=steps_per_epoch, max_prompt_tokens=max_prompt_tokens,
             max_sampling_rounds=max_sampling_rounds,
         )  # fmt: skip
+        seed = 0 if seed is None else seed
         self.train_source = train_source if train_source is not None else ArithmeticSource(seed=seed)
         self.val_source, self.test_source = val_source, test_source
         self.template = get_template(template)

@@ -212,7 +212,7 @@ def _regime(config: dict) -> str:
     named = config.get("regime")
     if isinstance(named, dict):
         named = named.get("name")
-    if named is not None:
+    if named:  # a regime without a name ("", the CLI's default) is no regime
         return str(named)
     parts = []
     lr = _nested(config, "model", "optimizer", "init_args", "lr")

@@ -11,6 +11,7 @@ from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "conf").rglob("*.yaml"))
 BASE = ROOT / "conf/debug/tiny_cpu.yaml"
+STUDY_BASE = ROOT / "conf/study/base.yaml"
 
 
 def test_the_config_tree_is_found() -> None:
@@ -22,12 +23,27 @@ def test_the_config_tree_is_found() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "conf")))
 def test_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # fragments (objective/, selector/, ...) are stacked on a complete config, as users do
-    args = (
-        ["fit", "--config", str(path)]
-        if path == BASE or path.name == "quickstart.yaml"
-        else ["fit", "--config", str(BASE), "--config", str(path)]
-    )
+    args = ["fit", "--config", str(BASE), "--config", str(path)]
+    if path in (BASE, STUDY_BASE) or path.name == "quickstart.yaml":
+        args = ["fit", "--config", str(path)]
+    elif path.parent.name == "regime":  # a regime file is the `regime` group alone
+        args = ["fit", "--config", str(BASE), "--regime", str(path)]
+    elif path.parent.name == "study":  # study arms stack on the study's base
+        args = ["fit", "--config", str(STUDY_BASE), "--config", str(path)]
     with pytest.raises(SystemExit) as exc:
         main([*args, "--print_config"])
     assert exc.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("regime", sorted((ROOT / "conf/regime").glob("*.yaml")), ids=lambda p: p.stem)
+def test_study_stacks_parse(regime: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # as scripts/study.sh stacks them: base, regime, arm
+    arms = sorted(p for p in (ROOT / "conf/study").glob("*.yaml") if p != STUDY_BASE)
+    assert len(arms) >= 4
+    for arm in arms:
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "--config", str(STUDY_BASE), "--regime", str(regime), "--config", str(arm), "--print_config"])
+        assert exc.value.code in (0, None), arm
+        printed = capsys.readouterr().out
+        assert f"name: {regime.stem}" in printed and "CAPOSelector" in printed
