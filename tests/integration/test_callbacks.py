@@ -78,6 +78,13 @@ def test_rejection_monitor_logs_pooled_counts_and_running_totals(tmp_path: Path,
         assert row["select/reject_rate_fisher"] == pytest.approx(counts[2] / counts[0], abs=1e-7)
         assert row["select/reject_rate_hessian"] == pytest.approx(counts[3] / counts[0], abs=1e-7)
         assert row["select/token_reject_rate_cum"] == pytest.approx(totals[1] / totals[0], abs=1e-7)
+        adv = np.broadcast_to(rec["advantages"].numpy()[:, None], judged.shape)
+        rejected = judged & (fisher | hessian)
+        for sign, key in ((adv > 0, "pos"), (adv < 0, "neg")):
+            want = (rejected & sign).sum() / max((judged & sign).sum(), 1)
+            assert row[f"select/reject_rate_{key}_adv"] == pytest.approx(want, abs=1e-7)
+        share = (rejected & (adv > 0)).sum() / max(rejected.sum(), 1)
+        assert row["select/rejected_pos_adv_share"] == pytest.approx(share, abs=1e-7)
         rates.append(counts[1] / counts[0])
     assert 0 < max(rates) and min(rates) < 1, rates  # the comparison is not all-or-nothing
 
