@@ -1,12 +1,13 @@
-"""CAPO thresholds for a model and regime, from a measuring run's own token shifts (docs/results.md).
+"""CAPO thresholds for a model from a measuring run's own token shifts (docs/results.md).
 
-The paper's thresholds make CAPO reject a few percent of tokens on Qwen2.5-Math-7B (under 8%, Fig. 5). On
-another model or learning rate the same numbers can reject most tokens (docs/results.md, diagnosis). This
-picks the thresholds that give the paper's operating point on *this* model: from a run with a measuring
-selector (``enforce: false``) in the target regime, delta_F = the median over its first ``--steps`` steps
-of the per-step 95th percentile of token m_F, and tau_H the same for m_H, so that about 5% of tokens fail
-each test at the start of training.
-    .venv/bin/python scripts/calibrate_capo.py docs/study/regimes/aggressive_grpo_s0 [--steps 5]
+The paper's thresholds make CAPO reject a few percent of tokens on Qwen2.5-Math-7B (under 8%, Fig. 5); on
+another model or learning rate the same numbers can reject most tokens (docs/results.md, diagnosis). From a
+run with a measuring selector (``enforce: false``): delta_F = the median over its first ``--steps`` steps of
+the per-step 95th percentile of token m_F, and tau_H the same for m_H. The study calibrates on its
+conservative GRPO arm, so CAPO in the aggressive regime keeps a token only if its predicted shift stays
+within what the stable regime's 95th-percentile token produced (the paper's yardstick: Fig. 3's dashed
+"GRPO (max)" line); on a run of the target regime itself it gives a ~5% rejection operating point instead.
+    .venv/bin/python scripts/calibrate_capo.py docs/study/regimes/conservative_grpo_s0 [--steps 5]
 """
 
 from __future__ import annotations
