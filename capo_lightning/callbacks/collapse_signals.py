@@ -59,7 +59,9 @@ class Signals:
     """Feeds one step's metric values into the running statistics and returns the signals over threshold.
 
     Smoothed (EMA with weight ``ema`` on the new value): reward, entropy, truncated fraction, length, KL.
-    Raw: gradient norm (against the median of the previous ``grad_window`` steps) and rejection rate.
+    Raw: gradient norm (against the median of the non-zero norms of the previous ``grad_window`` steps: a step
+    whose advantages were all 0 has no gradient, and any gradient would be a "spike" against it) and
+    rejection rate.
     No signal is judged during the first ``warmup_steps`` steps; the statistics still fill. The entropy
     reference is the mean entropy of those warm-up steps.
     """
@@ -126,8 +128,9 @@ class Signals:
             above("length_cap", ema.get("truncated"), t.truncated_max, "smoothed share truncated at max_new_tokens")
         if t.min_length is not None:
             below("length_floor", ema.get("length"), t.min_length, "smoothed response length (tokens)")
-        if t.grad_spike is not None and len(state.grad_norms) >= min(self.warmup_steps, t.grad_window):
-            median = statistics.median(state.grad_norms)
+        moving = [g for g in state.grad_norms if g > 0]  # steps whose advantages were all 0 have no gradient
+        if t.grad_spike is not None and moving and len(state.grad_norms) >= min(self.warmup_steps, t.grad_window):
+            median = statistics.median(moving)
             above(
                 "grad_spike",
                 values.get("grad_norm"),

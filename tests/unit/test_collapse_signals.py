@@ -97,3 +97,14 @@ def test_bad_settings_are_refused() -> None:
 def test_gradient_spike_is_judged_when_the_window_is_shorter_than_the_warm_up() -> None:
     signals = Signals(_only(grad_spike=10.0, grad_window=3), warmup_steps=6)
     assert _fire_steps(signals, [{"grad_norm": g} for g in [1.0] * 6 + [20.0]]) == [(7, ["grad_spike"])]
+
+
+def test_steps_without_a_gradient_do_not_make_every_gradient_a_spike() -> None:
+    # a study run: rewards all 0 for a while (grad norm exactly 0), then an ordinary gradient again
+    signals = Signals(_only(grad_spike=10.0), warmup_steps=3)
+    norms = [1.0, 1.2, 0.0, 0.0, 0.0, 0.0, 0.0, 1.4, 13.0]
+    assert _fire_steps(signals, [{"grad_norm": g} for g in norms]) == [
+        (9, ["grad_spike"])
+    ]  # 13 > 10 x median(1, 1.2, 1.4)
+    silent = Signals(_only(grad_spike=10.0), warmup_steps=3)
+    assert _fire_steps(silent, [{"grad_norm": g} for g in [0.0] * 6 + [1.5]]) == []
