@@ -20,7 +20,7 @@ for run in ${RUNS:-$default_runs}; do
     dir="runs/study/$name"
     if [ -f "$dir/done" ]; then echo "skip $name (done)"; continue; fi
     resume=()
-    if [ -f "$dir/checkpoints/last.ckpt" ]; then resume=(--ckpt_path last); echo "resume $name"; fi
+    if compgen -G "$dir/checkpoints/last*.ckpt" > /dev/null; then resume=(--ckpt_path last); echo "resume $name"; fi
     start=$(date +%s)
     "$capo" fit --config conf/study/base.yaml --regime "conf/regime/$regime.yaml" --config "conf/study/$arm.yaml" \
         --seed_everything "$seed" --trainer.default_root_dir "$dir" "${resume[@]}"
