@@ -243,8 +243,19 @@ def describe(run: Run, config: dict) -> None:
         enforce = _nested(selector, "init_args", "enforce") if isinstance(selector, dict) else None
         run.enforces = enforce is not False and name not in NON_MASKING_SELECTORS
         run.selector = f"{name} (monitor)" if enforce is False else name
+        thresholds = _thresholds(selector)
+        if run.enforces and thresholds:  # one selector with other thresholds is another configuration
+            run.selector = f"{name} {thresholds}"
     run.regime = _regime(config)
     run.seed = config.get("seed_everything")
+
+
+def _thresholds(selector: Any) -> str:
+    """``δF 0.0001 τH 0.01`` from a CAPO-like selector's init_args ("" when it has none)."""
+    init = _nested(selector, "init_args") if isinstance(selector, dict) else None
+    if not isinstance(init, dict) or "delta_f" not in init or "tau_h" not in init:
+        return ""
+    return f"δF {float(init['delta_f']):g} τH {float(init['tau_h']):g}"
 
 
 def load_run(run_dir: str | Path) -> Run:
