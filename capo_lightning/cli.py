@@ -117,10 +117,16 @@ def main(args: ArgsType = None) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
-    CapoCLI(
+    build_cli(args)
+
+
+def build_cli(args: ArgsType = None, run: bool = True) -> CapoCLI:
+    """The ``capo`` command's LightningCLI; ``run=False`` parses and instantiates without running a subcommand."""
+    return CapoCLI(
         CAPOModule,
         RolloutDataModule,
         args=args,
+        run=run,
         auto_configure_optimizers=False,
         parser_class=CapoArgumentParser,
         save_config_callback=CapoSaveConfig,

@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capo_lightning.cli import CapoArgumentParser, CapoCLI
-from capo_lightning.data.datamodule import RolloutDataModule
-from capo_lightning.module import CAPOModule
+from capo_lightning.cli import CapoCLI, build_cli
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "conf/debug/tiny_cpu.yaml")
@@ -18,15 +16,7 @@ BASE = ["--data.prompts_per_step=24", "--trainer.max_steps=10", "--trainer.val_c
 
 def build(tmp_path: Path, *extra: str) -> CapoCLI:
     args = ["--config", TINY, *BASE, f"--trainer.default_root_dir={tmp_path}/{{run}}", *extra]
-    return CapoCLI(
-        CAPOModule,
-        RolloutDataModule,
-        args=args,
-        run=False,
-        auto_configure_optimizers=False,
-        parser_class=CapoArgumentParser,
-        parser_kwargs={"parser_mode": "omegaconf"},
-    )
+    return build_cli(args, run=False)
 
 
 def _lr(cli: CapoCLI) -> float:
