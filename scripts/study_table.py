@@ -2,8 +2,10 @@
 
 Per arm (regime + objective + selector; seeds are replicates): final and peak held-out accuracy (mean ± SEM
 over seeds), completions needed to reach the conservative GRPO arm's mean final held-out accuracy (first
-validation at or above it; the mean over the seeds that reached it, and how many did), runs in which the
-collapse detector raised an alarm, and the mean token rejection rate (would-be for measuring selectors).
+validation at or above it; the mean over the seeds that reached it, and how many did), runs in which
+today's collapse detector raises an alarm (its default ``warn`` settings replayed over the logged metrics, so
+runs logged before a detector change are judged alike) with the signals, and the mean token rejection rate
+(would-be for measuring selectors).
     .venv/bin/python scripts/study_table.py [docs/study/regimes]
 """
 
@@ -15,6 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from capo_lightning.callbacks.collapse_signals import replay
 from capo_lightning.report.runs import Run, load_run
 
 
@@ -49,6 +52,11 @@ def completions_to(run: Run, target: float) -> float | None:
     return None
 
 
+def alarms(run: Run) -> list[str]:
+    """The signals the default collapse detector raises over the run's training steps, in order."""
+    return [reading.signal for _, reading in replay([row for row in run.rows if "train/reward_mean" in row])]
+
+
 def rows_for(runs_by_arm: dict[str, list[Run]], target: float | None) -> list[str]:
     lines = [
         "| arm | seeds | final held-out acc. | peak held-out acc. | completions to conservative GRPO's final "
@@ -60,13 +68,15 @@ def rows_for(runs_by_arm: dict[str, list[Run]], target: float | None) -> list[st
         peaks = [max(held_out(r)[1]) for r in runs if held_out(r)[1]]
         reached = [c for c in (completions_to(r, target) for r in runs) if c is not None] if target else []
         to_target = f"{statistics.fmean(reached):.0f} ({len(reached)}/{len(runs)} runs)" if reached else "never"
-        alarms = sum(any(row.get("collapse/alarm") == 1.0 for row in r.rows) for r in runs)
+        flagged = [alarms(r) for r in runs]
+        signals = sorted({signal for found in flagged for signal in found})
+        collapsed = f"{sum(map(bool, flagged))}/{len(runs)}" + (f" ({', '.join(signals)})" if signals else "")
         rates = [
             statistics.fmean(r.series("select/token_reject_rate")[1]) for r in runs if r.has("select/token_reject_rate")
         ]
         seeds = ",".join(str(r.seed) for r in runs)
         lines.append(
-            f"| {arm} | {seeds} | {mean_sem(finals)} | {mean_sem(peaks)} | {to_target} | {alarms}/{len(runs)} "
+            f"| {arm} | {seeds} | {mean_sem(finals)} | {mean_sem(peaks)} | {to_target} | {collapsed} "
             f"| {mean_sem(rates)} |"
         )
     return lines

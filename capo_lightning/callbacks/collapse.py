@@ -11,7 +11,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from capo_lightning.callbacks.collapse_signals import METRICS, Reading, Signals, Thresholds
+from capo_lightning.callbacks.collapse_signals import METRICS, Reading, Signals, Streaks, Thresholds
 from capo_lightning.callbacks.rejection import rejection_counts
 
 ACTIONS = ("warn", "stop", "rollback")
@@ -22,7 +22,9 @@ class CollapseDetector(Callback):
 
     Signals (each off with None): the smoothed reward falls below ``(1 - reward_drop)`` x its running peak
     (once the peak reached ``min_peak_reward``); the smoothed entropy falls below ``entropy_ratio`` x its
-    warm-up mean; more than ``truncated_max`` of the completions hit the token budget; the mean response
+    warm-up mean, or rises above ``entropy_rise`` x it (the policy dissolving into noise: answers run to the
+    token budget, reward goes to 0 and stays there, as CAPO did with uncalibrated thresholds in the regime
+    study, docs/results.md); more than ``truncated_max`` of the completions hit the token budget; the mean response
     shrinks below ``min_length`` tokens; the gradient norm exceeds ``grad_spike`` x the median of the last
     ``grad_window`` steps; more than ``reject_max`` of the judged tokens are rejected (counted over all
     ranks); the smoothed KL to the reference exceeds ``kl_max``. Inputs are the logged step metrics
@@ -51,8 +53,8 @@ class CollapseDetector(Callback):
         max_rollbacks: rollbacks before the run is stopped instead.
         snapshot_every_n_steps: steps between healthy snapshots (stop and rollback only); 0 = none.
         snapshot_dir: folder of the snapshots; "" = the checkpoint callback's folder.
-        reward_drop, min_peak_reward, entropy_ratio, truncated_max, min_length, grad_spike, grad_window,
-            reject_max, kl_max: the thresholds above.
+        reward_drop, min_peak_reward, entropy_ratio, entropy_rise, truncated_max, min_length, grad_spike,
+            grad_window, reject_max, kl_max: the thresholds above.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class CollapseDetector(Callback):
         reward_drop: float | None = 0.5,
         min_peak_reward: float = 0.1,
         entropy_ratio: float | None = 0.1,
+        entropy_rise: float | None = 1.5,
         truncated_max: float | None = 0.9,
         min_length: float | None = 1.5,
         grad_spike: float | None = 10.0,
@@ -77,10 +80,8 @@ class CollapseDetector(Callback):
     ) -> None:
         if action not in ACTIONS:
             raise ValueError(f"CollapseDetector.action must be one of {ACTIONS}, got {action!r}")
-        if not 0 < lr_factor <= 1 or patience < 1:
-            raise ValueError(
-                f"CollapseDetector needs 0 < lr_factor <= 1 and patience >= 1; got {lr_factor}, {patience}"
-            )
+        if not 0 < lr_factor <= 1:
+            raise ValueError(f"CollapseDetector needs 0 < lr_factor <= 1; got {lr_factor}")
         self.action, self.patience, self.lr_factor = action, patience, lr_factor
         self.max_rollbacks, self.snapshot_every_n_steps, self.snapshot_dir = (
             max_rollbacks,
@@ -88,11 +89,12 @@ class CollapseDetector(Callback):
             snapshot_dir,
         )
         thresholds = Thresholds(
-            reward_drop, min_peak_reward, entropy_ratio, truncated_max, min_length, grad_spike, grad_window,
-            reject_max, kl_max,
+            reward_drop=reward_drop, min_peak_reward=min_peak_reward, entropy_ratio=entropy_ratio,
+            entropy_rise=entropy_rise, truncated_max=truncated_max, min_length=min_length, grad_spike=grad_spike,
+            grad_window=grad_window, reject_max=reject_max, kl_max=kl_max,
         )  # fmt: skip
         self.signals = Signals(thresholds, warmup_steps, ema)
-        self.streaks: dict[str, int] = {}
+        self.streaks = Streaks(patience)
         self.rollbacks = 0
         self.snapshot: tuple[str, int] | None = None  # (path, step) of the last trusted healthy snapshot
         self._candidate: tuple[str, int] | None = None  # the newest snapshot, trusted once the next one is due
@@ -113,8 +115,7 @@ class CollapseDetector(Callback):
         """Update the signals, log them, and act on those that held for ``patience`` steps."""
         readings = self.signals.update(self._values(trainer, outputs))
         fired = {r.signal for r in readings}
-        self.streaks = {name: self.streaks.get(name, 0) + 1 for name in fired}
-        alarms = [r for r in readings if self.streaks[r.signal] == self.patience]
+        alarms = self.streaks.update(readings)
         for name in _SIGNALS:
             pl_module.log(f"collapse/{name}", float(name in fired), on_step=True, on_epoch=False, batch_size=1)
         pl_module.log("collapse/alarm", float(bool(alarms)), on_step=True, on_epoch=False, batch_size=1)
@@ -220,7 +221,7 @@ class CollapseDetector(Callback):
                 config.scheduler.base_lrs = [lr * self.lr_factor for lr in config.scheduler.base_lrs]
         self.rollbacks += 1
         self.signals.reset()
-        self.streaks = {}
+        self.streaks.reset()
         rank_zero_info(f"capo: restored {self.snapshot[0]}")
 
     # ---- checkpoint -------------------------------------------------------------------------------
@@ -236,4 +237,13 @@ class CollapseDetector(Callback):
         self.decisions = list(state_dict.get("decisions", []))
 
 
-_SIGNALS = ("reward_drop", "entropy_collapse", "length_cap", "length_floor", "grad_spike", "reject_spike", "kl")
+_SIGNALS = (
+    "reward_drop",
+    "entropy_collapse",
+    "entropy_rise",
+    "length_cap",
+    "length_floor",
+    "grad_spike",
+    "reject_spike",
+    "kl",
+)

@@ -36,6 +36,7 @@ class Thresholds:
     reward_drop: float | None = 0.5
     min_peak_reward: float = 0.1
     entropy_ratio: float | None = 0.1
+    entropy_rise: float | None = 1.5
     truncated_max: float | None = 0.9
     min_length: float | None = 1.5
     grad_spike: float | None = 10.0
@@ -124,6 +125,9 @@ class Signals:
             below(
                 "entropy_collapse", ema.get("entropy"), t.entropy_ratio * start, f"smoothed entropy (start {start:.3g})"
             )
+        if t.entropy_rise is not None and state.entropy_start:
+            start = statistics.fmean(state.entropy_start)
+            above("entropy_rise", ema.get("entropy"), t.entropy_rise * start, f"smoothed entropy (start {start:.3g})")
         if t.truncated_max is not None:
             above("length_cap", ema.get("truncated"), t.truncated_max, "smoothed share truncated at max_new_tokens")
         if t.min_length is not None:
@@ -142,3 +146,39 @@ class Signals:
         if t.kl_max is not None:
             above("kl", ema.get("kl"), t.kl_max, "smoothed KL to the reference")
         return found
+
+
+class Streaks:
+    """How many steps in a row each signal has fired; a signal raises an alarm on its ``patience``-th step."""
+
+    def __init__(self, patience: int) -> None:
+        if patience < 1:
+            raise ValueError(f"CollapseDetector.patience must be >= 1, got {patience}")
+        self.patience = patience
+        self.counts: dict[str, int] = {}
+
+    def update(self, readings: list[Reading]) -> list[Reading]:
+        """Count this step's readings (a signal that did not fire starts over) and return the new alarms."""
+        self.counts = {r.signal: self.counts.get(r.signal, 0) + 1 for r in readings}
+        return [r for r in readings if self.counts[r.signal] == self.patience]
+
+    def reset(self) -> None:
+        self.counts = {}
+
+
+def replay(
+    rows: list[dict[str, float]],
+    thresholds: Thresholds | None = None,
+    warmup_steps: int = 5,
+    ema: float = 0.3,
+    patience: int = 2,
+) -> list[tuple[int, Reading]]:
+    """The alarms a ``warn`` detector would raise over logged step metrics (one dict of :data:`METRICS` keys
+    per optimizer step, in order): ``(0-based step index, reading)``. Judges runs logged under other
+    detector settings, or none, by today's signals, e.g. ``scripts/study_table.py``."""
+    signals, streaks = Signals(thresholds or Thresholds(), warmup_steps, ema), Streaks(patience)
+    alarms = []
+    for index, row in enumerate(rows):
+        values = {name: row[key] for name, key in METRICS.items() if row.get(key) is not None}
+        alarms += [(index, reading) for reading in streaks.update(signals.update(values))]
+    return alarms

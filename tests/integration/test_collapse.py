@@ -11,13 +11,22 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from capo_lightning.callbacks import CollapseDetector
+from capo_lightning.callbacks.collapse_signals import Thresholds, replay
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
 from capo_lightning.optim import WarmupCosineLR
 from capo_lightning.policy import PolicySpec, lm_head_weight
 from tests.helpers import length_reward, make_trainer, read_csv_metrics, tiny_datamodule
 
-OFF = dict(reward_drop=None, entropy_ratio=None, truncated_max=None, min_length=None, grad_spike=None, reject_max=None)
+OFF = dict(
+    reward_drop=None,
+    entropy_ratio=None,
+    entropy_rise=None,
+    truncated_max=None,
+    min_length=None,
+    grad_spike=None,
+    reject_max=None,
+)
 
 
 class ZeroAfter:
@@ -122,6 +131,9 @@ def test_warn_logs_a_dying_reward_and_the_run_goes_on(tmp_path: Path, tiny_model
     (decision,) = [json.loads(line) for line in (tmp_path / "logs/version_0/collapse.jsonl").read_text().splitlines()]
     assert decision["step"] == 8 and decision["action"] == "warn"
     assert decision["signals"][0]["signal"] == "reward_drop"
+    # replaying the logged metrics offline raises the same alarm at the same step
+    replayed = replay([rows[s] for s in sorted(rows)], Thresholds(**{**OFF, "reward_drop": 0.5}), warmup_steps=3)
+    assert [(index + 1, reading.signal) for index, reading in replayed] == [(8, "reward_drop")]
 
 
 def test_stop_ends_the_run_and_names_the_healthy_checkpoint(tmp_path: Path, tiny_model_dir: Path) -> None:

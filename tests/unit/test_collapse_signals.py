@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import pytest
 
-from capo_lightning.callbacks.collapse_signals import Signals, Thresholds
+from capo_lightning.callbacks.collapse_signals import Reading, Signals, Streaks, Thresholds, replay
 
-OFF = dict(reward_drop=None, entropy_ratio=None, truncated_max=None, min_length=None, grad_spike=None, reject_max=None)
+OFF = dict(
+    reward_drop=None,
+    entropy_ratio=None,
+    entropy_rise=None,
+    truncated_max=None,
+    min_length=None,
+    grad_spike=None,
+    reject_max=None,
+)
 
 
 def _only(**on) -> Thresholds:
@@ -50,6 +60,42 @@ def test_entropy_collapse_is_relative_to_the_warm_up_mean() -> None:
     steps = _fire_steps(signals, [{"entropy": 2.0}] * 5 + [{"entropy": 0.1}] * 12)
     assert steps[0] == (5 + first_k, ["entropy_collapse"])
     assert [s for s, _ in steps] == list(range(5 + first_k, 18))
+
+
+def test_entropy_rise_is_relative_to_the_warm_up_mean() -> None:
+    # start 2.0; then entropy 4.0: ema = 4 - 2 * 0.7^k > 1.5 * 2.0 = 3.0 once 0.7^k < 0.5, i.e. k = 2 (step 7)
+    signals = Signals(_only(entropy_rise=1.5), warmup_steps=5, ema=0.3)
+    steps = _fire_steps(signals, [{"entropy": 2.0}] * 5 + [{"entropy": 4.0}] * 4)
+    assert steps == [(7, ["entropy_rise"]), (8, ["entropy_rise"]), (9, ["entropy_rise"])]
+    falling = Signals(_only(entropy_rise=1.5), warmup_steps=5, ema=0.3)
+    assert _fire_steps(falling, [{"entropy": 2.0}] * 5 + [{"entropy": 0.5}] * 10) == []
+
+
+def test_streaks_raise_one_alarm_per_unbroken_run_of_patience_steps() -> None:
+    streaks = Streaks(patience=2)
+    fired = [[], ["a"], ["a", "b"], ["a", "b"], ["b"], [], ["a"], ["a"]]
+    alarms = [sorted(r.signal for r in streaks.update([_reading(n) for n in names])) for names in fired]
+    assert alarms == [[], [], ["a"], ["b"], [], [], [], ["a"]]
+    with pytest.raises(ValueError, match="patience"):
+        Streaks(0)
+
+
+def _reading(signal: str) -> Reading:
+    return Reading(signal, 1.0, 0.0, "")
+
+
+def _train_rows(run: str) -> list[dict[str, float]]:
+    path = Path(__file__).resolve().parents[2] / "docs/study/regimes" / run / "metrics.csv"
+    rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(path.open())]
+    return [r for r in rows if "train/reward_mean" in r]
+
+
+def test_replay_flags_the_study_runs_whose_entropy_exploded_and_spares_the_healthy_one() -> None:
+    # committed runs of the regime study: CAPO with the paper's thresholds went from entropy 1.8 to 4.5 with
+    # reward 0 and no detector signal at the time (it has no reward peak to lose, answers stayed under the cap)
+    (alarm,) = replay(_train_rows("aggressive_capo_s0"))
+    assert alarm[1].signal == "entropy_rise" and 5 <= alarm[0] < 12
+    assert replay(_train_rows("conservative_grpo_s0")) == []
 
 
 def test_gradient_spike_is_against_the_recent_median() -> None:

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from capo_lightning.report.runs import load_run
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -32,3 +34,11 @@ def _arm(label: str) -> str:
     """The report's ``GRPO + CAPO · lr 2e-05, 32/step`` as the table's ``lr 2e-05, 32/step · GRPO + CAPO``."""
     name, regime = label.split(" · ")
     return f"{regime} · {name}"
+
+
+def test_collapse_column_replays_todays_detector_over_the_logged_metrics() -> None:
+    # aggressive CAPO (paper thresholds) ran before the detector had an entropy_rise signal: no alarm was logged
+    run = load_run(ROOT / "docs/study/regimes/aggressive_capo_s0")
+    assert not any(row.get("collapse/alarm") == 1.0 for row in run.rows)
+    assert _script().alarms(run) == ["entropy_rise"]
+    assert _script().alarms(load_run(ROOT / "docs/study/regimes/conservative_grpo_s0")) == []
