@@ -27,6 +27,15 @@ class CAPOSelector(Selector):
     logged shifts use raw-gradient directions, exactly like the paper's baseline curves (Fig. 3).
     Departure: everything runs in fp32 (the code used the model's bf16).
 
+    Also the code's behaviour, kept: a zero-advantage token has no gradient, but its shadow-Adam direction
+    is the momentum beta_1 * m, so m_F can exceed delta_F and the token is rejected (m_H is 0). That
+    changes nothing in a GRPO or Dr.GRPO loss (its whole completion has A = 0), slightly enlarges the
+    other tokens' weight in a token-normalised (DAPO) loss, and counts in the rejection rate;
+    ``select/reject_rate_{pos,neg}_adv`` leave those tokens out. The default thresholds are the paper's
+    for lr 1.5e-5 on a 7B model; m_F grows with lr^2, so another model or step size needs its own
+    (``scripts/calibrate_capo.py``; docs/results.md shows the paper's defaults rejecting every
+    low-probability token of SmolLM2-135M at lr 6e-5).
+
     Args:
         delta_f: policy-shift threshold delta_F (CAPO 1e-4, Dr.CAPO 1e-3, ReinCAPO 1e-5).
         tau_h: objective-shift threshold tau_H (CAPO 0.01, Dr.CAPO 5e-4, ReinCAPO 0.1).
