@@ -13,7 +13,7 @@ Shape legend (used in every shape comment of this package):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -39,26 +39,86 @@ TENSOR_FIELDS = (
 )  # the per-row tensors of a RolloutBatch, moved and sliced together
 
 
-@dataclass(frozen=True)
+BATCH_FIELDS = (*TENSOR_FIELDS, "policy_version", "rollout_step", "max_new_tokens", "texts", "stats")
+
+
 class RolloutBatch:
     """N completions of B prompts with their rewards, ready for one optimizer step.
 
     ``input_ids`` holds prompt and response side by side: the prompt left padded to P,
     the response right padded to L, so position ``P + j`` is response token ``j`` for every row.
+
+    An immutable record (change it with :meth:`replace`), and deliberately not a dataclass: Lightning walks
+    dataclasses, dicts and lists with ``apply_to_collection``, and a true half-precision plugin
+    (``bf16-true``, ``16-true``) casts every float tensor it finds to the model dtype (a frozen dataclass
+    crashes it instead). The behaviour logprobs and rewards must stay fp32, so the batch is a leaf that
+    moves itself (:meth:`to`) and is never cast.
+
+    Fields:
+        input_ids: [N, P+L] long.
+        attention_mask: [N, P+L] bool.
+        response_mask: [N, L] bool, generated tokens incl. EOS, no padding.
+        behavior_logprobs: [N, L] float, logprob of each sampled token under the sampling engine.
+        rewards: [N] float.
+        group_ids: [N] long, index of the prompt within the step (groups never straddle ranks).
+        truncated: [N] bool, hit max_new_tokens without EOS.
+        policy_version: optimizer step of the weights that generated the batch.
+        rollout_step: index of this rollout batch in the run (the data position).
+        max_new_tokens: the token budget it was sampled with (Dr.GRPO's constant L); None: unknown.
+        texts: the human-readable side, for logging.
+        stats: generation/reward timings and health, for logging.
     """
 
-    input_ids: Tensor  # [N, P+L] long
-    attention_mask: Tensor  # [N, P+L] bool
-    response_mask: Tensor  # [N, L] bool, generated tokens incl. EOS, no padding
-    behavior_logprobs: Tensor  # [N, L] float, logprob of each sampled token under the sampling engine
-    rewards: Tensor  # [N] float
-    group_ids: Tensor  # [N] long, index of the prompt within the step (groups never straddle ranks)
-    truncated: Tensor  # [N] bool, hit max_new_tokens without EOS
-    policy_version: int  # optimizer step of the weights that generated the batch
-    rollout_step: int = 0  # index of this rollout batch in the run (the data position)
-    max_new_tokens: int | None = None  # the token budget it was sampled with (Dr.GRPO's constant L); None: unknown
-    texts: RolloutTexts | None = None
-    stats: dict[str, float] = field(default_factory=dict)  # generation/reward timings and health, for logging
+    __slots__ = BATCH_FIELDS
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    behavior_logprobs: Tensor
+    rewards: Tensor
+    group_ids: Tensor
+    truncated: Tensor
+    policy_version: int
+    rollout_step: int
+    max_new_tokens: int | None
+    texts: RolloutTexts | None
+    stats: dict[str, float]
+
+    def __init__(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        behavior_logprobs: Tensor,
+        rewards: Tensor,
+        group_ids: Tensor,
+        truncated: Tensor,
+        policy_version: int,
+        rollout_step: int = 0,
+        max_new_tokens: int | None = None,
+        texts: RolloutTexts | None = None,
+        stats: dict[str, float] | None = None,
+    ) -> None:
+        values = (input_ids, attention_mask, response_mask, behavior_logprobs, rewards, group_ids, truncated)
+        values += (policy_version, rollout_step, max_new_tokens, texts, {} if stats is None else stats)
+        for name, value in zip(BATCH_FIELDS, values):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"RolloutBatch is immutable: use batch.replace({name}=...)")
+
+    def __reduce__(self) -> tuple:
+        return (RolloutBatch, tuple(getattr(self, name) for name in BATCH_FIELDS))
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{name}={tuple(getattr(self, name).shape)}" for name in TENSOR_FIELDS[:1])
+        return f"RolloutBatch(N={self.num_completions}, {shapes}, policy_version={self.policy_version})"
+
+    def replace(self, **changes: object) -> RolloutBatch:
+        """A copy with the given fields changed (like ``dataclasses.replace``)."""
+        unknown = sorted(set(changes) - set(BATCH_FIELDS))
+        if unknown:
+            raise TypeError(f"RolloutBatch has no field(s) {unknown}; fields: {list(BATCH_FIELDS)}")
+        return RolloutBatch(**{**{name: getattr(self, name) for name in BATCH_FIELDS}, **changes})
 
     @property
     def prompt_len(self) -> int:
@@ -77,11 +137,11 @@ class RolloutBatch:
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         """Move every tensor field to ``device``; texts and stats stay on the host."""
-        return replace(self, **{name: getattr(self, name).to(device) for name in TENSOR_FIELDS})
+        return self.replace(**{name: getattr(self, name).to(device) for name in TENSOR_FIELDS})
 
     def select(self, rows: Tensor) -> RolloutBatch:
         """A sub-batch of the given rows (a minibatch); ``rows`` is a [n] long index tensor."""
-        return replace(self, **{name: getattr(self, name)[rows] for name in TENSOR_FIELDS}, texts=None)
+        return self.replace(**{name: getattr(self, name)[rows] for name in TENSOR_FIELDS}, texts=None)
 
     def validate(self) -> None:
         """Raise ValueError when shapes or dtypes disagree (cheap; called by the DataModule)."""

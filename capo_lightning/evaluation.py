@@ -55,7 +55,7 @@ class Evaluator:
         }
         for key, value in batch.stats.items():
             if key.startswith("verifier/"):
-                out[f"{prefix}/{key.removeprefix('verifier/')}"] = torch.tensor(float(value))
+                out[f"{prefix}/{key.removeprefix('verifier/')}"] = torch.tensor(float(value), dtype=torch.float32)
         return out
 
     def compute(self) -> dict[str, Tensor]:

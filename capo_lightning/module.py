@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -145,7 +144,7 @@ class CAPOModule(LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.set_total_steps(max(1, self.trainer.max_steps))
+            scheduler.set_total_steps(self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
@@ -172,9 +171,9 @@ class CAPOModule(LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, Any]:
         """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps (:mod:`capo_lightning.training`)."""
         t0 = time.perf_counter()
-        staleness = torch.tensor(float(self.global_step - batch.policy_version))
+        staleness = torch.tensor(float(self.global_step - batch.policy_version), dtype=torch.float32)
         if self.mask_truncated:
-            batch = replace(batch, response_mask=batch.response_mask & ~batch.truncated.unsqueeze(1))
+            batch = batch.replace(response_mask=batch.response_mask & ~batch.truncated.unsqueeze(1))
         advantages = self.objective.advantages(batch.rewards, batch.group_ids)  # [N]
         ref = reference_logprobs(self._reference, batch) if self.objective.needs_reference else None
         plan = plan_step(batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size)
@@ -186,11 +185,11 @@ class CAPOModule(LightningModule):
             selection = multi_pass_step(context, batch, advantages, ref, plan, metrics)
         metrics.update(rollout_metrics(batch))
         metrics["rollout/staleness"] = staleness
-        metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0)
+        metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0, dtype=torch.float32)
         self.rollout_step += 1
         self.completions_total += batch.num_completions * self.trainer.world_size
-        metrics["train/completions_total"] = torch.tensor(float(self.completions_total))
-        metrics["objective/skipped_steps"] = torch.tensor(float(self.skipped_steps))
+        metrics["train/completions_total"] = torch.tensor(float(self.completions_total), dtype=torch.float32)
+        metrics["objective/skipped_steps"] = torch.tensor(float(self.skipped_steps), dtype=torch.float32)
         self._log_metrics(metrics, batch.num_completions)
         return {"selection": selection, "advantages": advantages.detach()}
 
@@ -220,10 +219,10 @@ class CAPOModule(LightningModule):
         excludes validation (``time/val_s``). Selection and health are the callbacks' (:mod:`.callbacks`)."""
         now = time.perf_counter()
         if self._last_step_end is not None:
-            metrics["time/step_s"] = torch.tensor(now - self._last_step_end - self._val_seconds)
+            metrics["time/step_s"] = torch.tensor(now - self._last_step_end - self._val_seconds, dtype=torch.float32)
         self._last_step_end, self._val_seconds = now, 0.0
         values = {k: v.float() for k, v in metrics.items()}
-        values["step"] = torch.tensor(float(self.global_step))
+        values["step"] = torch.tensor(float(self.global_step), dtype=torch.float32)
         self.log_dict(
             values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=self.trainer.world_size > 1
         )

@@ -22,7 +22,8 @@ class WarmupCosineLR(LambdaLR):
 
     Stepped once per optimizer step. ``total_steps=None`` is filled in by the module from
     ``trainer.max_steps`` before the first step, so the schedule follows ``--trainer.max_steps``
-    overrides without interpolation tricks.
+    overrides without interpolation tricks; a run without ``max_steps`` is refused (it used to schedule
+    over one step, so the lr fell to its floor after the first).
 
     Args:
         optimizer: the optimizer whose lr is scheduled.
@@ -51,8 +52,14 @@ class WarmupCosineLR(LambdaLR):
         self.min_lr_ratio = min_lr_ratio
         super().__init__(optimizer, self.factor)
 
-    def set_total_steps(self, total_steps: int) -> None:
-        """Fix the schedule length and re-apply the factor of the current step."""
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """Fix the schedule length (the trainer's ``max_steps``) and re-apply the factor of the current step."""
+        if total_steps is None or total_steps <= 0:
+            raise ValueError(
+                f"WarmupCosineLR needs the run's length, but trainer.max_steps is {total_steps}: set "
+                "--trainer.max_steps N (optimizer steps), or the schedule's own total_steps "
+                "(model.lr_scheduler.init_args.total_steps)"
+            )
         self.total_steps = total_steps
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * self.factor(self.last_epoch)

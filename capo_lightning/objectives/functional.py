@@ -210,11 +210,13 @@ def zero_std_group_fraction(rewards: Tensor, group_ids: Tensor, tol: float = CON
     """Fraction of groups whose rewards all agree (max - min <= tol): their advantages are 0."""
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    hi = torch.full((num_groups,), -torch.inf, device=rewards.device).scatter_reduce(
+    hi = torch.full((num_groups,), -torch.inf, device=rewards.device, dtype=torch.float32).scatter_reduce(
         0, inverse, rewards.float(), "amax"
     )
-    lo = torch.full((num_groups,), torch.inf, device=rewards.device).scatter_reduce(0, inverse, rewards.float(), "amin")
-    return ((hi - lo) <= tol).float().mean() if num_groups else torch.zeros(())
+    lo = torch.full((num_groups,), torch.inf, device=rewards.device, dtype=torch.float32).scatter_reduce(
+        0, inverse, rewards.float(), "amin"
+    )
+    return ((hi - lo) <= tol).float().mean() if num_groups else torch.zeros((), dtype=torch.float32)
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

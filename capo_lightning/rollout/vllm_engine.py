@@ -223,7 +223,10 @@ class VLLMEngine(RolloutEngine):
         llm = self._engine()
         self._wake()
         (request,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
-        engine = torch.tensor([float(step[token].logprob) for step, token in zip(request.prompt_logprobs[1:], ids[1:])])
+        engine = torch.tensor(
+            [float(step[token].logprob) for step, token in zip(request.prompt_logprobs[1:], ids[1:])],
+            dtype=torch.float32,
+        )
         trainer = _trainer_logprobs(policy, ids)
         gap = float((engine - trainer).abs().mean())
         self._stats["rollout/sync_probe_gap"] = gap

@@ -70,8 +70,8 @@ class CAPOSelector(Selector):
         self.delta_f, self.tau_h, self.symmetric, self.top_k = delta_f, tau_h, symmetric, top_k
         self.optimizer_model, self.betas, self.eps = optimizer_model, tuple(betas), eps
         self.enforce, self.token_chunk = enforce, token_chunk
-        self.register_buffer("adam_m", torch.zeros(0, 0))  # [V, d] once built
-        self.register_buffer("adam_v", torch.zeros(0, 0))  # [V, d]
+        self.register_buffer("adam_m", torch.zeros(0, 0, dtype=torch.float32))  # [V, d] once built
+        self.register_buffer("adam_v", torch.zeros(0, 0, dtype=torch.float32))  # [V, d]
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("adam_has_rows", torch.zeros((), dtype=torch.bool))  # any row ever updated
 
@@ -79,8 +79,19 @@ class CAPOSelector(Selector):
         """Allocate the shadow-Adam state for a [V, d] LM head (before a checkpoint is restored)."""
         if self.optimizer_model == "adam" and tuple(self.adam_m.shape) != (num_vocab, hidden_size):
             device = self.adam_m.device
-            self.adam_m = torch.zeros(num_vocab, hidden_size, device=device)
-            self.adam_v = torch.zeros(num_vocab, hidden_size, device=device)
+            self.adam_m = torch.zeros(num_vocab, hidden_size, device=device, dtype=torch.float32)
+            self.adam_v = torch.zeros(num_vocab, hidden_size, device=device, dtype=torch.float32)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
+        """Move the shadow-Adam state with the module, but never cast it: a true half-precision run
+        (``bf16-true``) converts the whole LightningModule, and m, v must stay fp32 whatever the model's dtype."""
+        state = {name: getattr(self, name) for name in ("adam_m", "adam_v")}
+        super()._apply(fn, recurse)
+        for name, kept in state.items():
+            moved = getattr(self, name)
+            if moved.dtype != kept.dtype:
+                setattr(self, name, kept.to(device=moved.device))  # exact: the fp32 values, not a round trip
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         """Take the shadow-Adam shape of the state being loaded when this selector was never built (e.g. the
@@ -113,7 +124,10 @@ class CAPOSelector(Selector):
         mask = torch.zeros_like(valid)
         mask[valid] = keep_flat
         mask |= ~valid  # padding positions are the response mask's business, not ours
-        token_f, token_h = torch.zeros(valid.shape, device=valid.device), torch.zeros(valid.shape, device=valid.device)
+        token_f, token_h = (
+            torch.zeros(valid.shape, device=valid.device, dtype=torch.float32),
+            torch.zeros(valid.shape, device=valid.device, dtype=torch.float32),
+        )
         token_f[valid], token_h[valid] = shifts.fisher, shifts.hessian
         out_shifts = {
             "token_fisher": token_f, "token_hessian": token_h,

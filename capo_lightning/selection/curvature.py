@@ -86,7 +86,7 @@ def topk_policy(hidden: Tensor, lm_head: Tensor, actions: Tensor, k: int, chunk:
         ids_parts.append(ids)
         val_parts.append(vals)
     if not ids_parts:  # no tokens (e.g. every completion masked): empty [0, k] policy
-        empty = torch.zeros(0, k, device=hidden.device)
+        empty = torch.zeros(0, k, device=hidden.device, dtype=torch.float32)
         return TopK(ids=empty.long(), probs=empty, onehot=empty.clone())
     ids = torch.cat(ids_parts)  # [T, k]
     probs = torch.softmax(torch.cat(val_parts), dim=-1)  # [T, k]
@@ -151,7 +151,7 @@ def token_shifts(top: TopK, hidden: Tensor, advantages: Tensor, lr: float, direc
         # replaces it, an order in which glibc reuses the pages (inline, the step cost ~20% more page faults)
         parts.append(shifts_from_direction(sub, h, a, grads, step, lr))
     if not parts:
-        empty = torch.zeros(0, device=hidden.device)
+        empty = torch.zeros(0, device=hidden.device, dtype=torch.float32)
         return Shifts(empty, empty, empty, empty, empty)
     return Shifts(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Shifts)))
 
@@ -196,8 +196,8 @@ def batch_shifts(
         direction: the optimizer model.
         all_reduce: sums a tensor over ranks; None in one process.
     """
-    sums = torch.zeros(num_vocab, hidden.shape[1], device=hidden.device)
-    counts = torch.zeros(num_vocab, device=hidden.device)
+    sums = torch.zeros(num_vocab, hidden.shape[1], device=hidden.device, dtype=torch.float32)
+    counts = torch.zeros(num_vocab, device=hidden.device, dtype=torch.float32)
     chunk = block_rows(top.ids.shape[1], hidden.shape[1])
     for s in range(0, hidden.shape[0], chunk):
         sub = top.rows(s, s + chunk)
@@ -214,7 +214,7 @@ def batch_shifts(
     u = torch.cat([  # [T, k]: the step direction on each token's subspace rows, in token chunks
         torch.einsum("tkd,td->tk", d_rows[top.ids[s : s + chunk]], hidden[s : s + chunk])
         for s in range(0, hidden.shape[0], chunk)
-    ]) if hidden.shape[0] else torch.zeros(0, top.ids.shape[1], device=hidden.device)  # fmt: skip
+    ]) if hidden.shape[0] else torch.zeros(0, top.ids.shape[1], device=hidden.device, dtype=torch.float32)  # fmt: skip
     su, fisher_form = _quadratic_terms(top, u)
     su2 = su**2
     fisher = 0.5 * lr**2 * seq_then_batch_mean(su2, sequence, keep)
@@ -225,10 +225,12 @@ def batch_shifts(
 def seq_then_batch_mean(values: Tensor, sequence: Tensor, keep: Tensor) -> Tensor:
     """Mean over kept tokens within each sequence, then over sequences that have any (the code's order)."""
     if not bool(keep.any()):
-        return torch.zeros((), device=values.device)
+        return torch.zeros((), device=values.device, dtype=torch.float32)
     ids, inverse = torch.unique(sequence[keep], return_inverse=True)
-    sums = torch.zeros(ids.numel(), device=values.device).index_add_(0, inverse, values[keep])
-    counts = torch.zeros(ids.numel(), device=values.device).index_add_(0, inverse, torch.ones_like(values[keep]))
+    sums = torch.zeros(ids.numel(), device=values.device, dtype=torch.float32).index_add_(0, inverse, values[keep])
+    counts = torch.zeros(ids.numel(), device=values.device, dtype=torch.float32).index_add_(
+        0, inverse, torch.ones_like(values[keep])
+    )
     return (sums / counts).mean()
 
 

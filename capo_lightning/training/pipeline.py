@@ -62,7 +62,7 @@ def fused_step(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor |
     old = out.logprobs.detach()  # [N, L]
     selection, mask = select_tokens(ctx, batch, adv, old, out.hidden)
     norm = normalizer(ctx, batch, mask)
-    metrics["objective/normalizer"] = torch.tensor(norm.denominator(ctx.objective.aggregation))
+    metrics["objective/normalizer"] = torch.tensor(norm.denominator(ctx.objective.aggregation), dtype=torch.float32)
     loss_out = ctx.objective(out.logprobs, old, ref, adv, mask, norm, tis_weights(ctx, old, batch.behavior_logprobs))
     accumulate(metrics, loss_out.metrics, weight=1.0)
     accumulate(
@@ -96,10 +96,14 @@ def multi_pass_step(
             norm = normalizer(ctx, batch, mask[mb_rows])
             accumulate(
                 metrics,
-                {"objective/normalizer": torch.tensor(norm.denominator(ctx.objective.aggregation))},
+                {
+                    "objective/normalizer": torch.tensor(
+                        norm.denominator(ctx.objective.aggregation), dtype=torch.float32
+                    )
+                },
                 1.0 / num_updates,
             )
-            total = torch.zeros((), device=old.device)
+            total = torch.zeros((), device=old.device, dtype=torch.float32)
             for rows in plan.micro_rows(mb_rows):
                 out = policy_forward(ctx, batch, rows)
                 r_ref = ref[rows] if ref is not None else None
@@ -192,12 +196,12 @@ def backward_and_step(ctx: StepContext, loss: Tensor | None, metrics: dict, weig
         ctx.backward(loss)
     params = [p for p in ctx.policy.parameters() if p.grad is not None]
     max_norm = ctx.max_grad_norm if ctx.max_grad_norm is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), dtype=torch.float32)
     if not torch.isfinite(grad_norm):
         ctx.guard.skip(ctx.optimizer, ctx.scheduler, "gradient", ctx.rollout_step)
         return
     accumulate(metrics, {"objective/grad_norm": grad_norm.detach()}, weight)
-    metrics["train/lr"] = torch.tensor(ctx.lr)
+    metrics["train/lr"] = torch.tensor(ctx.lr, dtype=torch.float32)
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.guard.stepped()

@@ -26,14 +26,14 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, Tensor]:
     lengths = batch.response_mask.sum(dim=1).float()  # [N]
     out = {
         "train/reward_mean": batch.rewards.mean(),
-        "train/reward_std": batch.rewards.std() if batch.num_completions > 1 else torch.zeros(()),
+        "train/reward_std": batch.rewards.std() if batch.num_completions > 1 else torch.zeros((), dtype=torch.float32),
         "train/accuracy": (batch.rewards > 0.5).float().mean(),
         "rollout/response_length_mean": lengths.mean(),
         "rollout/response_length_max": lengths.max(),
         "rollout/truncated_frac": batch.truncated.float().mean(),
         "rollout/frac_zero_std_groups": zero_std_group_fraction(batch.rewards, batch.group_ids),
     }
-    out.update({k: torch.tensor(float(v)) for k, v in batch.stats.items()})
+    out.update({k: torch.tensor(float(v), dtype=torch.float32) for k, v in batch.stats.items()})
     return out
 
 

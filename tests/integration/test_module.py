@@ -11,6 +11,7 @@ import torch
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
+from capo_lightning.optim import WarmupCosineLR
 from capo_lightning.policy import PolicySpec
 from capo_lightning.selection import KeepAll
 from tests.helpers import (
@@ -201,9 +202,8 @@ def test_mask_truncated_drops_truncated_completions_from_the_loss(tiny_model_dir
 
     batch = tiny_rollout(tiny_model_dir, num_prompts=4, max_new_tokens=6, temperature=0.9, seed=1)
     # the random tiny model rarely stops by itself: flag every other row as finished instead
-    from dataclasses import replace
 
-    batch = replace(batch, truncated=torch.arange(batch.num_completions) % 2 == 0)
+    batch = batch.replace(truncated=torch.arange(batch.num_completions) % 2 == 0)
     seen = {}
     for flag in (False, True):
         module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), objective=DAPO(), mask_truncated=flag)
@@ -213,3 +213,21 @@ def test_mask_truncated_drops_truncated_completions_from_the_loss(tiny_model_dir
     # DAPO's denominator is the number of kept tokens: all response tokens, or those of finished rows only
     assert seen[False] == float(batch.response_mask.sum())
     assert seen[True] == float((batch.response_mask & ~batch.truncated.unsqueeze(1)).sum())
+
+
+def test_a_cosine_schedule_without_max_steps_is_refused_by_name(tiny_model_dir: Path) -> None:
+    # max_steps unset (-1) used to give a one-step schedule: the lr fell to its floor after the first step
+    module = CAPOModule(
+        policy=PolicySpec(str(tiny_model_dir)), objective=GRPO(), optimizer=adamw, lr_scheduler=WarmupCosineLR
+    )
+    with pytest.raises(ValueError, match=r"trainer.max_steps is -1: set --trainer.max_steps"):
+        make_trainer(-1, max_epochs=1).fit(module, datamodule=make_datamodule())
+    fixed = CAPOModule(
+        policy=PolicySpec(str(tiny_model_dir)),
+        objective=GRPO(),
+        optimizer=adamw,
+        lr_scheduler=lambda opt: WarmupCosineLR(opt, total_steps=8),
+    )
+    trainer = make_trainer(-1, max_epochs=1, limit_train_batches=2)
+    trainer.fit(fixed, datamodule=make_datamodule())
+    assert trainer.lr_scheduler_configs[0].scheduler.total_steps == 8

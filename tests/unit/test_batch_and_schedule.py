@@ -37,10 +37,29 @@ def test_collate_left_pads_prompts_and_right_pads_responses() -> None:
 def test_rollout_batch_validate_rejects_bad_shapes() -> None:
     comps = [Completion([1], [2], [-0.5], "stop", "x")]
     b = collate_completions(comps, [0.0], [0], pad_id=0, policy_version=0)
-    from dataclasses import replace
-
     with pytest.raises(ValueError, match="rewards"):
-        replace(b, rewards=torch.zeros(3)).validate()
+        b.replace(rewards=torch.zeros(3)).validate()
+
+
+def test_rollout_batch_is_an_immutable_leaf_that_precision_plugins_leave_alone() -> None:
+    # Lightning's true-half plugins cast every float tensor apply_to_collection finds (and crash on frozen
+    # dataclasses); the batch is neither walked nor cast, and moves itself
+    import copy
+    import pickle
+
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    comps = [Completion([1, 2], [3, 4], [-0.5, -0.25], "stop", "x")]
+    b = collate_completions(comps, [1.0], [0], pad_id=0, policy_version=3)
+    out = HalfPrecision("bf16-true").convert_input(b)
+    assert out is b and out.behavior_logprobs.dtype == out.rewards.dtype == torch.float32
+    with pytest.raises(AttributeError, match="immutable"):
+        b.rewards = torch.zeros(1)
+    with pytest.raises(TypeError, match="no field"):
+        b.replace(reward=torch.zeros(1))
+    for twin in (pickle.loads(pickle.dumps(b)), copy.deepcopy(b), b.to("cpu")):
+        assert torch.equal(twin.input_ids, b.input_ids) and twin.policy_version == 3
+        assert torch.equal(twin.behavior_logprobs, b.behavior_logprobs)
 
 
 def test_warmup_cosine_values_worked_by_hand() -> None:
