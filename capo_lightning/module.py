@@ -175,7 +175,9 @@ class CAPOModule(LightningModule):
         if self.mask_truncated:
             batch = batch.replace(response_mask=batch.response_mask & ~batch.truncated.unsqueeze(1))
         advantages = self.objective.advantages(batch.rewards, batch.group_ids)  # [N]
-        ref = reference_logprobs(self._reference, batch) if self.objective.needs_reference else None
+        ref = None
+        if self.objective.needs_reference:  # bounded like the policy's forwards
+            ref = reference_logprobs(self._reference, batch, self.micro_batch_size)
         plan = plan_step(batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size)
         metrics: dict[str, Tensor] = {}
         context = self._step_context()

@@ -171,13 +171,20 @@ def constant_len(objective: Objective, batch: RolloutBatch) -> int:
     return int(batch.response_mask.shape[1])
 
 
-def reference_logprobs(reference: nn.Module, batch: RolloutBatch) -> Tensor:
-    """[N, L] logprobs of the frozen reference model (moved to the batch's device on first use)."""
+def reference_logprobs(reference: nn.Module, batch: RolloutBatch, micro_batch_size: int | None = None) -> Tensor:
+    """[N, L] logprobs of the frozen reference model (moved to the batch's device on first use), in forwards
+    of at most ``micro_batch_size`` rows (None: one forward), so its activations are bounded like the policy's."""
     device = batch.input_ids.device
     if next(reference.parameters()).device != device:
         reference.to(device)
+    rows, length = batch.num_completions, batch.response_mask.shape[1]
+    size = micro_batch_size or rows
     with torch.no_grad():
-        return score_responses(reference, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1]).logprobs
+        parts = [
+            score_responses(reference, batch.input_ids[i : i + size], batch.attention_mask[i : i + size], length)
+            for i in range(0, rows, size)
+        ]
+    return torch.cat([part.logprobs for part in parts])
 
 
 def tis_weights(ctx: StepContext, old: Tensor, behavior: Tensor) -> Tensor | None:
