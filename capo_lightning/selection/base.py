@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -46,3 +47,16 @@ class Selector(nn.Module, ABC):
     @abstractmethod
     def forward(self, view: TokenView) -> Selection:
         """Return the mask (and shifts, metrics) for ``view``."""
+
+
+def keep_out_of_ddp_broadcasts(owner: nn.Module, name: str = "selector") -> None:
+    """Keep the buffers of ``owner.<name>`` (a selector's state) out of DDP's buffer broadcasts: the initial
+    sync and, with ``broadcast_buffers`` (DDP's default), the one from rank 0 before every forward.
+
+    That state is identical on every rank by construction (it starts empty or from the same checkpoint,
+    and each update uses gradients summed over ranks), so the broadcast only costs: at 7B the shadow
+    Adam's two [V, d] fp32 moments are 2 x 2.2 GB per step. Call it before the strategy wraps the module.
+    """
+    names = [f"{name}.{buffer}" for buffer, _ in getattr(owner, name).named_buffers()]
+    ignored = sorted(set(getattr(owner, "_ddp_params_and_buffers_to_ignore", [])) | set(names))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(owner, ignored)

@@ -530,6 +530,18 @@ import torch
 from capo_lightning.module import CAPOModule
 from capo_lightning.policy import PolicySpec
 from capo_lightning.selection import CAPOSelector
+from torch.nn.parallel import DistributedDataParallel
+
+BROADCAST = []  # data pointers of the tensors DDP broadcasts before a forward (broadcast_buffers)
+_broadcast = DistributedDataParallel._distributed_broadcast_coalesced
+
+
+def _record(self, tensors, *args, **kwargs):
+    BROADCAST.extend(t.data_ptr() for t in tensors)
+    return _broadcast(self, tensors, *args, **kwargs)
+
+
+DistributedDataParallel._distributed_broadcast_coalesced = _record
 
 
 class SGD:
@@ -558,6 +570,12 @@ if __name__ == "__main__":
     trainer.fit(module, train_dataloaders=RankBatches(halves))
     state = dict((k, v.clone()) for k, v in module.selector.state_dict().items())
     torch.save(state, {out!r}.format(rank=trainer.global_rank))
+    pointers = dict(
+        broadcast=BROADCAST,
+        selector=[b.data_ptr() for b in module.selector.buffers()],
+        policy=[b.data_ptr() for b in module.policy.buffers()],
+    )
+    torch.save(pointers, {out!r}.format(rank=trainer.global_rank) + ".broadcast")
 """
 
 
@@ -602,6 +620,12 @@ def test_two_process_ddp_shadow_adam_equals_single_process(tiny_model_dir: Path,
             torch.testing.assert_close(
                 got[name], want[name], rtol=1e-5, atol=1e-6 * scale, msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}"
             )
+    # the selector's state stayed out of DDP's per-step buffer broadcast (checked on the tensors DDP hands to
+    # its broadcast); the policy's buffers went through it, so the recorder saw the broadcast
+    for rank in range(2):
+        pointers = torch.load(out.format(rank=rank) + ".broadcast")
+        assert pointers["broadcast"] and set(pointers["policy"]) <= set(pointers["broadcast"]), rank
+        assert not set(pointers["selector"]) & set(pointers["broadcast"]), rank
     # a rank on its own would have got a different state: the all-reduce of sums and counts matters
     alone = _selector(**kwargs)
     rows = torch.nonzero((batch.group_ids == 0) | (batch.group_ids == 1)).squeeze(1)
