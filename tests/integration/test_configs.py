@@ -47,3 +47,27 @@ def test_study_stacks_parse(regime: Path, capsys: pytest.CaptureFixture[str]) ->
         assert exc.value.code in (0, None), arm
         printed = capsys.readouterr().out
         assert f"name: {regime.stem}" in printed and "CAPOSelector" in printed
+
+
+def test_the_ddp_trainer_config_trains_on_two_cpu_processes(tmp_path: Path) -> None:
+    """conf/trainer/ddp.yaml as shipped (broadcast_buffers off, bucket-view gradients), on gloo instead of GPUs."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.helpers import read_csv_metrics
+
+    command = [
+        sys.executable, "-m", "capo_lightning.cli", "fit", "--config", str(BASE),
+        "--config", str(ROOT / "conf/trainer/ddp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
+        "--trainer.precision=32-true", "--model.selector=capo_lightning.selection.CAPOSelector",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = yaml.safe_load(BASE.read_text())["data"]
+    per_rank = data["prompts_per_step"] * data["group_size"]
+    rows = [r for r in read_csv_metrics(tmp_path / "logs") if "train/completions_total" in r]
+    assert [r["step"] for r in rows] == [1.0, 2.0]
+    assert [r["train/completions_total"] for r in rows] == [2 * per_rank, 4 * per_rank]  # two ranks a step
