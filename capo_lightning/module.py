@@ -23,6 +23,7 @@ from capo_lightning.data.eval_sets import EvalSpec
 from capo_lightning.evaluation import Evaluator
 from capo_lightning.objectives import GRPO, Objective
 from capo_lightning.optim import WarmupCosineLR, default_optimizer
+from capo_lightning.parallel import shard_models
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
 from capo_lightning.selection import Selector, keep_out_of_ddp_broadcasts
@@ -88,8 +89,7 @@ class CAPOModule(LightningModule):
         self.objective = objective if objective is not None else GRPO()
         self.selector = selector
         self.engine = engine if engine is not None else HFEngine()
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.ppo_epochs, self.minibatches, self.micro_batch_size = ppo_epochs, minibatches, micro_batch_size
         self.max_grad_norm = max_grad_norm
         self.sample_every_n_steps = sample_every_n_steps
@@ -101,8 +101,7 @@ class CAPOModule(LightningModule):
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self._reference: torch.nn.Module | None = None  # plain attribute: not a child, not checkpointed
-        self.rollout_step = 0
-        self.completions_total = 0
+        self.rollout_step, self.completions_total = 0, 0  # batches trained on; completions over all ranks
         self.eval_spec = EvalSpec()  # replaced by what the DataModule's connect() returns
         self._last_step_end: float | None = None
         self._val_seconds, self._val_start = 0.0, 0.0
@@ -115,6 +114,7 @@ class CAPOModule(LightningModule):
             if self.objective.needs_reference:
                 reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
                 object.__setattr__(self, "_reference", reference)  # not a child: kept out of state_dict, optimizer, DDP
+            shard_models(self._trainer, self.policy, self._reference)  # FSDP2Strategy: fully_shard; else nothing
             self.engine.bind(self.policy, self.tokenizer)
             if self.selector is not None:
                 self.selector.build(*lm_head_weight(self.policy).shape)  # state exists before a restore

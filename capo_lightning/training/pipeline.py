@@ -26,6 +26,7 @@ from capo_lightning.batch import RolloutBatch
 from capo_lightning.forward import ForwardOut, score_responses
 from capo_lightning.objectives import Normalizer, Objective
 from capo_lightning.objectives.functional import masked_mean, truncated_importance_weight
+from capo_lightning.parallel import full_tensor
 from capo_lightning.policy import lm_head_weight
 from capo_lightning.selection import Selection, Selector, TokenView
 from capo_lightning.training.guard import NonFiniteGuard
@@ -146,7 +147,7 @@ def select_tokens(
         advantages=(adv.unsqueeze(1) if adv.dim() == 1 else adv).expand_as(old).detach(),
         old_logprobs=old,
         hidden=hidden,
-        lm_head=lm_head_weight(ctx.policy).detach() if ctx.selector.needs_hidden else None,
+        lm_head=full_tensor(lm_head_weight(ctx.policy).detach()) if ctx.selector.needs_hidden else None,
         lr=ctx.lr,
         all_reduce=ctx.sum_over_ranks,
     )
@@ -204,6 +205,7 @@ def backward_and_step(ctx: StepContext, loss: Tensor | None, metrics: dict, weig
     params = [p for p in ctx.policy.parameters() if p.grad is not None]
     max_norm = ctx.max_grad_norm if ctx.max_grad_norm is not None else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), dtype=torch.float32)
+    grad_norm = full_tensor(grad_norm)  # FSDP2: a replicated DTensor
     if not torch.isfinite(grad_norm):
         ctx.guard.skip(ctx.optimizer, ctx.scheduler, "gradient", ctx.rollout_step)
         return

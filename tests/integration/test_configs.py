@@ -49,8 +49,10 @@ def test_study_stacks_parse(regime: Path, capsys: pytest.CaptureFixture[str]) ->
         assert f"name: {regime.stem}" in printed and "CAPOSelector" in printed
 
 
-def test_the_ddp_trainer_config_trains_on_two_cpu_processes(tmp_path: Path) -> None:
-    """conf/trainer/ddp.yaml as shipped (broadcast_buffers off, bucket-view gradients), on gloo instead of GPUs."""
+@pytest.mark.parametrize("trainer", ["ddp", "fsdp"])
+def test_the_multi_gpu_trainer_configs_train_on_two_cpu_processes(tmp_path: Path, trainer: str) -> None:
+    """conf/trainer/{ddp,fsdp}.yaml as shipped (DDP: no per-forward buffer broadcast, bucket-view gradients;
+    FSDP2: bf16 compute over fp32 shards), on gloo instead of GPUs, through the CLI with every callback."""
     import subprocess
     import sys
 
@@ -60,7 +62,7 @@ def test_the_ddp_trainer_config_trains_on_two_cpu_processes(tmp_path: Path) -> N
 
     command = [
         sys.executable, "-m", "capo_lightning.cli", "fit", "--config", str(BASE),
-        "--config", str(ROOT / "conf/trainer/ddp.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
+        "--config", str(ROOT / f"conf/trainer/{trainer}.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
         "--trainer.precision=32-true", "--model.selector=capo_lightning.selection.CAPOSelector",
         f"--trainer.default_root_dir={tmp_path}",
     ]  # fmt: skip

@@ -1,0 +1,110 @@
+"""FSDP2 for the policy: ``fully_shard`` per decoder layer over every rank, from one GPU to many nodes.
+
+``FSDP2Strategy`` is Lightning's ``ModelParallelStrategy`` with the mesh fixed to pure data parallelism
+(``data_parallel_size`` = world size, no tensor parallelism) and the sharding recipe here, applied by
+``CAPOModule.configure_model`` through :meth:`FSDP2Strategy.shard`: each decoder layer is its own FSDP unit
+(all-gathered for its forward and backward, then freed), the embeddings, final norm and LM head form the
+root unit. Mixed precision is FSDP2's ``MixedPrecisionPolicy`` (bf16 compute and all-gathers, fp32
+gradient reduction, fp32 sharded master weights), so the trainer's precision stays ``32-true``.
+
+Why ``ModelParallelStrategy`` rather than Lightning's ``FSDPStrategy``: the latter wraps FSDP1
+(``FullyShardedDataParallel``, flat parameters), whose parameters are views into flat buffers the
+selector and the vLLM weight sync cannot address by name, and which PyTorch is retiring; FSDP2 keeps one
+``DTensor`` per parameter, so :func:`full_tensor` gathers exactly one weight at a time.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a sharded parameter (an all-gather every rank must join); others as they are."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if callable(gather) else tensor
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a causal LM (``model.model.layers`` in transformers' decoders)."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
+        module: Any = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        if isinstance(module, nn.ModuleList) and len(module):
+            return list(module)
+    raise ValueError(
+        f"FSDP2Strategy cannot find the decoder layers of {type(model).__name__} (looked for model.layers, "
+        "transformer.h, model.decoder.layers, gpt_neox.layers)"
+    )
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallelism (FSDP2) of the policy over every rank of every node.
+
+    Args:
+        param_dtype: dtype of the all-gathered weights and the compute ("bfloat16", "float16", "float32").
+        reduce_dtype: dtype of the gradient reduce-scatter (fp32 keeps small gradients).
+        reshard_after_forward: free each layer's gathered weights after its forward (ZeRO-3; False keeps
+            them until the backward, ZeRO-2-like: faster, more memory).
+        save_distributed_checkpoint: each rank writes its shard (a checkpoint folder); False gathers one file
+            on rank 0.
+        process_group_backend: "nccl" on GPUs, "gloo" on CPUs; None picks by device.
+        timeout: collective timeout.
+    """
+
+    def __init__(
+        self,
+        param_dtype: str = "bfloat16",
+        reduce_dtype: str = "float32",
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = timedelta(minutes=30),
+    ) -> None:
+        for field, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value not in _DTYPES:
+                raise ValueError(f"FSDP2Strategy.{field} must be one of {sorted(_DTYPES)}, got {value!r}")
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.param_dtype, self.reduce_dtype = _DTYPES[param_dtype], _DTYPES[reduce_dtype]
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        """Every rank of every node is one data-parallel shard."""
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head). Idempotent."""
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        if isinstance(model, FSDPModule):
+            return model
+        mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        return model
+
+
+def shard_models(trainer: Any, *models: nn.Module | None) -> None:
+    """Shard the policy (and the frozen reference) when the trainer runs :class:`FSDP2Strategy`."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    if isinstance(strategy, FSDP2Strategy):
+        for model in models:
+            if model is not None:
+                strategy.shard(model)

@@ -1,0 +1,157 @@
+"""FSDP2Strategy on 2 CPU processes (gloo), the same code paths a GPU run takes.
+
+What runs: Lightning's ModelParallelStrategy (FSDP2Strategy) launching 2 processes, ``fully_shard`` per decoder
+layer plus the root, DTensor parameters, the selector on the all-gathered LM head, gradient reduce-scatter,
+clipping of DTensor gradients, the real rollout DataModule (HF generate on the sharded policy), and
+distributed (per-rank shard) checkpoints. Each run is a script in its own process group, as
+``capo fit --trainer.strategy=...`` would be.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from capo_lightning.module import CAPOModule
+from capo_lightning.parallel import FSDP2Strategy, decoder_layers
+from capo_lightning.policy import PolicySpec, load_policy
+from capo_lightning.selection import CAPOSelector
+from tests.conftest import ROOT
+from tests.helpers import SGD, FixedBatches, tiny_rollout
+
+HEADER = """
+import sys
+sys.path.insert(0, {root!r})
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from capo_lightning.module import CAPOModule
+from capo_lightning.parallel import FSDP2Strategy, full_tensor
+from capo_lightning.policy import PolicySpec
+from capo_lightning.selection import CAPOSelector
+from tests.helpers import SGD, tiny_datamodule
+
+
+class AdamW:
+    def __call__(self, params):
+        return torch.optim.AdamW(params, lr=1e-3)
+
+
+class RankBatches:
+    def __init__(self, per_rank):
+        self.per_rank = per_rank
+
+    def __len__(self):
+        return 1
+
+    def __iter__(self):
+        return iter([self.per_rank[torch.distributed.get_rank()]])
+
+
+class Count(L.Callback):
+    steps = 0
+
+    def on_train_batch_end(self, *args):
+        Count.steps += 1
+
+
+def finish(trainer, module, out):
+    full = {{n: full_tensor(p.detach()).clone() for n, p in module.policy.named_parameters()}}
+    kinds = {{type(p).__name__ for p in module.policy.parameters()}}
+    if trainer.global_rank == 0:
+        torch.save(dict(params=full, kinds=kinds, steps=Count.steps, selector=module.selector.state_dict()), out)
+"""
+
+UPDATE = """
+if __name__ == "__main__":
+    halves = torch.load({batches!r}, weights_only=False)
+    torch.manual_seed(0)
+    module = CAPOModule(policy=PolicySpec({model!r}), selector=CAPOSelector(delta_f=1e9, tau_h=1e9),
+                        optimizer=SGD(0.1), max_grad_norm=None)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(param_dtype="float32"), max_steps=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Count()])
+    trainer.fit(module, train_dataloaders=RankBatches(halves))
+    finish(trainer, module, {out!r})
+"""
+
+RESUME = """
+if __name__ == "__main__":
+    resume = {resume!r}
+    torch.manual_seed(0)
+    module = CAPOModule(policy=PolicySpec({model!r}), selector=CAPOSelector(delta_f=1e-2, tau_h=1e-1),
+                        optimizer=AdamW())
+    checkpoint = ModelCheckpoint(dirpath={ckdir!r}, save_top_k=-1, every_n_train_steps=1, filename="{{step}}")
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps=2, logger=False,
+                        callbacks=[checkpoint, Count()], enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir={ckdir!r})
+    trainer.fit(module, datamodule=tiny_datamodule(), ckpt_path=resume)
+    finish(trainer, module, {out!r})
+"""
+
+
+def _run(tmp_path: Path, name: str, body: str, **kwargs) -> dict:
+    script = tmp_path / f"{name}.py"
+    out = str(tmp_path / f"{name}.pt")
+    script.write_text(HEADER.format(root=str(ROOT)) + body.format(out=out, **kwargs))
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_two_fsdp2_processes_make_the_update_of_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    batch = tiny_rollout(tiny_model_dir, num_prompts=4)  # 4 groups of 4: two groups per rank
+    halves = [batch.select(torch.nonzero(batch.group_ids // 2 == r).squeeze(1)) for r in range(2)]
+    torch.save(halves, tmp_path / "halves.pt")
+    sharded = _run(tmp_path, "update", UPDATE, batches=str(tmp_path / "halves.pt"), model=str(tiny_model_dir))
+    assert sharded["kinds"] == {"DTensor"} and sharded["steps"] == 1
+    torch.manual_seed(0)
+    single = CAPOModule(
+        policy=PolicySpec(str(tiny_model_dir)), selector=CAPOSelector(delta_f=1e9, tau_h=1e9), optimizer=SGD(0.1),
+        max_grad_norm=None,
+    )  # fmt: skip
+    L.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    ).fit(single, train_dataloaders=FixedBatches([batch]))  # fmt: skip
+    start = dict(load_policy(PolicySpec(str(tiny_model_dir)))[0].named_parameters())
+    for name, param in single.policy.named_parameters():
+        update = (param.detach() - start[name].detach()).abs().max()
+        assert update > 0, name
+        gap = (sharded["params"][name] - param.detach()).abs().max()
+        assert gap <= 1e-3 * update, f"{name}: FSDP2 and one process differ by {gap:.3g} on an update of {update:.3g}"
+    for key in ("adam_m", "adam_v"):  # the selector saw the full LM head and all ranks' tokens
+        torch.testing.assert_close(sharded["selector"][key], single.selector.state_dict()[key], rtol=1e-4, atol=1e-8)
+
+
+def test_a_sharded_checkpoint_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    ckdir = tmp_path / "checkpoints"
+    straight = _run(tmp_path, "straight", RESUME, resume=None, model=str(tiny_model_dir), ckdir=str(ckdir))
+    assert straight["steps"] == 2
+    first = ckdir / "step=1.ckpt"
+    assert first.is_dir() and sorted(p.name for p in first.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    resumed = _run(
+        tmp_path, "resumed", RESUME, resume=str(first), model=str(tiny_model_dir), ckdir=str(tmp_path / "again")
+    )
+    assert resumed["steps"] == 1  # only step 2 ran: weights, AdamW moments, selector and data came from the shards
+    for name, value in straight["params"].items():
+        assert torch.equal(resumed["params"][name], value), name
+    for key, value in straight["selector"].items():
+        assert torch.equal(resumed["selector"][key], value), key
+    assert int(straight["selector"]["adam_step"]) == 2
+
+
+def test_fsdp2_strategy_settings_and_the_layers_it_shards(tiny_model_dir: Path) -> None:
+    policy, _ = load_policy(PolicySpec(str(tiny_model_dir)))
+    assert decoder_layers(policy) == list(policy.model.layers)
+    strategy = FSDP2Strategy(param_dtype="bfloat16", reduce_dtype="float32")
+    assert (strategy.param_dtype, strategy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    with pytest.raises(ValueError, match="param_dtype"):
+        FSDP2Strategy(param_dtype="bf16")
+    with pytest.raises(ValueError, match="decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))
