@@ -24,11 +24,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 
 from capo_lightning.forward import score_responses
+from capo_lightning.parallel import full_tensor
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
 __all__ = ["VLLMEngine", "WeightSyncError"]
@@ -209,8 +211,11 @@ class VLLMEngine(RolloutEngine):
         self._sleep()
 
     def _push(self, policy: Any) -> None:
-        weights = [(name, _full(tensor)) for name, tensor in policy.state_dict().items()]
-        self.llm.collective_rpc(_load_weights, args=(weights,))
+        """Stream the weights: with the engine in this process, vLLM consumes a generator that gathers one
+        full tensor at a time (FSDP2 shards included), so no rank ever holds a second full copy of the model;
+        an engine in another process needs them serialised, all at once."""
+        weights = _gathered(policy)
+        self.llm.collective_rpc(_load_weights, args=(weights if self.in_process else list(weights),))
         self.llm.reset_prefix_cache()
 
     def verify(self, policy: Any) -> float:
@@ -254,23 +259,38 @@ class VLLMEngine(RolloutEngine):
         return state
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on its device: DTensor shards (FSDP2) are gathered."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach()
+def _gathered(policy: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, whole tensor) for each state-dict entry, gathered only when consumed: DTensor shards (FSDP2)
+    are all-gathered one at a time, in the same order on every rank."""
+    for name, tensor in policy.state_dict().items():
+        yield name, full_tensor(tensor.detach())
 
 
-def _load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> int:
+def _load_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
     """Runs on each vLLM worker: load HF-named tensors into its model, in place.
 
     ``reload_weights`` (vLLM >= 0.30) re-runs the per-layer post-processing (repacking for CPU
     kernels, quantisation) that a plain ``model.load_weights`` after start-up would skip.
     """
     runner = worker.model_runner
+    counted = _Counted(weights)
     if hasattr(runner, "reload_weights"):
-        runner.reload_weights(weights_iterator=iter(weights))
+        runner.reload_weights(weights_iterator=iter(counted))
     else:
-        runner.model.load_weights(weights=weights)
-    return len(weights)
+        runner.model.load_weights(weights=counted)
+    return counted.count
+
+
+class _Counted:
+    """An iterable that counts what it handed out (the weights may be a one-pass generator)."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self.items, self.count = items, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.items:
+            self.count += 1
+            yield item
 
 
 @torch.no_grad()

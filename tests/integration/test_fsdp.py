@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from capo_lightning.module import CAPOModule
 from capo_lightning.parallel import FSDP2Strategy, full_tensor
 from capo_lightning.policy import PolicySpec
+from capo_lightning.rollout.vllm_engine import _gathered
 from capo_lightning.selection import CAPOSelector
 from tests.helpers import SGD, tiny_datamodule
 
@@ -63,8 +64,10 @@ class Count(L.Callback):
 def finish(trainer, module, out):
     full = {{n: full_tensor(p.detach()).clone() for n, p in module.policy.named_parameters()}}
     kinds = {{type(p).__name__ for p in module.policy.parameters()}}
+    streamed = dict(_gathered(module.policy))  # what VLLMEngine pushes: one all-gather per entry, in order
     if trainer.global_rank == 0:
-        torch.save(dict(params=full, kinds=kinds, steps=Count.steps, selector=module.selector.state_dict()), out)
+        torch.save(dict(params=full, kinds=kinds, steps=Count.steps, selector=module.selector.state_dict(),
+                        streamed=streamed), out)
 """
 
 UPDATE = """
@@ -110,6 +113,10 @@ def test_two_fsdp2_processes_make_the_update_of_one_process(tiny_model_dir: Path
     torch.save(halves, tmp_path / "halves.pt")
     sharded = _run(tmp_path, "update", UPDATE, batches=str(tmp_path / "halves.pt"), model=str(tiny_model_dir))
     assert sharded["kinds"] == {"DTensor"} and sharded["steps"] == 1
+    # the vLLM weight stream gathers whole, plain tensors under the policy's own names
+    assert set(sharded["params"]) <= set(sharded["streamed"])
+    for name, value in sharded["params"].items():
+        assert type(sharded["streamed"][name]) is torch.Tensor and torch.equal(sharded["streamed"][name], value)
     torch.manual_seed(0)
     single = CAPOModule(
         policy=PolicySpec(str(tiny_model_dir)), selector=CAPOSelector(delta_f=1e9, tau_h=1e9), optimizer=SGD(0.1),

@@ -9,6 +9,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from capo_lightning.cli import main
 from capo_lightning.rollout import vllm_engine
@@ -54,3 +55,16 @@ def test_hf_engine_refuses_stop_strings_naming_the_engine() -> None:
     engine.policy = object()  # bound; the check comes before any generation
     with pytest.raises(ValueError, match="sampling.stop.*VLLMEngine"):
         engine.generate(["q"], 1, SamplingConfig(stop=["</answer>"]))
+
+
+def test_weights_are_streamed_one_tensor_at_a_time() -> None:
+    import inspect
+
+    from capo_lightning.rollout.vllm_engine import _gathered
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    stream = _gathered(model)
+    assert inspect.isgenerator(stream)  # nothing is gathered before vLLM asks for it
+    name, first = next(stream)
+    assert name == "0.weight" and torch.equal(first, model[0].weight) and not first.requires_grad
+    assert [n for n, _ in stream] == ["0.bias", "1.weight", "1.bias"]
