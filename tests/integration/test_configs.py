@@ -30,6 +30,9 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         args = ["fit", "--config", str(BASE), "--regime", str(path)]
     elif path.parent.name == "study":  # study arms stack on the study's base
         args = ["fit", "--config", str(STUDY_BASE), "--config", str(path)]
+    elif path.parent.parent.name == "experiment":  # the paper's arms stack on their base
+        base = path.parent / "base.yaml"
+        args = ["fit", "--config", str(base)] + (["--config", str(path)] if path != base else [])
     with pytest.raises(SystemExit) as exc:
         main([*args, "--print_config"])
     assert exc.value.code in (0, None)

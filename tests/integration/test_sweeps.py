@@ -34,7 +34,8 @@ def render_runs(sweep: dict) -> list[list[str]]:
     """Turn the sweep into argv lists, rendering ${args} the way the W&B agent does (--key=value)."""
     names = list(sweep["parameters"])
     grids = [parameter_values(sweep["parameters"][n]) for n in names]
-    base = [tok for tok in sweep["command"] if tok not in ("${env}", "${args}", "capo")]
+    command = sweep["command"]
+    base = [tok for tok in command[command.index("fit") :] if tok != "${args}"]  # after `capo` or a launcher
     return [base + [f"--{n}={v}" for n, v in zip(names, combo)] for combo in itertools.product(*grids)]
 
 
@@ -53,7 +54,7 @@ def test_sweep_is_valid(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert sweep["method"] != "grid" or all("values" in p or "value" in p for p in sweep["parameters"].values())
     assert sweep["metric"]["goal"] in {"maximize", "minimize"}
     command = sweep["command"]
-    assert "${args}" in command and "capo" in command
+    assert "${args}" in command and ("capo" in command or "capo_lightning" in command)
     assert any("conf/logger/wandb" in token for token in command), "the sweep must log to W&B"
     assert any(t.startswith("--trainer.default_root_dir=") and "{run}" in t for t in command), "one folder per run"
     assert sweep["metric"]["name"] in logged_keys(), f"{sweep['metric']['name']} is never logged"
