@@ -74,8 +74,8 @@ UPDATE = """
 if __name__ == "__main__":
     halves = torch.load({batches!r}, weights_only=False)
     torch.manual_seed(0)
-    module = CAPOModule(policy=PolicySpec({model!r}), selector=CAPOSelector(delta_f=1e9, tau_h=1e9),
-                        optimizer=SGD(0.1), max_grad_norm=None)
+    module = CAPOModule(policy=PolicySpec({model!r}, gradient_checkpointing={checkpointing!r}),
+                        selector=CAPOSelector(delta_f=1e9, tau_h=1e9), optimizer=SGD(0.1), max_grad_norm=None)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(param_dtype="float32"), max_steps=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Count()])
@@ -107,11 +107,17 @@ def _run(tmp_path: Path, name: str, body: str, **kwargs) -> dict:
     return torch.load(out, weights_only=False)
 
 
-def test_two_fsdp2_processes_make_the_update_of_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation_checkpointing"])
+def test_two_fsdp2_processes_make_the_update_of_one_process(
+    tiny_model_dir: Path, tmp_path: Path, checkpointing: bool
+) -> None:
     batch = tiny_rollout(tiny_model_dir, num_prompts=4)  # 4 groups of 4: two groups per rank
     halves = [batch.select(torch.nonzero(batch.group_ids // 2 == r).squeeze(1)) for r in range(2)]
     torch.save(halves, tmp_path / "halves.pt")
-    sharded = _run(tmp_path, "update", UPDATE, batches=str(tmp_path / "halves.pt"), model=str(tiny_model_dir))
+    sharded = _run(
+        tmp_path, "update", UPDATE, batches=str(tmp_path / "halves.pt"), model=str(tiny_model_dir),
+        checkpointing=checkpointing,
+    )  # fmt: skip
     assert sharded["kinds"] == {"DTensor"} and sharded["steps"] == 1
     # the vLLM weight stream gathers whole, plain tensors under the policy's own names
     assert set(sharded["params"]) <= set(sharded["streamed"])
