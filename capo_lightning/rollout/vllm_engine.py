@@ -266,31 +266,17 @@ def _gathered(policy: Any) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, full_tensor(tensor.detach())
 
 
-def _load_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Runs on each vLLM worker: load HF-named tensors into its model, in place.
+def _load_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Runs on each vLLM worker: load HF-named tensors (a list, or a one-pass stream) into its model, in place.
 
     ``reload_weights`` (vLLM >= 0.30) re-runs the per-layer post-processing (repacking for CPU
     kernels, quantisation) that a plain ``model.load_weights`` after start-up would skip.
     """
     runner = worker.model_runner
-    counted = _Counted(weights)
     if hasattr(runner, "reload_weights"):
-        runner.reload_weights(weights_iterator=iter(counted))
+        runner.reload_weights(weights_iterator=iter(weights))
     else:
-        runner.model.load_weights(weights=counted)
-    return counted.count
-
-
-class _Counted:
-    """An iterable that counts what it handed out (the weights may be a one-pass generator)."""
-
-    def __init__(self, items: Iterable[Any]) -> None:
-        self.items, self.count = items, 0
-
-    def __iter__(self) -> Iterator[Any]:
-        for item in self.items:
-            self.count += 1
-            yield item
+        runner.model.load_weights(weights=weights)
 
 
 @torch.no_grad()
