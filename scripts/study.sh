@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU regime study (docs/results.md): each (regime, arm, seed) run of conf/study/ on SmolLM2-135M-Instruct.
 # Resumable: a run with a `done` marker is skipped, a stopped one resumes from its last checkpoint. A finished
-# run's logs (metrics.csv, config.yaml, completions.jsonl, collapse.jsonl) are copied to docs/study/regimes/<run>/
+# run's logs (metrics.csv, every version joined; config.yaml, completions.jsonl, collapse.jsonl) go to docs/study/regimes/<run>/
 # (commit them) and its checkpoints deleted (1.6 GB each).
 #   bash scripts/study.sh                                   # every run, cheapest first
 #   RUNS="aggressive:capo:0 conservative:grpo:1" bash scripts/study.sh
@@ -26,7 +26,11 @@ for run in ${RUNS:-$default_runs}; do
         --seed_everything "$seed" --trainer.default_root_dir "$dir" "${resume[@]}"
     logs=$(ls -d "$dir"/logs/version_* | sort -V | tail -1)
     mkdir -p "docs/study/regimes/$name"
-    cp "$logs"/metrics.csv "$logs"/config.yaml "docs/study/regimes/$name/"
+    cp "$logs"/config.yaml "docs/study/regimes/$name/"
+    # a resumed run logged to several versions: commit them joined (capo_lightning/report/versions.py)
+    .venv/bin/python -c "import sys; from pathlib import Path; from capo_lightning.report.runs import load_run
+from capo_lightning.report.versions import write_rows; write_rows(load_run(sys.argv[1]).rows, Path(sys.argv[2]))" \
+        "$dir" "docs/study/regimes/$name/metrics.csv"
     for extra in completions.jsonl collapse.jsonl; do
         if [ -f "$logs/$extra" ]; then cp "$logs/$extra" "docs/study/regimes/$name/"; fi
     done

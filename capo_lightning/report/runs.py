@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+
+from capo_lightning.report.versions import version, with_earlier_versions
 
 X_KEY = "train/completions_total"  # the x axis of every figure: cumulative completions, all ranks
 NON_MASKING_SELECTORS = ("KeepAll",)  # selectors that keep every token even when they "enforce"
@@ -114,17 +115,13 @@ def completions_at_step(step: float, table: dict[float, float]) -> float | None:
     return float(completions[-1] + slope * (step - steps[-1]))
 
 
-def _version(folder: Path) -> int | None:
-    match = re.fullmatch(r"version_(\d+)", folder.name)
-    return int(match.group(1)) if match else None
-
-
 def find_metrics(run_dir: str | Path) -> Path:
     """The ``metrics.csv`` a RUN_DIR argument names.
 
     Accepted: a ``metrics.csv`` path; a folder holding one (a ``version_N`` folder); a folder with
     ``version_N/metrics.csv``, ``logs/version_N/metrics.csv`` or ``<logger>/version_N/metrics.csv``
-    below it, of which the highest N is taken (pass other versions explicitly to report them too).
+    below it, of which the highest N is taken; ``load_run`` joins the earlier versions before it (a
+    resumed run writes a new version; see :mod:`capo_lightning.report.versions`).
 
     Args:
         run_dir: the path given on the command line.
@@ -146,7 +143,7 @@ def find_metrics(run_dir: str | Path) -> Path:
     if (path / "metrics.csv").is_file():
         return path / "metrics.csv"
     for pattern in ("version_*/metrics.csv", "logs/version_*/metrics.csv", "*/version_*/metrics.csv"):
-        found = [csv_path for csv_path in path.glob(pattern) if _version(csv_path.parent) is not None]
+        found = [csv_path for csv_path in path.glob(pattern) if version(csv_path.parent) is not None]
         loggers = sorted({str(csv_path.parent.parent) for csv_path in found})
         if len(loggers) > 1:
             raise ValueError(
@@ -154,7 +151,7 @@ def find_metrics(run_dir: str | Path) -> Path:
                 f"pass the version folder of the run you mean, e.g. {found[0].parent}"
             )
         if found:
-            return max(found, key=lambda csv_path: _version(csv_path.parent))
+            return max(found, key=lambda csv_path: version(csv_path.parent))
     raise FileNotFoundError(
         f"RUN_DIR {path} has no metrics.csv: expected {path / 'logs' / 'version_N' / 'metrics.csv'} "
         f"(what `capo fit` writes with trainer.default_root_dir={path} and the CSV logger); {_EXPECTED}"
@@ -268,7 +265,10 @@ def load_run(run_dir: str | Path) -> Run:
         The run; without a readable ``config.yaml`` its objective and regime are ``"unknown"`` and a note says so.
     """
     metrics_path = find_metrics(run_dir)
-    run = Run(path=metrics_path.parent, rows=read_rows(metrics_path))
+    rows, paths = with_earlier_versions(metrics_path, read_rows)
+    run = Run(path=metrics_path.parent, rows=rows)
+    if len(paths) > 1:
+        run.notes.append(f"{metrics_path.parent.parent}: versions {', '.join(p.parent.name for p in paths)} joined")
     if not any(X_KEY in row for row in run.rows):
         run.notes.append(
             f"{metrics_path} has no {X_KEY} yet, the x axis of every figure (a run before its first logged "

@@ -1,0 +1,59 @@
+"""A resumed run writes its metrics to a new ``logs/version_N``: put the versions of one run back together.
+
+Rule: versions are read in order, and each one replaces the earlier rows from its own first step on. A
+resumed run (its first row is the step after the checkpoint) thus continues the earlier rows, and rows
+logged after that checkpoint by the interrupted process (steps that were redone) are replaced; a run
+restarted from scratch in the same folder (its first row is step 0 or 1) replaces everything before it.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+Rows = list[dict[str, float]]
+
+
+def version(folder: Path) -> int | None:
+    """N of a ``version_N`` folder, else None."""
+    match = re.fullmatch(r"version_(\d+)", folder.name)
+    return int(match.group(1)) if match else None
+
+
+def with_earlier_versions(metrics_path: Path, read: Callable[[Path], Rows]) -> tuple[Rows, list[Path]]:
+    """The rows of ``metrics_path`` preceded by what its logger's earlier versions logged before them, and
+    the files used (oldest first). A ``metrics.csv`` outside a ``version_N`` folder is read alone."""
+    newest = version(metrics_path.parent)
+    if newest is None:
+        return read(metrics_path), [metrics_path]
+    paths = sorted(
+        (p for p in metrics_path.parent.parent.glob("version_*/metrics.csv") if (version(p.parent) or 0) <= newest),
+        key=lambda p: version(p.parent) or 0,
+    )
+    rows: Rows = []
+    for path in paths:
+        new = read(path)
+        steps = [row["step"] for row in new if "step" in row]
+        if steps:
+            rows = [row for row in rows if row.get("step", -1.0) < min(steps)]
+        rows += new
+    return rows, paths
+
+
+def write_rows(rows: Rows, path: Path) -> None:
+    """Write rows as one CSV (columns: the union, in first-seen order; missing cells empty)."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: _cell(value) for key, value in row.items()})
+
+
+def _cell(value: float) -> str:
+    return str(int(value)) if value == int(value) and abs(value) < 1e15 else repr(value)
