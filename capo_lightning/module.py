@@ -23,7 +23,7 @@ from capo_lightning.data.eval_sets import EvalSpec
 from capo_lightning.evaluation import Evaluator
 from capo_lightning.objectives import GRPO, Objective
 from capo_lightning.optim import WarmupCosineLR, default_optimizer
-from capo_lightning.parallel import shard_models
+from capo_lightning.parallel import prepare_models
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
 from capo_lightning.selection import Selector, keep_out_of_ddp_broadcasts
@@ -114,7 +114,7 @@ class CAPOModule(LightningModule):
             if self.objective.needs_reference:
                 reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
                 object.__setattr__(self, "_reference", reference)  # not a child: kept out of state_dict, optimizer, DDP
-            shard_models(self._trainer, self.policy, self._reference)  # FSDP2Strategy: fully_shard; else nothing
+            prepare_models(self._trainer, self.policy, self._reference)  # FSDP2: fully_shard; refuses 16-true
             self.engine.bind(self.policy, self.tokenizer)
             if self.selector is not None:
                 self.selector.build(*lm_head_weight(self.policy).shape)  # state exists before a restore

@@ -101,8 +101,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         return model
 
 
-def shard_models(trainer: Any, *models: nn.Module | None) -> None:
-    """Shard the policy (and the frozen reference) when the trainer runs :class:`FSDP2Strategy`."""
+def prepare_models(trainer: Any, *models: nn.Module | None) -> None:
+    """Fit the policy (and the frozen reference) to the trainer: refuse ``16-true``, and shard them when the
+    trainer runs :class:`FSDP2Strategy`."""
+    precision = str(getattr(trainer, "precision", ""))
+    if precision in ("16-true", "16"):
+        raise ValueError(
+            f"trainer.precision={precision} trains fp16 weights without loss scaling: sampling overflows and small "
+            "updates vanish; use 16-mixed (fp16 autocast with a grad scaler), bf16-mixed or bf16-true"
+        )
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
     if isinstance(strategy, FSDP2Strategy):
         for model in models:

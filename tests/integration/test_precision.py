@@ -46,7 +46,7 @@ class Dtypes(L.Callback):
         )
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])  # 16-mixed: CUDA only (tests/gpu)
 @pytest.mark.parametrize("capo", [False, True], ids=["grpo", "capo"])
 def test_every_cpu_precision_trains_and_keeps_the_batch_and_selector_fp32(
     tiny_model_dir: Path, precision: str, capo: bool
@@ -104,3 +104,9 @@ def test_selector_on_bf16_inputs_decides_exactly_as_on_the_same_values_in_fp32(t
         assert low.adam_m.dtype == low.adam_v.dtype == torch.float32
         assert torch.equal(low.adam_m, full.adam_m) and torch.equal(low.adam_v, full.adam_v)
     assert int(low.adam_step) == 2
+
+
+def test_fp16_weights_are_refused_with_the_alternatives(tiny_model_dir: Path) -> None:
+    module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)), optimizer=SGD(0.1))
+    with pytest.raises(ValueError, match="trainer.precision=16-true .* use 16-mixed"):
+        make_trainer(1, precision="16-true").fit(module, datamodule=tiny_datamodule())
