@@ -204,3 +204,10 @@ def tiny_datamodule(**overrides: Any) -> Any:
     )
     kwargs.update(overrides)
     return RolloutDataModule(**kwargs)
+
+
+# every collapse-detector signal switched off; tests switch on the one they watch
+SIGNALS_OFF = dict(
+    reward_drop=None, entropy_ratio=None, entropy_rise=None, truncated_max=None, min_length=None, grad_spike=None,
+    reject_max=None,
+)  # fmt: skip

@@ -530,6 +530,7 @@ import torch
 from capo_lightning.module import CAPOModule
 from capo_lightning.policy import PolicySpec
 from capo_lightning.selection import CAPOSelector
+from tests.helpers import RankBatches
 from torch.nn.parallel import DistributedDataParallel
 
 BROADCAST = []  # data pointers of the tensors DDP broadcasts before a forward (broadcast_buffers)
@@ -547,17 +548,6 @@ DistributedDataParallel._distributed_broadcast_coalesced = _record
 class SGD:
     def __call__(self, params):
         return torch.optim.SGD(params, lr={lr!r})
-
-
-class RankBatches:
-    def __init__(self, per_rank):
-        self.per_rank = per_rank
-
-    def __len__(self):
-        return 1
-
-    def __iter__(self):
-        return iter([self.per_rank[torch.distributed.get_rank()]])
 
 
 if __name__ == "__main__":

@@ -16,17 +16,8 @@ from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
 from capo_lightning.optim import WarmupCosineLR
 from capo_lightning.policy import PolicySpec, lm_head_weight
+from tests.helpers import SIGNALS_OFF as OFF
 from tests.helpers import length_reward, make_trainer, read_csv_metrics, tiny_datamodule
-
-OFF = dict(
-    reward_drop=None,
-    entropy_ratio=None,
-    entropy_rise=None,
-    truncated_max=None,
-    min_length=None,
-    grad_spike=None,
-    reject_max=None,
-)
 
 
 class ZeroAfter:

@@ -35,23 +35,12 @@ from capo_lightning.parallel import FSDP2Strategy, full_tensor
 from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout.vllm_engine import _gathered
 from capo_lightning.selection import CAPOSelector
-from tests.helpers import SGD, tiny_datamodule
+from tests.helpers import SGD, RankBatches, tiny_datamodule
 
 
 class AdamW:
     def __call__(self, params):
         return torch.optim.AdamW(params, lr=1e-3)
-
-
-class RankBatches:
-    def __init__(self, per_rank):
-        self.per_rank = per_rank
-
-    def __len__(self):
-        return 1
-
-    def __iter__(self):
-        return iter([self.per_rank[torch.distributed.get_rank()]])
 
 
 class Count(L.Callback):

@@ -9,16 +9,7 @@ from pathlib import Path
 import pytest
 
 from capo_lightning.callbacks.collapse_signals import Reading, Signals, Streaks, Thresholds, replay
-
-OFF = dict(
-    reward_drop=None,
-    entropy_ratio=None,
-    entropy_rise=None,
-    truncated_max=None,
-    min_length=None,
-    grad_spike=None,
-    reject_max=None,
-)
+from tests.helpers import SIGNALS_OFF as OFF
 
 
 def _only(**on) -> Thresholds:
