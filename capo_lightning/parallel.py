@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from capo_lightning.policy import parse_dtype
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -68,9 +68,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
     ) -> None:
-        for field, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
-            if value not in _DTYPES:
-                raise ValueError(f"FSDP2Strategy.{field} must be one of {sorted(_DTYPES)}, got {value!r}")
+        dtypes = (
+            parse_dtype(param_dtype, "FSDP2Strategy.param_dtype"),
+            parse_dtype(reduce_dtype, "FSDP2Strategy.reduce_dtype"),
+        )
         super().__init__(
             data_parallel_size="auto",
             tensor_parallel_size=1,
@@ -78,7 +79,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        self.param_dtype, self.reduce_dtype = _DTYPES[param_dtype], _DTYPES[reduce_dtype]
+        self.param_dtype, self.reduce_dtype = dtypes
         self.reshard_after_forward = reshard_after_forward
 
     def setup_environment(self) -> None:

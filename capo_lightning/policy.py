@@ -116,7 +116,7 @@ def load_policy(spec: PolicySpec) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     Raises:
         ValueError: Unknown `spec.dtype` (checked before any slow conversion).
     """
-    dtype = _parse_dtype(spec.dtype)
+    dtype = parse_dtype(spec.dtype)
     model_dir = resolve_model_dir(spec)
     tokenizer = _load_tokenizer_from(model_dir)
     kwargs = {"dtype": dtype}
@@ -140,9 +140,10 @@ def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
     return head.weight  # [V, d]
 
 
-def _parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, field: str = "model.policy.dtype") -> torch.dtype:
+    """The torch dtype a config names ("float32", "bfloat16", "float16"); ``field`` names the key in errors."""
     if name not in _DTYPES:
-        raise ValueError(f"model.policy.dtype={name!r} is not supported; choose one of {sorted(_DTYPES)}.")
+        raise ValueError(f"{field}={name!r} is not supported; choose one of {sorted(_DTYPES)}.")
     return _DTYPES[name]
 
 

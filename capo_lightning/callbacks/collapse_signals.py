@@ -120,13 +120,12 @@ class Signals:
         peak = state.reward_peak
         if t.reward_drop is not None and peak is not None and peak >= t.min_peak_reward:
             below("reward_drop", ema.get("reward"), (1 - t.reward_drop) * peak, f"smoothed reward (peak {peak:.3g})")
-        if t.entropy_ratio is not None and state.entropy_start:
-            start = statistics.fmean(state.entropy_start)
+        start = statistics.fmean(state.entropy_start) if state.entropy_start else None
+        if t.entropy_ratio is not None and start is not None:
             below(
                 "entropy_collapse", ema.get("entropy"), t.entropy_ratio * start, f"smoothed entropy (start {start:.3g})"
             )
-        if t.entropy_rise is not None and state.entropy_start:
-            start = statistics.fmean(state.entropy_start)
+        if t.entropy_rise is not None and start is not None:
             above("entropy_rise", ema.get("entropy"), t.entropy_rise * start, f"smoothed entropy (start {start:.3g})")
         if t.truncated_max is not None:
             above("length_cap", ema.get("truncated"), t.truncated_max, "smoothed share truncated at max_new_tokens")

@@ -28,16 +28,14 @@ def with_earlier_versions(metrics_path: Path, read: Callable[[Path], Rows]) -> t
     newest = version(metrics_path.parent)
     if newest is None:
         return read(metrics_path), [metrics_path]
-    paths = sorted(
-        (p for p in metrics_path.parent.parent.glob("version_*/metrics.csv") if (version(p.parent) or 0) <= newest),
-        key=lambda p: version(p.parent) or 0,
-    )
+    numbered = {version(p.parent): p for p in metrics_path.parent.parent.glob("version_*/metrics.csv")}
+    paths = [numbered[n] for n in sorted(n for n in numbered if n is not None and n <= newest)]
     rows: Rows = []
     for path in paths:
         new = read(path)
-        steps = [row["step"] for row in new if "step" in row]
-        if steps:
-            rows = [row for row in rows if row.get("step", -1.0) < min(steps)]
+        first = min((row["step"] for row in new if "step" in row), default=None)
+        if first is not None:
+            rows = [row for row in rows if row.get("step", -1.0) < first]
         rows += new
     return rows, paths
 

@@ -38,3 +38,12 @@ def test_a_run_restarted_from_scratch_replaces_the_earlier_versions(tmp_path: Pa
     assert len(with_earlier_versions(logs / "version_0" / "metrics.csv", read_rows)[0]) == 3
     write_rows(fresh, tmp_path / "metrics.csv")
     assert with_earlier_versions(tmp_path / "metrics.csv", read_rows) == (fresh, [tmp_path / "metrics.csv"])
+
+
+def test_folders_that_are_not_lightning_versions_are_left_out(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    write_rows([_train(1, 0.5), _train(2, 0.5)], logs / "version_old" / "metrics.csv")  # a user's backup copy
+    resumed = [_train(3, 0.7)]
+    write_rows(resumed, logs / "version_1" / "metrics.csv")
+    rows, paths = with_earlier_versions(logs / "version_1" / "metrics.csv", read_rows)
+    assert rows == resumed and [p.parent.name for p in paths] == ["version_1"]
