@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import torch  # noqa: E402
 
-from capo_lightning.selection import curvature  # noqa: E402
+from capo_lightning.selection import curvature, subspace  # noqa: E402
 from capo_lightning.selection.base import TokenView  # noqa: E402
 from capo_lightning.selection.capo import CAPOSelector  # noqa: E402
 
-_LIBRARY_BLOCK_BUDGET = curvature.BLOCK_BUDGET
+_LIBRARY_BLOCK_BUDGET = subspace.BLOCK_BUDGET
 PAPER = dict(delta_f=1e-4, tau_h=0.01, symmetric=True, top_k=50, optimizer_model="adam", enforce=True)
 LR = 2e-5  # the quickstart's learning rate
 
@@ -496,8 +496,8 @@ def _run_worker(V: int, T: int, d: int, mode: str, repeats: int, malloc: dict | 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(malloc or {})
     cmd = [sys.executable, __file__, "--_worker", f"{V},{T},{d},{mode},{repeats}"]
-    if curvature.BLOCK_BUDGET != _LIBRARY_BLOCK_BUDGET:
-        cmd += ["--block-budget", str(curvature.BLOCK_BUDGET)]
+    if subspace.BLOCK_BUDGET != _LIBRARY_BLOCK_BUDGET:
+        cmd += ["--block-budget", str(subspace.BLOCK_BUDGET)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -579,7 +579,7 @@ def main() -> None:
         type=int,
         default=None,
         help="what-if experiment: elements of one [chunk,k,d] block of the curvature pass (sets "
-        "curvature.BLOCK_BUDGET, which block_rows reads at call time, in this process and its sweep workers; "
+        "subspace.BLOCK_BUDGET, which block_rows reads at call time, in this process and its sweep workers; "
         "topk_policy's [chunk,V] logits keep LOGIT_BUDGET). Default: the library's 2**21",
     )
     p.add_argument("--no-profile", action="store_true", help="skip the selector breakdown / torch.profiler table")
@@ -588,7 +588,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.block_budget:
-        curvature.BLOCK_BUDGET = args.block_budget  # read at call time by curvature.block_rows
+        subspace.BLOCK_BUDGET = args.block_budget  # read at call time by curvature.block_rows
         assert curvature.block_rows(50, 576) == max(1, args.block_budget // (50 * 576)), "the knob must take effect"
         if not args._worker:
             print(f"WHAT-IF: [chunk,k,d] block budget {args.block_budget} elements (library: {_LIBRARY_BLOCK_BUDGET})")

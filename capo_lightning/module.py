@@ -28,7 +28,7 @@ from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
 from capo_lightning.selection import Selector, keep_out_of_ddp_broadcasts
 from capo_lightning.training.guard import NonFiniteGuard
-from capo_lightning.training.pipeline import StepContext, fused_step, multi_pass_step, reference_logprobs
+from capo_lightning.training.pipeline import StepContext, multi_pass_step, reference_logprobs, single_update_step
 from capo_lightning.training.plan import plan_step
 from capo_lightning.training.step_metrics import rollout_metrics, sample_text
 
@@ -182,8 +182,8 @@ class CAPOModule(LightningModule):
         plan = plan_step(batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size)
         metrics: dict[str, Tensor] = {}
         context = self._step_context()
-        if plan.fused:
-            selection = fused_step(context, batch, advantages, ref, metrics)
+        if plan.single_update:
+            selection = single_update_step(context, batch, advantages, ref, plan, metrics)
         else:
             selection = multi_pass_step(context, batch, advantages, ref, plan, metrics)
         metrics.update(rollout_metrics(batch))

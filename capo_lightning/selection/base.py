@@ -17,11 +17,12 @@ class TokenView:
     actions: Tensor  # [N, L] sampled token ids
     response_mask: Tensor  # [N, L] bool
     advantages: Tensor  # [N, L] sequence advantages broadcast over tokens
-    old_logprobs: Tensor  # [N, L]
+    old_logprobs: Tensor | None  # [N, L]; None for a selector that reads no forward pass (``needs_forward``)
     hidden: Tensor | None  # [N, L, d] LM-head input (after the final norm); None if the selector needs none
     lm_head: Tensor | None  # [V, d] full LM-head weight
     lr: float  # learning rate the coming optimizer step will use
     all_reduce: Callable[[Tensor], Tensor] | None = None  # sums a tensor over ranks (None: one process)
+    topk_ids: Tensor | None = None  # [N, L, k] ids of the k largest logits, from the scoring forward (``forward_topk``)
 
 
 @dataclass
@@ -38,7 +39,10 @@ class Selection:
 class Selector(nn.Module, ABC):
     """Chooses tokens for the gradient; never computes a loss. Called under ``torch.no_grad()``."""
 
+    needs_forward: bool = False  # whether the decision reads a forward pass (old logprobs, hidden states, top-k);
+    # when False the mask is decided before any forward, and micro-batched steps need no look-ahead pass
     needs_hidden: bool = False  # whether TokenView.hidden and .lm_head must be filled
+    forward_topk: int = 0  # how many top logit ids per token the scoring forward should hand over (0: none)
 
     def build(self, num_vocab: int, hidden_size: int) -> None:  # noqa: B027 (optional hook)
         """Allocate state sized by the policy's [V, d] LM head; the module calls it before a checkpoint

@@ -48,7 +48,7 @@ class CAPOSelector(Selector):
         token_chunk: tokens per logits block; None sizes it from the vocabulary.
     """
 
-    needs_hidden = True
+    needs_forward = needs_hidden = True
 
     def __init__(
         self,
@@ -70,6 +70,7 @@ class CAPOSelector(Selector):
         self.delta_f, self.tau_h, self.symmetric, self.top_k = delta_f, tau_h, symmetric, top_k
         self.optimizer_model, self.betas, self.eps = optimizer_model, tuple(betas), eps
         self.enforce, self.token_chunk = enforce, token_chunk
+        self.forward_topk = top_k  # the scoring forward's logits give the top-k rows (ids; values redone in fp32)
         self.register_buffer("adam_m", torch.zeros(0, 0, dtype=torch.float32))  # [V, d] once built
         self.register_buffer("adam_v", torch.zeros(0, 0, dtype=torch.float32))  # [V, d]
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.long))
@@ -111,14 +112,17 @@ class CAPOSelector(Selector):
         self.build(*lm_head.shape)
         hidden = view.hidden[valid].float()  # [T, d]
         adv = view.advantages[valid].float()  # [T]
-        top = curvature.topk_policy(hidden, lm_head, view.actions[valid], self.top_k, self.token_chunk)
-        shifts = curvature.token_shifts(top, hidden, adv, view.lr, self._direction)
+        known = view.topk_ids[valid] if view.topk_ids is not None else None  # [T, k] from the forward
+        top = curvature.topk_policy(hidden, lm_head, view.actions[valid], self.top_k, self.token_chunk, known)
+        direction = self._direction()
+        shifts = curvature.token_shifts(top, hidden, adv, view.lr, direction)
         ok_f, ok_h = self._tests(shifts)
         keep_flat = ok_f & ok_h if self.enforce else torch.ones_like(ok_f)
         seq = valid.nonzero()[:, 0]  # [T] sequence of each token
-        common = dict(lr=view.lr, num_vocab=lm_head.shape[0], direction=self._direction, all_reduce=view.all_reduce)
-        pre = curvature.batch_shifts(top, hidden, adv, seq, torch.ones_like(keep_flat), **common)  # every token
-        post = curvature.batch_shifts(top, hidden, adv, seq, keep_flat, **common)  # the kept tokens
+        pre, post = curvature.batch_shifts(  # every token, the kept tokens
+            top, hidden, adv, seq, [torch.ones_like(keep_flat), keep_flat], view.lr, lm_head.shape[0], direction,
+            view.all_reduce,
+        )  # fmt: skip
         if self.enforce and self.optimizer_model == "adam":
             self._advance(post.row_gradients, post.touched)
         mask = torch.zeros_like(valid)
@@ -145,14 +149,17 @@ class CAPOSelector(Selector):
         low = -self.tau_h < shifts.hessian if self.symmetric else shifts.hessian >= 0
         return ok_f, low & (shifts.hessian < self.tau_h)
 
-    def _direction(self, grads: Tensor, ids: Tensor) -> Tensor:
-        """The optimizer model (:data:`~capo_lightning.selection.curvature.Direction`) of this selector."""
+    def _direction(self) -> curvature.Direction:
+        """The optimizer model (:data:`~capo_lightning.selection.curvature.Direction`) of this selector, with the
+        shadow-Adam step read once here (one host sync per selection, none in the curvature loops)."""
         if self.optimizer_model == "sgd":
-            return grads
+            return lambda grads, _ids: grads
         # the raw gradient while no row has ever been updated (also after steps that accepted nothing),
         # as the official code's empty-dictionary check
         step = int(self.adam_step) if bool(self.adam_has_rows) else 0
-        return curvature.adam_direction(grads, self.adam_m[ids], self.adam_v[ids], step, self.betas, self.eps)
+        return lambda grads, ids: curvature.adam_direction(
+            grads, self.adam_m[ids], self.adam_v[ids], step, self.betas, self.eps
+        )
 
     def _advance(self, g_rows: Tensor, touched: Tensor) -> None:
         """One shadow-Adam step on the touched rows with the accepted-token mean gradient."""

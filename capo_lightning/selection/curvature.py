@@ -13,8 +13,8 @@ hidden state h_t (the LM-head input), sampled token a_t and advantage A_t:
 
 The batch ("global") shifts of :func:`batch_shifts` use the same formulas with one direction for
 the whole step, built from the kept tokens' per-row mean gradient. Nothing of shape [N, L, V] or
-[T, V, d] is built: logits come from token chunks of h @ W^T, and [chunk, k, d] blocks are the
-largest temporaries.
+[T, V, d] is built: the subspaces come from :mod:`~capo_lightning.selection.subspace`, and [chunk, k, d]
+blocks, sized for the device (:func:`block_rows`), are the largest temporaries.
 """
 
 from __future__ import annotations
@@ -25,73 +25,17 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-LOGIT_BUDGET = 2**25  # elements of one [chunk, V] logits block (128 MiB in fp32)
-BLOCK_BUDGET = 2**21  # elements of one [chunk, k, d] gradient/direction block (8 MiB in fp32): small blocks
-# are reused from the allocator's cache, large ones cost fresh zeroed pages on every call (measured on CPU,
-# benchmarks/capo_overhead.py --block-budget); read at call time by block_rows
+from capo_lightning.selection.subspace import TopK, block_rows, token_chunk, topk_policy, with_action
+
+__all__ = [  # the subspace names are re-exported: the curvature model is read as one module
+    "BatchShifts", "Direction", "Shifts", "TopK", "adam_direction", "batch_shifts", "block_rows", "row_gradient_sums",
+    "seq_then_batch_mean", "shifts_from_direction", "token_chunk", "token_gradients", "token_shifts", "topk_policy",
+    "with_action",
+]  # fmt: skip
 
 Direction = Callable[[Tensor, Tensor], Tensor]
 """The optimizer model: (gradients [..., d] of some vocabulary rows, their row ids [...]) -> the step
 direction of those rows per unit lr, same shape (SGD: the gradient itself; Adam: the shadow-Adam step)."""
-
-
-@dataclass
-class TopK:
-    """The top-k renormalised policy of each token."""
-
-    ids: Tensor  # [T, k] long, vocabulary rows
-    probs: Tensor  # [T, k] fp32, softmax over the k logits
-    onehot: Tensor  # [T, k] fp32, e_a inside the top-k set
-
-    def rows(self, start: int, stop: int) -> TopK:
-        """Tokens ``start:stop``."""
-        return TopK(self.ids[start:stop], self.probs[start:stop], self.onehot[start:stop])
-
-
-def block_rows(k: int, d: int) -> int:
-    """Tokens per chunk so one [chunk, k, d] block stays within :data:`BLOCK_BUDGET` elements."""
-    return max(1, BLOCK_BUDGET // max(1, k * d))
-
-
-def token_chunk(num_vocab: int, budget: int = LOGIT_BUDGET) -> int:
-    """Tokens per chunk so one [chunk, V] logits block stays within ``budget`` elements."""
-    return max(1, budget // max(1, num_vocab))
-
-
-def topk_policy(hidden: Tensor, lm_head: Tensor, actions: Tensor, k: int, chunk: int | None = None) -> TopK:
-    """Top-k renormalised softmax of h W^T per token, computed in token chunks.
-
-    If a sampled token is not among the top k (possible with top_p/temperature > 1 sampling), it
-    replaces the k-th entry so e_a is always defined; with the paper's top-50 sampling it never is.
-
-    Args:
-        hidden: [T, d] LM-head inputs.
-        lm_head: [V, d] LM-head weight.
-        actions: [T] sampled token ids.
-        k: size of the subspace; k >= V means the full vocabulary (exact).
-        chunk: tokens per logits block; None sizes it from V.
-    """
-    num_vocab = lm_head.shape[0]
-    k = min(k, num_vocab)
-    chunk = chunk or token_chunk(num_vocab)
-    weight = lm_head.float()
-    ids_parts, val_parts = [], []
-    for start in range(0, hidden.shape[0], chunk):
-        logits = hidden[start : start + chunk].float() @ weight.T  # [c, V]
-        vals, ids = logits.topk(k, dim=-1)  # [c, k]
-        act = actions[start : start + chunk]
-        missing = ~(ids == act.unsqueeze(1)).any(dim=1)  # [c]
-        ids[missing, -1] = act[missing]
-        vals[missing, -1] = logits[missing].gather(1, act[missing].unsqueeze(1)).squeeze(1)
-        ids_parts.append(ids)
-        val_parts.append(vals)
-    if not ids_parts:  # no tokens (e.g. every completion masked): empty [0, k] policy
-        empty = torch.zeros(0, k, device=hidden.device, dtype=torch.float32)
-        return TopK(ids=empty.long(), probs=empty, onehot=empty.clone())
-    ids = torch.cat(ids_parts)  # [T, k]
-    probs = torch.softmax(torch.cat(val_parts), dim=-1)  # [T, k]
-    onehot = (ids == actions.unsqueeze(1)).float()  # [T, k]
-    return TopK(ids=ids, probs=probs, onehot=onehot)
 
 
 def token_gradients(top: TopK, hidden: Tensor, advantages: Tensor) -> Tensor:
@@ -143,7 +87,7 @@ def token_shifts(top: TopK, hidden: Tensor, advantages: Tensor, lr: float, direc
         direction: the optimizer model.
     """
     parts = []
-    chunk = block_rows(top.ids.shape[1], hidden.shape[1])
+    chunk = block_rows(top.ids.shape[1], hidden.shape[1], hidden.device)
     for s in range(0, hidden.shape[0], chunk):
         sub, h, a = top.rows(s, s + chunk), hidden[s : s + chunk], advantages[s : s + chunk]
         grads = token_gradients(sub, h, a)  # [c, k, d]
@@ -171,38 +115,60 @@ def batch_shifts(
     hidden: Tensor,
     advantages: Tensor,
     sequence: Tensor,
-    keep: Tensor,
+    keeps: list[Tensor],
     lr: float,
     num_vocab: int,
     direction: Direction,
     all_reduce: Callable[[Tensor], Tensor] | None = None,
-) -> BatchShifts:
-    """m_F and m_H of the step whose gradient is the kept tokens' per-row mean gradient.
+) -> list[BatchShifts]:
+    """m_F and m_H of the step whose gradient is the kept tokens' per-row mean gradient, for each mask in ``keeps``.
 
     The row sums and counts are summed over ranks (``all_reduce``) so every rank builds the same
     direction D (one per touched row). Then, per kept token, u = D[ids] h and the same quadratic
     terms as :func:`shifts_from_direction`; m_F = 1/2 lr^2 mean (s . u)^2 and
     m_H = lr <g, D> + 1/2 lr^2 mean A [(s . u)^2 - u^T (diag pi - pi pi^T) u], each mean taken
     within a sequence first, then over sequences (:func:`seq_then_batch_mean`, the code's order).
+    The token gradients are formed once for all masks (one pass over [chunk, k, d] blocks).
 
     Args:
         top: [T, k] top-k policies of this rank's valid tokens.
         hidden: [T, d] their LM-head inputs.
         advantages: [T] their advantages.
         sequence: [T] the sequence (row) each token belongs to.
-        keep: [T] bool, the tokens that enter the step.
+        keeps: [T] bool masks, each a set of tokens that enter a step (e.g. all tokens, the kept ones).
         lr: the learning rate of the coming step.
         num_vocab: V.
         direction: the optimizer model.
         all_reduce: sums a tensor over ranks; None in one process.
     """
-    sums = torch.zeros(num_vocab, hidden.shape[1], device=hidden.device, dtype=torch.float32)
-    counts = torch.zeros(num_vocab, device=hidden.device, dtype=torch.float32)
-    chunk = block_rows(top.ids.shape[1], hidden.shape[1])
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    sums = [torch.zeros(num_vocab, hidden.shape[1], **f32) for _ in keeps]
+    counts = [torch.zeros(num_vocab, **f32) for _ in keeps]
+    chunk = block_rows(top.ids.shape[1], hidden.shape[1], hidden.device)
     for s in range(0, hidden.shape[0], chunk):
         sub = top.rows(s, s + chunk)
         grads = token_gradients(sub, hidden[s : s + chunk], advantages[s : s + chunk])
-        row_gradient_sums(sub, grads, keep[s : s + chunk], num_vocab, sums, counts)  # accumulates
+        for keep, row_sums, row_counts in zip(keeps, sums, counts, strict=True):
+            row_gradient_sums(sub, grads, keep[s : s + chunk], num_vocab, row_sums, row_counts)  # accumulates
+    return [
+        _shifts_of_sums(top, hidden, advantages, sequence, keep, row_sums, row_counts, lr, direction, all_reduce)
+        for keep, row_sums, row_counts in zip(keeps, sums, counts, strict=True)
+    ]
+
+
+def _shifts_of_sums(
+    top: TopK,
+    hidden: Tensor,
+    advantages: Tensor,
+    sequence: Tensor,
+    keep: Tensor,
+    sums: Tensor,
+    counts: Tensor,
+    lr: float,
+    direction: Direction,
+    all_reduce: Callable[[Tensor], Tensor] | None,
+) -> BatchShifts:
+    """:func:`batch_shifts` for one mask, from its per-row gradient sums [V, d] and counts [V]."""
     if all_reduce is not None:
         sums, counts = all_reduce(sums), all_reduce(counts)
     touched = counts > 0  # [V]
@@ -211,6 +177,7 @@ def batch_shifts(
     d_rows = torch.zeros_like(sums)
     d_rows[touched] = direction(g_rows[touched], touched.nonzero().squeeze(1))
     first = (g_rows * d_rows).sum()
+    chunk = block_rows(top.ids.shape[1], hidden.shape[1], hidden.device)
     u = torch.cat([  # [T, k]: the step direction on each token's subspace rows, in token chunks
         torch.einsum("tkd,td->tk", d_rows[top.ids[s : s + chunk]], hidden[s : s + chunk])
         for s in range(0, hidden.shape[0], chunk)
@@ -261,20 +228,22 @@ def adam_direction(grads: Tensor, m: Tensor, v: Tensor, step: int, betas: tuple[
 def row_gradient_sums(
     top: TopK, grads: Tensor, keep: Tensor, num_vocab: int, sums: Tensor | None = None, counts: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Sum of kept tokens' gradient rows per vocabulary row, and how many tokens touched each row.
+    """Sum of kept tokens' gradient rows per vocabulary row, and how many kept tokens touched each row.
 
     The batch ("global") gradient of the code is sums / counts per row (rows never touched stay 0).
     Pass ``sums`` [V, d] and ``counts`` [V] to accumulate into them (chunked callers), else they are new.
+    Rejected tokens are added as zeros (not indexed out), so nothing syncs with the host.
 
     Returns:
         sums [V, d] and counts [V].
     """
     d = grads.shape[-1]
-    ids = top.ids[keep].reshape(-1)  # [T_kept * k]
+    ids = top.ids.reshape(-1)  # [T * k]
+    weight = keep.to(grads.dtype)  # [T]
     if sums is None:
         sums = torch.zeros(num_vocab, d, dtype=grads.dtype, device=grads.device)
     if counts is None:
         counts = torch.zeros(num_vocab, dtype=grads.dtype, device=grads.device)
-    sums.index_add_(0, ids, grads[keep].reshape(-1, d))
-    counts.index_add_(0, ids, torch.ones_like(ids, dtype=grads.dtype))
+    sums.index_add_(0, ids, torch.where(keep[:, None, None], grads, 0.0).reshape(-1, d))
+    counts.index_add_(0, ids, weight[:, None].expand(top.ids.shape).reshape(-1))
     return sums, counts

@@ -2,9 +2,13 @@
 
 Two paths, chosen by :class:`~capo_lightning.training.plan.StepPlan`:
 
-* **fused** (``ppo_epochs = minibatches = 1`` and one micro-batch holds the step; the paper's setting):
-  the training forward is the only forward. Its detached logprobs are the old logprobs (the ratio is
-  exactly 1) and its detached LM-head inputs feed the selector, before the loss is aggregated.
+* **single update** (``ppo_epochs = minibatches = 1``; the paper's setting): one optimizer step, accumulated
+  over micro-batches, and one forward per micro-batch. Each training forward's detached logprobs are the
+  old logprobs (the ratio is exactly 1: no update happens in between). When one micro-batch holds the
+  step, its forward also feeds the selector before the loss is aggregated; with several micro-batches a
+  selector that reads a forward (``needs_forward``, e.g. CAPO) first gets a no-grad look-ahead pass that
+  computes only what it reads (logprobs, LM-head inputs, top-k ids; no entropies), and a selector that
+  reads none (KeepAll) decides before any forward, so no extra pass runs at all.
 * **multi-pass**: a no-grad pass over every row first fixes the old logprobs and the selector's inputs,
   so the mask, and with it every normaliser, is final before any loss is computed; then ``ppo_epochs``
   passes of ``minibatches`` optimizer steps, each accumulated over micro-batches.
@@ -57,21 +61,45 @@ class StepContext:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
-def fused_step(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, metrics: dict) -> Selection:
-    """One forward serves old logprobs, selection and loss; one optimizer step."""
-    out = policy_forward(ctx, batch, need_hidden=needs_hidden(ctx))
-    old = out.logprobs.detach()  # [N, L]
-    selection, mask = select_tokens(ctx, batch, adv, old, out.hidden)
-    norm = normalizer(ctx, batch, mask)
-    metrics["objective/normalizer"] = torch.tensor(norm.denominator(ctx.objective.aggregation), dtype=torch.float32)
-    loss_out = ctx.objective(out.logprobs, old, ref, adv, mask, norm, tis_weights(ctx, old, batch.behavior_logprobs))
-    accumulate(metrics, loss_out.metrics, weight=1.0)
-    accumulate(
-        metrics, {"objective/loss": loss_out.loss.detach(), "objective/entropy": masked_mean(out.entropy, mask)}, 1.0
-    )
-    backward_and_step(ctx, loss_out.loss, metrics)
+def single_update_step(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict
+) -> Selection:
+    """``ppo_epochs = minibatches = 1``: one optimizer step over micro-batches, one training forward each."""
+    chunks = plan.chunks(batch.num_completions)
+    whole = len(chunks) == 1  # one micro-batch holds the step: its forward also feeds the selector
+    selection, mask = None, None
+    if not needs_forward(ctx):
+        selection, mask = select_tokens(ctx, batch, adv, None, None, None)
+    elif not whole:  # the mask must be final before the first loss: look ahead without grad
+        ahead = scoring_pass(ctx, batch, chunks)
+        selection, mask = select_tokens(ctx, batch, adv, ahead.logprobs, ahead.hidden, ahead.topk_ids)
+    olds, norm, loss = [], None, None
+    for rows in [None] if whole else chunks:
+        feed = mask is None
+        topk = forward_topk(ctx) if feed else 0
+        out = policy_forward(ctx, batch, rows, need_hidden=feed and needs_hidden(ctx), topk=topk)
+        old = out.logprobs.detach()
+        olds.append(old)
+        if feed:
+            selection, mask = select_tokens(ctx, batch, adv, old, out.hidden, out.topk_ids)
+        if norm is None:
+            norm = normalizer(ctx, batch, mask)
+            metrics["objective/normalizer"] = denominator(ctx, norm)
+        r_mask = _rows(mask, rows)
+        loss_out = ctx.objective(
+            out.logprobs, old, _rows(ref, rows), _rows(adv, rows), r_mask, norm,
+            tis_weights(ctx, old, _rows(batch.behavior_logprobs, rows)),
+        )  # fmt: skip
+        share = 1.0 if whole else float(r_mask.sum()) / max(float(mask.sum()), 1.0)
+        accumulate(metrics, loss_out.metrics, share)
+        accumulate(metrics, {"objective/entropy": masked_mean(out.entropy, r_mask)}, share)
+        accumulate(metrics, {"objective/loss": loss_out.loss.detach()}, 1.0)  # the step's loss: the sum
+        loss = loss_out.loss
+        if not whole:
+            ctx.backward(loss)
+    backward_and_step(ctx, loss if whole else None, metrics)
     metrics["rollout/engine_trainer_logprob_gap"] = masked_mean(
-        (old - batch.behavior_logprobs).abs(), batch.response_mask
+        (torch.cat(olds) - batch.behavior_logprobs).abs(), batch.response_mask
     )
     return selection
 
@@ -80,14 +108,9 @@ def multi_pass_step(
     ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict
 ) -> Selection:
     """A no-grad pass fixes old logprobs and the mask; then ``ppo_epochs`` x ``minibatches`` optimizer steps."""
-    with torch.no_grad():
-        parts = [
-            policy_forward(ctx, batch, rows, need_hidden=needs_hidden(ctx))
-            for rows in plan.chunks(batch.num_completions)
-        ]
-    old = torch.cat([p.logprobs for p in parts])  # [N, L]
-    hidden = torch.cat([p.hidden for p in parts]) if parts[0].hidden is not None else None
-    selection, mask = select_tokens(ctx, batch, adv, old, hidden)
+    ahead = scoring_pass(ctx, batch, plan.chunks(batch.num_completions))
+    old = ahead.logprobs  # [N, L]
+    selection, mask = select_tokens(ctx, batch, adv, old, ahead.hidden, ahead.topk_ids)
     metrics["rollout/engine_trainer_logprob_gap"] = masked_mean(
         (old - batch.behavior_logprobs).abs(), batch.response_mask
     )
@@ -97,11 +120,7 @@ def multi_pass_step(
             norm = normalizer(ctx, batch, mask[mb_rows])
             accumulate(
                 metrics,
-                {
-                    "objective/normalizer": torch.tensor(
-                        norm.denominator(ctx.objective.aggregation), dtype=torch.float32
-                    )
-                },
+                {"objective/normalizer": denominator(ctx, norm)},
                 1.0 / num_updates,
             )
             total = torch.zeros((), device=old.device, dtype=torch.float32)
@@ -120,14 +139,43 @@ def multi_pass_step(
     return selection
 
 
-def policy_forward(
-    ctx: StepContext, batch: RolloutBatch, rows: Tensor | None = None, need_hidden: bool = False
-) -> ForwardOut:
-    """The policy's logprobs (and entropies, LM-head inputs) of the batch's responses, for ``rows`` or all."""
-    ids, attn = (
-        (batch.input_ids, batch.attention_mask) if rows is None else (batch.input_ids[rows], batch.attention_mask[rows])
+def scoring_pass(ctx: StepContext, batch: RolloutBatch, chunks: list[Tensor]) -> ForwardOut:
+    """A no-grad pass over all rows, in micro-batches, computing only logprobs and what the selector reads."""
+    with torch.no_grad():
+        parts = [
+            policy_forward(ctx, batch, rows, need_hidden=needs_hidden(ctx), topk=forward_topk(ctx), need_entropy=False)
+            for rows in chunks
+        ]
+    return ForwardOut(
+        logprobs=torch.cat([p.logprobs for p in parts]),
+        entropy=None,
+        hidden=torch.cat([p.hidden for p in parts]) if parts[0].hidden is not None else None,
+        topk_ids=torch.cat([p.topk_ids for p in parts]) if parts[0].topk_ids is not None else None,
     )
-    return score_responses(ctx.policy, ids, attn, batch.response_mask.shape[1], need_hidden=need_hidden)
+
+
+def _rows(tensor: Tensor | None, rows: Tensor | None) -> Tensor | None:
+    """``tensor[rows]`` (None rows: all of it; None tensor: None)."""
+    return tensor if tensor is None or rows is None else tensor[rows]
+
+
+def policy_forward(
+    ctx: StepContext,
+    batch: RolloutBatch,
+    rows: Tensor | None = None,
+    need_hidden: bool = False,
+    topk: int = 0,
+    need_entropy: bool = True,
+) -> ForwardOut:
+    """The policy's logprobs (entropies, LM-head inputs, top-k ids) of the batch's responses, for ``rows`` or all."""
+    ids, attn = _rows(batch.input_ids, rows), _rows(batch.attention_mask, rows)
+    length = batch.response_mask.shape[1]
+    return score_responses(ctx.policy, ids, attn, length, need_hidden, topk, need_entropy)
+
+
+def needs_forward(ctx: StepContext) -> bool:
+    """Whether the selector reads a forward pass (False: the mask is known before any forward)."""
+    return ctx.selector is not None and ctx.selector.needs_forward
 
 
 def needs_hidden(ctx: StepContext) -> bool:
@@ -135,8 +183,14 @@ def needs_hidden(ctx: StepContext) -> bool:
     return ctx.selector is not None and ctx.selector.needs_hidden
 
 
+def forward_topk(ctx: StepContext) -> int:
+    """How many top logit ids per token the forward hands the selector (0 when it wants none or all of V)."""
+    k = ctx.selector.forward_topk if ctx.selector is not None else 0
+    return k if 0 < k < lm_head_weight(ctx.policy).shape[0] else 0
+
+
 def select_tokens(
-    ctx: StepContext, batch: RolloutBatch, adv: Tensor, old: Tensor, hidden: Tensor | None
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, old: Tensor | None, hidden: Tensor | None, topk: Tensor | None
 ) -> tuple[Selection, Tensor]:
     """The selector's decision and the final loss mask (response mask AND selection), [N, L] bool."""
     if ctx.selector is None:
@@ -144,12 +198,13 @@ def select_tokens(
     view = TokenView(
         actions=batch.responses,
         response_mask=batch.response_mask,
-        advantages=(adv.unsqueeze(1) if adv.dim() == 1 else adv).expand_as(old).detach(),
+        advantages=(adv.unsqueeze(1) if adv.dim() == 1 else adv).expand_as(batch.response_mask).detach(),
         old_logprobs=old,
         hidden=hidden,
         lm_head=full_tensor(lm_head_weight(ctx.policy).detach()) if ctx.selector.needs_hidden else None,
         lr=ctx.lr,
         all_reduce=ctx.sum_over_ranks,
+        topk_ids=topk,
     )
     with torch.no_grad():
         selection = ctx.selector(view)
@@ -161,6 +216,11 @@ def normalizer(ctx: StepContext, batch: RolloutBatch, mask: Tensor) -> Normalize
     return Normalizer.from_mask(
         mask, max_len=constant_len(ctx.objective, batch), all_reduce=ctx.sum_over_ranks, world_size=ctx.world_size
     )
+
+
+def denominator(ctx: StepContext, norm: Normalizer) -> Tensor:
+    """The loss denominator of the objective's aggregation, as a metric."""
+    return torch.tensor(norm.denominator(ctx.objective.aggregation), dtype=torch.float32)
 
 
 def constant_len(objective: Objective, batch: RolloutBatch) -> int:

@@ -20,9 +20,9 @@ class StepPlan:
     seed: int = 0
 
     @property
-    def fused(self) -> bool:
-        """One forward serves old logprobs, selection and loss (mu = 1, one minibatch, one micro-batch)."""
-        return self.ppo_epochs == 1 and self.minibatches == 1 and self.micro_batch_size >= self.num_rows
+    def single_update(self) -> bool:
+        """One optimizer step per batch (mu = 1, one minibatch): each training forward is its own old policy."""
+        return self.ppo_epochs == 1 and self.minibatches == 1
 
     def minibatch_rows(self, epoch: int) -> list[Tensor]:
         """Row indices of each minibatch in pass ``epoch``: one fixed shuffle per epoch (the first pass keeps order)."""

@@ -693,3 +693,29 @@ def test_an_unbuilt_selector_loads_a_trained_shadow_adam() -> None:
     fresh.load_state_dict(trained.state_dict())
     for name, value in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
+
+
+# =================================================================================================
+# 7. the top-k subspace can come from the scoring forward
+# =================================================================================================
+@pytest.mark.parametrize("warm", [False, True], ids=["fresh_state", "warm_state"])
+def test_mask_is_unchanged_when_the_forward_supplies_the_top_k(real: dict, warm: bool) -> None:
+    """The ids the scoring forward found in its own logits give the same mask and shifts as the selector's
+    own top-k search (same inputs, thresholds in the thick of the shift distribution)."""
+    batch, k = real["batch"], 8
+    state = _warm_state(real, top_k=k) if warm else None
+    with torch.no_grad():
+        out = score_responses(
+            real["policy"], batch.input_ids, batch.attention_mask, batch.response_mask.shape[1], topk=k
+        )
+    valid = batch.response_mask
+    own = C.topk_policy(real["hidden"][valid], real["lm_head"], batch.responses[valid], k)
+    assert torch.equal(C.with_action(out.topk_ids[valid], batch.responses[valid]), own.ids)
+    fisher, hessian = _token_shifts(real, state, top_k=k)
+    thresholds = dict(delta_f=_gap_threshold(fisher, 0.5), tau_h=_gap_threshold(hessian, 0.5), top_k=k)
+    searched = _selector(state, **thresholds)(_view(real))
+    given = _selector(state, **thresholds)(_view(real, topk_ids=out.topk_ids))
+    assert torch.equal(given.token_mask, searched.token_mask)
+    assert 0 < int((given.token_mask & valid).sum()) < int(valid.sum())  # a mask that could have differed
+    for name in ("token_fisher", "token_hessian", "global_fisher", "masked_global_hessian"):
+        torch.testing.assert_close(given.shifts[name], searched.shifts[name], rtol=1e-5, atol=1e-12)

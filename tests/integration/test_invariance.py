@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -208,3 +209,77 @@ def test_ddp_non_finite_loss_on_one_rank_skips_on_every_rank_without_hanging(
     assert "UNCHANGED True" in done.stdout  # both ranks skipped: rank 0's finite update was not applied
     assert "`max_steps=2` reached" in out  # and the run went on to its end instead of hanging
     assert out.count("non-finite loss at rollout step") >= 2
+
+
+# ---- 4. no forward that is not needed -------------------------------------------------------------
+class _CountForwards:
+    """Counts the policy's forward calls (a pre-hook on the transformers model itself)."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        self.calls = 0
+        policy.register_forward_pre_hook(self._count)
+
+    def _count(self, *_args) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize(
+    "selector,micro,expected",
+    [
+        (None, 2, 4),  # KeepAll-equivalent, 4 micro-batches of 2: exactly one forward each
+        ("KeepAll", 2, 4),
+        ("KeepAll", None, 1),
+        ("CAPO", None, 1),  # one micro-batch: the training forward feeds the selector
+        ("CAPO", 4, 4),  # 2 micro-batches: a no-grad look-ahead per micro-batch, then one training forward each
+    ],
+)
+def test_a_single_update_step_runs_no_forward_it_does_not_need(
+    tiny_model_dir: Path, rollouts: dict, selector: str | None, micro: int | None, expected: int
+) -> None:
+    from capo_lightning.selection import CAPOSelector, KeepAll
+
+    chosen = {"KeepAll": KeepAll(), "CAPO": CAPOSelector(top_k=8), None: None}[selector]
+    module = _module(tiny_model_dir, selector=chosen, micro_batch_size=micro)
+    module.configure_model()
+    counter = _CountForwards(module.policy)
+    make_trainer().fit(module, train_dataloaders=FixedBatches([rollouts["small"]]))  # N = 8 rows
+    assert counter.calls == expected
+
+
+class _Masks(L.Callback):
+    """Keeps each step's token mask."""
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor] = []
+        self.fisher: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.masks.append(outputs["selection"].token_mask & batch.response_mask)
+        self.fisher.append(outputs["selection"].shifts["token_fisher"][batch.response_mask])
+
+
+def test_capo_update_does_not_depend_on_micro_batch_size(tiny_model_dir: Path, rollouts: dict) -> None:
+    """The look-ahead pass gives the micro-batched step the same mask, hence the same update, as one forward."""
+    from capo_lightning.selection import CAPOSelector
+
+    def run(micro: int | None, **thresholds) -> tuple[torch.Tensor, _Masks]:
+        masks = _Masks()
+        update, _, _ = _train(
+            tiny_model_dir, FixedBatches([rollouts["small"]]), "DAPO", lr=0.1,
+            trainer_kwargs=dict(callbacks=[masks]),
+            selector=CAPOSelector(top_k=8, **thresholds), micro_batch_size=micro,
+        )  # fmt: skip
+        return update, masks
+
+    _, probe = run(None, enforce=False)
+    shifts = probe.fisher[0].double().unique()
+    middle = shifts[shifts.numel() // 4 : 3 * shifts.numel() // 4]
+    gap = int((middle[1:] / middle[:-1]).argmax())  # a threshold in the widest gap: no token sits near it
+    delta_f = float((middle[gap] * middle[gap + 1]).sqrt())
+    whole, mask_whole = run(None, delta_f=delta_f, tau_h=1e9)
+    split, mask_split = run(2, delta_f=delta_f, tau_h=1e9)
+    mask_whole, mask_split = mask_whole.masks[0], mask_split.masks[0]
+    valid = int(rollouts["small"].response_mask.sum())
+    assert 0 < int(mask_whole.sum()) < valid, "the mask must matter for the comparison to mean anything"
+    assert torch.equal(mask_split, mask_whole)
+    _assert_same_update(split, whole, "CAPO micro_batch_size=2 vs None")

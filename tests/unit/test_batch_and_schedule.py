@@ -81,11 +81,11 @@ def test_plan_requires_minibatches_to_divide_the_step() -> None:
     with pytest.raises(ValueError, match="model.minibatches"):
         plan_step(10, 1, 3, None)
     plan = plan_step(8, 2, 2, 3)
-    assert not plan.fused
+    assert not plan.single_update
     rows = plan.minibatch_rows(1)
     assert sorted(torch.cat(rows).tolist()) == list(range(8))  # a permutation of every row
     assert [len(r) for r in plan.micro_rows(rows[0])] == [3, 1]
-    assert plan_step(8, 1, 1, None).fused
+    assert plan_step(8, 1, 1, None).single_update and plan_step(8, 1, 1, 2).single_update
 
 
 def test_prompt_order_is_a_pure_function_of_step(tmp_path) -> None:
