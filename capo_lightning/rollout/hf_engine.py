@@ -13,8 +13,10 @@ from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingCon
 class HFEngine(RolloutEngine):
     """Samples with ``policy.generate``; shares the policy, so weights are never stale.
 
-    Behavior logprobs are those of the raw model (temperature 1, no top-k/top-p), read from the
-    logits ``generate`` returns, so they compare like for like with the trainer's logprobs.
+    Behavior logprobs are those of the raw model (temperature 1, no top-k/top-p), so they compare like for
+    like with the trainer's logprobs. They are read while ``generate`` runs (:class:`_RawLogprobs`), one
+    step at a time, instead of asking it for every step's logits (``output_logits``, which keeps an
+    [n, L, V] fp32 copy: 60 GB at the paper's shape) and a log-softmax of each.
 
     Args:
         max_batch_size: rows (prompts x samples) per ``generate`` call; bounds memory.
@@ -59,21 +61,20 @@ class HFEngine(RolloutEngine):
         input_ids = enc["input_ids"].to(device)  # [n, P]
         attention_mask = enc["attention_mask"].to(device)  # [n, P]
         greedy = sampling.temperature == 0
-        gen = self.policy.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else sampling.top_k,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=self._eos_ids(),
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        responses = gen.sequences[:, input_ids.shape[1] :]  # [n, L]
-        logprobs = self._token_logprobs(gen.logits, responses)  # [n, L]
+        with _RawLogprobs(self.policy) as raw:
+            sequences = self.policy.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None if greedy else sampling.top_k,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=self._eos_ids(),
+            )
+        responses = sequences[:, input_ids.shape[1] :]  # [n, L]
+        logprobs = raw.finish(responses)  # [n, L]
         return [
             self._completion(input_ids[i][attention_mask[i].bool()], responses[i], logprobs[i], sampling)
             for i in range(len(rows))
@@ -85,15 +86,6 @@ class HFEngine(RolloutEngine):
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
             ids.append(self.tokenizer.eos_token_id)
         return ids
-
-    @staticmethod
-    def _token_logprobs(step_logits: tuple[Tensor, ...], responses: Tensor) -> Tensor:
-        """Logprob of each generated token under the raw logits of its step -> [n, L]."""
-        cols = []
-        for j, logits in enumerate(step_logits):  # logits: [n, V]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            cols.append(logp.gather(1, responses[:, j : j + 1]))  # [n, 1]
-        return torch.cat(cols, dim=1)
 
     def _completion(
         self, prompt_ids: Tensor, response: Tensor, logprobs: Tensor, sampling: SamplingConfig
@@ -114,3 +106,55 @@ class HFEngine(RolloutEngine):
             finish_reason=reason,
             text=self.tokenizer.decode(ids, skip_special_tokens=True),
         )
+
+
+class _RawLogprobs:
+    """log pi(a_t) under the raw logits of each decoding step, collected while ``generate`` runs.
+
+    A hook on the LM head keeps the last position's logits of the current step and its log-normaliser;
+    a hook on the model reads the token the step sampled from the next call's ``input_ids`` (with the KV
+    cache, its last column), gathers that token's logprob and drops the logits. So one [n, V] block is
+    alive at a time, and no [n, V] log-softmax is built.
+    """
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+        self.columns: list[Tensor] = []
+        self.pending: tuple[Tensor, Tensor] | None = None  # (raw logits [n, V], logsumexp [n]) of the last step
+
+    def __enter__(self) -> _RawLogprobs:
+        head = self.policy.get_output_embeddings()
+        self.handles = [
+            self.policy.register_forward_pre_hook(self._next_call, with_kwargs=True),
+            head.register_forward_hook(self._logits),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _logits(self, _module: Any, _args: Any, output: Tensor) -> None:
+        last = output[:, -1].float()  # [n, V]
+        self.pending = (last, torch.logsumexp(last, dim=-1))
+
+    def _next_call(self, _module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.pending is not None and ids is not None:
+            self._settle(ids[:, -1])
+
+    def _settle(self, tokens: Tensor) -> None:
+        logits, norm = self.pending
+        self.columns.append(logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - norm)  # [n]
+        self.pending = None
+
+    def finish(self, responses: Tensor) -> Tensor:
+        """[n, L] logprobs of ``responses``, the tokens ``generate`` returned (the last one settled here)."""
+        if self.pending is not None:
+            self._settle(responses[:, len(self.columns)])
+        if len(self.columns) != responses.shape[1]:
+            raise RuntimeError(
+                f"HFEngine read {len(self.columns)} decoding steps for {responses.shape[1]} generated tokens; "
+                "this model's generate does not call its LM head once per token"
+            )
+        return torch.stack(self.columns, dim=1)

@@ -124,7 +124,7 @@ class CAPOSelector(Selector):
             view.all_reduce,
         )  # fmt: skip
         if self.enforce and self.optimizer_model == "adam":
-            self._advance(post.row_gradients, post.touched)
+            self._advance(post.rows[post.touched], post.row_gradients[post.touched])
         mask = torch.zeros_like(valid)
         mask[valid] = keep_flat
         mask |= ~valid  # padding positions are the response mask's business, not ours
@@ -161,14 +161,13 @@ class CAPOSelector(Selector):
             grads, self.adam_m[ids], self.adam_v[ids], step, self.betas, self.eps
         )
 
-    def _advance(self, g_rows: Tensor, touched: Tensor) -> None:
-        """One shadow-Adam step on the touched rows with the accepted-token mean gradient."""
+    def _advance(self, rows: Tensor, g: Tensor) -> None:
+        """One shadow-Adam step on ``rows`` [R] (the touched ones) with their accepted-token mean gradient [R, d]."""
         b1, b2 = self.betas
-        g = g_rows[touched]
-        self.adam_m[touched] = b1 * self.adam_m[touched] + (1 - b1) * g
-        self.adam_v[touched] = b2 * self.adam_v[touched] + (1 - b2) * g * g
+        self.adam_m[rows] = b1 * self.adam_m[rows] + (1 - b1) * g
+        self.adam_v[rows] = b2 * self.adam_v[rows] + (1 - b2) * g * g
         self.adam_step += 1
-        self.adam_has_rows |= bool(touched.any())
+        self.adam_has_rows |= rows.numel() > 0
 
     # ---- reporting ----------------------------------------------------------------------------
     def _metrics(

@@ -28,7 +28,7 @@ from torch import Tensor
 from capo_lightning.selection.subspace import TopK, block_rows, token_chunk, topk_policy, with_action
 
 __all__ = [  # the subspace names are re-exported: the curvature model is read as one module
-    "BatchShifts", "Direction", "Shifts", "TopK", "adam_direction", "batch_shifts", "block_rows", "row_gradient_sums",
+    "BatchShifts", "Direction", "Shifts", "TopK", "adam_direction", "batch_shifts", "block_rows", "row_gradient_sums", "subspace_rows",
     "seq_then_batch_mean", "shifts_from_direction", "token_chunk", "token_gradients", "token_shifts", "topk_policy",
     "with_action",
 ]  # fmt: skip
@@ -106,8 +106,9 @@ class BatchShifts:
 
     fisher: Tensor  # scalar m_F of the step
     hessian: Tensor  # scalar m_H of the step
-    row_gradients: Tensor  # [V, d] mean gradient of the kept tokens per vocabulary row (0 where untouched)
-    touched: Tensor  # [V] bool, rows that some kept token's subspace contains
+    rows: Tensor  # [U] vocabulary rows that some token's subspace contains (on any rank), ascending
+    row_gradients: Tensor  # [U, d] mean gradient of the kept tokens per row of ``rows`` (0 where untouched)
+    touched: Tensor  # [U] bool, rows that some kept token's subspace contains
 
 
 def batch_shifts(
@@ -128,7 +129,8 @@ def batch_shifts(
     terms as :func:`shifts_from_direction`; m_F = 1/2 lr^2 mean (s . u)^2 and
     m_H = lr <g, D> + 1/2 lr^2 mean A [(s . u)^2 - u^T (diag pi - pi pi^T) u], each mean taken
     within a sequence first, then over sequences (:func:`seq_then_batch_mean`, the code's order).
-    The token gradients are formed once for all masks (one pass over [chunk, k, d] blocks).
+    Only the U rows some subspace contains are ever formed ([U, d], not [V, d]; U <= T k), and the token
+    gradients are formed once for all masks (one pass over [chunk, k, d] blocks).
 
     Args:
         top: [T, k] top-k policies of this rank's valid tokens.
@@ -141,19 +143,38 @@ def batch_shifts(
         direction: the optimizer model.
         all_reduce: sums a tensor over ranks; None in one process.
     """
+    rows, local = subspace_rows(top.ids, num_vocab, all_reduce)  # [U], [T, k] positions in rows
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    sums = [torch.zeros(num_vocab, hidden.shape[1], **f32) for _ in keeps]
-    counts = [torch.zeros(num_vocab, **f32) for _ in keeps]
+    sums = [torch.zeros(rows.numel(), hidden.shape[1], **f32) for _ in keeps]
+    counts = [torch.zeros(rows.numel(), **f32) for _ in keeps]
     chunk = block_rows(top.ids.shape[1], hidden.shape[1], hidden.device)
     for s in range(0, hidden.shape[0], chunk):
-        sub = top.rows(s, s + chunk)
+        sub = TopK(local[s : s + chunk], top.probs[s : s + chunk], top.onehot[s : s + chunk])
         grads = token_gradients(sub, hidden[s : s + chunk], advantages[s : s + chunk])
         for keep, row_sums, row_counts in zip(keeps, sums, counts, strict=True):
-            row_gradient_sums(sub, grads, keep[s : s + chunk], num_vocab, row_sums, row_counts)  # accumulates
+            row_gradient_sums(sub, grads, keep[s : s + chunk], rows.numel(), row_sums, row_counts)  # accumulates
+    local_top = TopK(local, top.probs, top.onehot)
     return [
-        _shifts_of_sums(top, hidden, advantages, sequence, keep, row_sums, row_counts, lr, direction, all_reduce)
+        _shifts_of_sums(
+            local_top, hidden, advantages, sequence, keep, rows, row_sums, row_counts, lr, direction, all_reduce
+        )  # fmt: skip
         for keep, row_sums, row_counts in zip(keeps, sums, counts, strict=True)
     ]
+
+
+def subspace_rows(
+    ids: Tensor, num_vocab: int, all_reduce: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The vocabulary rows any token's subspace contains ([U], ascending; the union over ranks), and each
+    subspace slot's position among them ([T, k])."""
+    present = torch.zeros(num_vocab, device=ids.device, dtype=torch.float32)
+    present[ids.reshape(-1)] = 1.0
+    if all_reduce is not None:
+        present = all_reduce(present)
+    rows = present.nonzero().squeeze(1)  # [U]
+    position = torch.zeros(num_vocab, device=ids.device, dtype=torch.long)
+    position[rows] = torch.arange(rows.numel(), device=ids.device)
+    return rows, position[ids]
 
 
 def _shifts_of_sums(
@@ -162,20 +183,20 @@ def _shifts_of_sums(
     advantages: Tensor,
     sequence: Tensor,
     keep: Tensor,
+    rows: Tensor,
     sums: Tensor,
     counts: Tensor,
     lr: float,
     direction: Direction,
     all_reduce: Callable[[Tensor], Tensor] | None,
 ) -> BatchShifts:
-    """:func:`batch_shifts` for one mask, from its per-row gradient sums [V, d] and counts [V]."""
+    """:func:`batch_shifts` for one mask, from its per-row gradient sums [U, d] and counts [U] (``top.ids`` are
+    positions in ``rows``)."""
     if all_reduce is not None:
         sums, counts = all_reduce(sums), all_reduce(counts)
-    touched = counts > 0  # [V]
-    g_rows = torch.zeros_like(sums)
-    g_rows[touched] = sums[touched] / counts[touched].unsqueeze(1)
-    d_rows = torch.zeros_like(sums)
-    d_rows[touched] = direction(g_rows[touched], touched.nonzero().squeeze(1))
+    touched = counts > 0  # [U]
+    g_rows = sums / counts.clamp(min=1.0).unsqueeze(1)  # untouched rows: 0 / 1
+    d_rows = torch.where(touched.unsqueeze(1), direction(g_rows, rows), 0.0)  # no step on untouched rows
     first = (g_rows * d_rows).sum()
     chunk = block_rows(top.ids.shape[1], hidden.shape[1], hidden.device)
     u = torch.cat([  # [T, k]: the step direction on each token's subspace rows, in token chunks
@@ -186,7 +207,7 @@ def _shifts_of_sums(
     su2 = su**2
     fisher = 0.5 * lr**2 * seq_then_batch_mean(su2, sequence, keep)
     hessian = lr * first + 0.5 * lr**2 * seq_then_batch_mean(advantages * (su2 - fisher_form), sequence, keep)
-    return BatchShifts(fisher=fisher, hessian=hessian, row_gradients=g_rows, touched=touched)
+    return BatchShifts(fisher=fisher, hessian=hessian, rows=rows, row_gradients=g_rows, touched=touched)
 
 
 def seq_then_batch_mean(values: Tensor, sequence: Tensor, keep: Tensor) -> Tensor:
