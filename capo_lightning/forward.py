@@ -55,7 +55,8 @@ def score_responses(
     separate decoder call keep every wrapper's own hooks (FSDP2 unsharding, DDP) working. The hidden
     states are that same head input, which works whatever the model returns for ``output_hidden_states``.
     Models whose logits are not a plain ``h W^T`` (:func:`fusable_head`) are scored from materialised
-    logits in chunks instead.
+    logits in chunks instead. Columns no row attends to are cut before the forward (:func:`trim_padding`;
+    the outputs are zero-padded back to L), so a micro-batch of short rows costs what its rows need.
 
     Args:
         model: a transformers causal LM.
@@ -66,7 +67,8 @@ def score_responses(
         topk: also return the ids of the ``topk`` largest logits at each response position (0: none).
         need_entropy: also return the entropies (one more exp over the logits).
     """
-    actions = input_ids[:, -response_len:]  # [n, L]
+    input_ids, attention_mask, kept = trim_padding(input_ids, attention_mask, response_len)
+    actions = input_ids[:, -kept:]  # [n, L']
     fused = fusable_head(model)
     seen: dict[str, object] = {}
     handles = _take_over_head(model.get_output_embeddings(), actions, fused, seen, topk, need_entropy)
@@ -76,7 +78,7 @@ def score_responses(
             attention_mask=attention_mask.long(),
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
-            logits_to_keep=response_len + 1,
+            logits_to_keep=kept + 1,
         )
     finally:
         for handle in handles:
@@ -87,7 +89,27 @@ def score_responses(
     else:
         logprobs, entropy, ids = logits_scores(out.logits[:, :-1], actions, topk, need_entropy)
     hidden = seen["hidden"][:, :-1].detach() if need_hidden else None
-    return ForwardOut(logprobs=logprobs, entropy=entropy, hidden=hidden, topk_ids=ids)
+    fields = [_pad_to(t, response_len) for t in (logprobs, entropy, hidden, ids)]
+    return ForwardOut(*fields)
+
+
+def trim_padding(input_ids: Tensor, attention_mask: Tensor, response_len: int) -> tuple[Tensor, Tensor, int]:
+    """Drop the columns no row attends to (leading prompt padding, trailing response padding): exact, since
+    positions follow the mask and attention is causal. Returns the trimmed ids and mask and L' <= L."""
+    used = attention_mask.any(dim=0).nonzero()  # the kept span lies between the first and last used column
+    prompt_len = input_ids.shape[1] - response_len
+    first = min(int(used[0]), prompt_len - 1) if used.numel() else 0
+    last = max(int(used[-1]) + 1, prompt_len + 1) if used.numel() else input_ids.shape[1]
+    return input_ids[:, first:last], attention_mask[:, first:last], last - prompt_len
+
+
+def _pad_to(tensor: Tensor | None, length: int) -> Tensor | None:
+    """Right-pad dimension 1 of a scored tensor with zeros back to the batch's L (positions no row has)."""
+    if tensor is None or tensor.shape[1] == length:
+        return tensor
+    pad = torch.zeros((tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:]),
+                      device=tensor.device, dtype=tensor.dtype)  # fmt: skip
+    return torch.cat([tensor, pad], dim=1)
 
 
 def _take_over_head(

@@ -28,9 +28,9 @@ from torch import Tensor
 from capo_lightning.selection.subspace import TopK, block_rows, token_chunk, topk_policy, with_action
 
 __all__ = [  # the subspace names are re-exported: the curvature model is read as one module
-    "BatchShifts", "Direction", "Shifts", "TopK", "adam_direction", "batch_shifts", "block_rows", "row_gradient_sums", "subspace_rows",
-    "seq_then_batch_mean", "shifts_from_direction", "token_chunk", "token_gradients", "token_shifts", "topk_policy",
-    "with_action",
+    "BatchShifts", "Direction", "Shifts", "TopK", "adam_direction", "batch_shifts", "block_rows", "row_gradient_sums",
+    "seq_then_batch_mean", "shifts_from_direction", "subspace_rows", "token_chunk", "token_gradients", "token_shifts",
+    "topk_policy", "with_action",
 ]  # fmt: skip
 
 Direction = Callable[[Tensor, Tensor], Tensor]

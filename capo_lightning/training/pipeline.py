@@ -65,7 +65,7 @@ def single_update_step(
     ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict
 ) -> Selection:
     """``ppo_epochs = minibatches = 1``: one optimizer step over micro-batches, one training forward each."""
-    chunks = plan.chunks(batch.num_completions)
+    chunks = plan.chunks(batch.num_completions, row_lengths(batch))
     whole = len(chunks) == 1  # one micro-batch holds the step: its forward also feeds the selector
     selection, mask = None, None
     if not needs_forward(ctx):
@@ -99,7 +99,7 @@ def single_update_step(
             ctx.backward(loss)
     backward_and_step(ctx, loss if whole else None, metrics)
     metrics["rollout/engine_trainer_logprob_gap"] = masked_mean(
-        (torch.cat(olds) - batch.behavior_logprobs).abs(), batch.response_mask
+        (in_row_order(olds, chunks) - batch.behavior_logprobs).abs(), batch.response_mask
     )
     return selection
 
@@ -108,7 +108,7 @@ def multi_pass_step(
     ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict
 ) -> Selection:
     """A no-grad pass fixes old logprobs and the mask; then ``ppo_epochs`` x ``minibatches`` optimizer steps."""
-    ahead = scoring_pass(ctx, batch, plan.chunks(batch.num_completions))
+    ahead = scoring_pass(ctx, batch, plan.chunks(batch.num_completions, row_lengths(batch)))
     old = ahead.logprobs  # [N, L]
     selection, mask = select_tokens(ctx, batch, adv, old, ahead.hidden, ahead.topk_ids)
     metrics["rollout/engine_trainer_logprob_gap"] = masked_mean(
@@ -124,7 +124,7 @@ def multi_pass_step(
                 1.0 / num_updates,
             )
             total = torch.zeros((), device=old.device, dtype=torch.float32)
-            for rows in plan.micro_rows(mb_rows):
+            for rows in plan.micro_rows(mb_rows, row_lengths(batch)):
                 out = policy_forward(ctx, batch, rows)
                 r_ref = ref[rows] if ref is not None else None
                 weights = tis_weights(ctx, old[rows], batch.behavior_logprobs[rows])
@@ -147,11 +147,24 @@ def scoring_pass(ctx: StepContext, batch: RolloutBatch, chunks: list[Tensor]) ->
             for rows in chunks
         ]
     return ForwardOut(
-        logprobs=torch.cat([p.logprobs for p in parts]),
+        logprobs=in_row_order([p.logprobs for p in parts], chunks),
         entropy=None,
-        hidden=torch.cat([p.hidden for p in parts]) if parts[0].hidden is not None else None,
-        topk_ids=torch.cat([p.topk_ids for p in parts]) if parts[0].topk_ids is not None else None,
+        hidden=in_row_order([p.hidden for p in parts], chunks) if parts[0].hidden is not None else None,
+        topk_ids=in_row_order([p.topk_ids for p in parts], chunks) if parts[0].topk_ids is not None else None,
     )
+
+
+def row_lengths(batch: RolloutBatch) -> Tensor:
+    """[N] tokens each row attends to (prompt + response), on the host: what micro-batches are grouped by."""
+    return batch.attention_mask.sum(dim=1).cpu()
+
+
+def in_row_order(parts: list[Tensor], chunks: list[Tensor]) -> Tensor:
+    """The per-chunk results ``parts`` (rows ``chunks[i]``) as one tensor in row order 0..N-1."""
+    rows = torch.cat(chunks).to(parts[0].device)
+    out = torch.empty((rows.numel(), *parts[0].shape[1:]), device=parts[0].device, dtype=parts[0].dtype)
+    out[rows] = torch.cat(parts)
+    return out
 
 
 def _rows(tensor: Tensor | None, rows: Tensor | None) -> Tensor | None:

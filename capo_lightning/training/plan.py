@@ -32,13 +32,17 @@ class StepPlan:
             order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
         return list(order.chunk(self.minibatches))
 
-    def micro_rows(self, rows: Tensor) -> list[Tensor]:
-        """Split a minibatch's rows into micro-batches."""
+    def micro_rows(self, rows: Tensor, lengths: Tensor | None = None) -> list[Tensor]:
+        """Split a minibatch's rows into micro-batches; with ``lengths`` [N] (tokens per row), rows of similar
+        length go together (longest first), so each micro-batch's forward pads less (the sum over micro-batches,
+        hence the gradient, does not depend on the grouping)."""
+        if lengths is not None and len(rows) > self.micro_batch_size:
+            rows = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
         return list(rows.split(self.micro_batch_size))
 
-    def chunks(self, num_rows: int) -> list[Tensor]:
-        """Micro-batch-sized chunks of all rows, for no-grad scoring passes."""
-        return list(torch.arange(num_rows).split(self.micro_batch_size))
+    def chunks(self, num_rows: int, lengths: Tensor | None = None) -> list[Tensor]:
+        """Micro-batch-sized chunks of all rows (grouped by ``lengths`` when given)."""
+        return self.micro_rows(torch.arange(num_rows), lengths)
 
 
 def plan_step(num_rows: int, ppo_epochs: int, minibatches: int, micro_batch_size: int | None) -> StepPlan:

@@ -98,3 +98,15 @@ def test_prompt_order_is_a_pure_function_of_step(tmp_path) -> None:
     # 5 steps x 2 prompts = 2 epochs of 5 prompts: each epoch is a permutation of the file
     flat = [p for pair in firsts for p in pair]
     assert sorted(flat[:5]) == [f"q{i}" for i in range(5)] and sorted(flat[5:]) == [f"q{i}" for i in range(5)]
+
+
+def test_micro_batches_group_rows_of_similar_length() -> None:
+    """With row lengths, micro-batches take the longest rows first (each pads only to its own longest row);
+    every row is used exactly once, and without lengths the order is unchanged."""
+    plan = plan_step(6, 1, 1, 2)
+    lengths = torch.tensor([5, 9, 1, 7, 9, 3])
+    chunks = plan.chunks(6, lengths)
+    assert [c.tolist() for c in chunks] == [[1, 4], [3, 0], [5, 2]]  # stable among equal lengths
+    assert [c.tolist() for c in plan.chunks(6)] == [[0, 1], [2, 3], [4, 5]]
+    assert [c.tolist() for c in plan.micro_rows(torch.tensor([2, 0, 3]), lengths)] == [[3, 0], [2]]
+    assert [c.tolist() for c in plan_step(6, 1, 1, None).chunks(6, lengths)] == [list(range(6))]  # one micro-batch

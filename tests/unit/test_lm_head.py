@@ -108,3 +108,47 @@ def test_models_that_transform_logits_are_not_fused(tiny_model_dir) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.config.final_logit_softcapping = 30.0
     assert not fusable_head(model)
+
+
+def test_trimmed_padding_changes_nothing(tiny_model_dir) -> None:
+    """Rows whose responses are all short and prompts all shorter than P: scoring cuts the columns no row attends
+    to, and logprobs, entropies, hidden states and gradients equal the untrimmed pass (zeros where no row is)."""
+    from capo_lightning.forward import trim_padding
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(4)
+    ids = torch.randint(3, model.config.vocab_size, (2, 14))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, :3] = False  # 3 columns of prompt padding in every row (P = 8)
+    mask[0, 11:] = False  # responses of 3 and 4 tokens out of L = 6
+    mask[1, 12:] = False
+    _, trimmed_mask, kept = trim_padding(ids, mask, 6)
+    assert kept == 4 and trimmed_mask.shape == (2, 9)
+
+    def run(trim: bool):
+        model.zero_grad()
+        if not trim:  # the reference: the same call with trimming disabled
+            import capo_lightning.forward as F
+
+            original = F.trim_padding
+            F.trim_padding = lambda i, m, n: (i, m, n)
+        try:
+            out = score_responses(model, ids, mask, 6, need_hidden=True, topk=3)
+        finally:
+            if not trim:
+                F.trim_padding = original
+        resp = mask[:, -6:]
+        (out.logprobs * resp).sum().backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    got, g_got = run(True)
+    want, g_want = run(False)
+    resp = mask[:, -6:]
+    assert got.logprobs.shape == (2, 6) and got.hidden.shape[:2] == (2, 6)
+    torch.testing.assert_close(got.logprobs[resp], want.logprobs[resp], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.entropy[resp], want.entropy[resp], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.hidden[resp], want.hidden[resp], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.topk_ids[resp], want.topk_ids[resp])
+    assert not got.logprobs[:, 4:].any()  # columns past every response are zero
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
