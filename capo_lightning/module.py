@@ -1,8 +1,7 @@
 """CAPOModule: owns the policy (and a frozen reference when needed) and wires one RL step together.
 
-The step itself (forward, selection, loss, optimizer steps) lives in :mod:`capo_lightning.training`;
-this file holds the Lightning hooks around it: building, the step's bookkeeping, logging, weight
-sync, evaluation and checkpoint state.
+The step itself (forward, selection, loss, optimizer steps) lives in :mod:`capo_lightning.training`; this file
+holds the Lightning hooks around it: building, bookkeeping, logging, weight sync, evaluation, checkpoint state.
 """
 
 from __future__ import annotations
@@ -27,8 +26,9 @@ from capo_lightning.parallel import prepare_models
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
 from capo_lightning.selection import Selector, keep_out_of_ddp_broadcasts
-from capo_lightning.training.guard import NonFiniteGuard
-from capo_lightning.training.pipeline import StepContext, multi_pass_step, reference_logprobs, single_update_step
+from capo_lightning.training.context import NonFiniteGuard, StepContext
+from capo_lightning.training.passes import reference_logprobs
+from capo_lightning.training.pipeline import multi_pass_step, single_update_step
 from capo_lightning.training.plan import plan_step
 from capo_lightning.training.step_metrics import rollout_metrics, sample_text
 

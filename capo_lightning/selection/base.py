@@ -43,6 +43,8 @@ class Selector(nn.Module, ABC):
     # when False the mask is decided before any forward, and micro-batched steps need no look-ahead pass
     needs_hidden: bool = False  # whether TokenView.hidden and .lm_head must be filled
     forward_topk: int = 0  # how many top logit ids per token the scoring forward should hand over (0: none)
+    streams: bool = False  # judge(view, rows) per micro-batch inside the training forwards, then close(): no
+    # look-ahead pass; a selector whose per-token decision needs the whole step keeps False
 
     def build(self, num_vocab: int, hidden_size: int) -> None:  # noqa: B027 (optional hook)
         """Allocate state sized by the policy's [V, d] LM head; the module calls it before a checkpoint
@@ -51,6 +53,14 @@ class Selector(nn.Module, ABC):
     @abstractmethod
     def forward(self, view: TokenView) -> Selection:
         """Return the mask (and shifts, metrics) for ``view``."""
+
+    def judge(self, view: TokenView, rows: Tensor) -> Tensor:
+        """(``streams`` selectors) The keep mask [n, L] of one micro-batch, rows ``rows`` of the step."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream (streams = False)")
+
+    def close(self) -> Selection:
+        """(``streams`` selectors) The step's Selection, [N, L], once every micro-batch has been judged."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream (streams = False)")
 
 
 def keep_out_of_ddp_broadcasts(owner: nn.Module, name: str = "selector") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import Tensor
 
@@ -49,6 +51,7 @@ class CAPOSelector(Selector):
     """
 
     needs_forward = needs_hidden = True
+    streams = True  # judge() micro-batch by micro-batch inside the training forwards, then close()
 
     def __init__(
         self,
@@ -75,6 +78,7 @@ class CAPOSelector(Selector):
         self.register_buffer("adam_v", torch.zeros(0, 0, dtype=torch.float32))  # [V, d]
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("adam_has_rows", torch.zeros((), dtype=torch.bool))  # any row ever updated
+        self._pending: dict | None = None  # the judged parts of the step in progress (see judge / close)
 
     def build(self, num_vocab: int, hidden_size: int) -> None:
         """Allocate the shadow-Adam state for a [V, d] LM head (before a checkpoint is restored)."""
@@ -106,42 +110,65 @@ class CAPOSelector(Selector):
     # ---- the decision -------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, view: TokenView) -> Selection:
-        """Mask [N, L], per-token and global shifts, and rejection metrics for one step."""
-        valid = view.response_mask  # [N, L]
+        """Mask [N, L], per-token and global shifts, and rejection metrics for one step: every row judged, then
+        the step closed."""
+        self.judge(view, torch.arange(view.response_mask.shape[0], device=view.response_mask.device))
+        return self.close()
+
+    @torch.no_grad()
+    def judge(self, view: TokenView, rows: Tensor) -> Tensor:
+        """The token shifts and keep mask [n, L] of ``view``, rows ``rows`` of the step (a micro-batch, or all).
+
+        A token's decision depends only on its own gradient and the shadow-Adam state, which changes only in
+        :meth:`close`, so micro-batches can be judged one by one inside their training forwards; what needs the
+        whole step (the batch shifts, the shadow-Adam advance) waits for :meth:`close`.
+        """
+        valid = view.response_mask  # [n, L]
         lm_head = view.lm_head.float()
         self.build(*lm_head.shape)
+        if self._pending is None:  # the first part of a step fixes what every part shares
+            self._pending = dict(direction=self._direction(), lr=view.lr, vocab=lm_head.shape[0],
+                                 all_reduce=view.all_reduce, parts=[])  # fmt: skip
         hidden = view.hidden[valid].float()  # [T, d]
         adv = view.advantages[valid].float()  # [T]
         known = view.topk_ids[valid] if view.topk_ids is not None else None  # [T, k] from the forward
         top = curvature.topk_policy(hidden, lm_head, view.actions[valid], self.top_k, self.token_chunk, known)
-        direction = self._direction()
-        shifts = curvature.token_shifts(top, hidden, adv, view.lr, direction)
+        shifts = curvature.token_shifts(top, hidden, adv, view.lr, self._pending["direction"])
         ok_f, ok_h = self._tests(shifts)
-        keep_flat = ok_f & ok_h if self.enforce else torch.ones_like(ok_f)
-        seq = valid.nonzero()[:, 0]  # [T] sequence of each token
+        keep = ok_f & ok_h if self.enforce else torch.ones_like(ok_f)
+        seq = rows.to(valid.device)[valid.nonzero()[:, 0]]  # [T] the step row of each token
+        self._pending["parts"].append(dict(rows=rows, valid=valid, top=top, hidden=hidden, adv=adv, seq=seq,
+                                           shifts=shifts, ok_f=ok_f, ok_h=ok_h, keep=keep))  # fmt: skip
+        mask = torch.zeros_like(valid)
+        mask[valid] = keep
+        return mask | ~valid  # padding positions are the response mask's business, not ours
+
+    @torch.no_grad()
+    def close(self) -> Selection:
+        """The step's batch shifts over every judged token (all ranks), the shadow-Adam advance, and the Selection."""
+        pending, self._pending = self._pending, None
+        parts = pending["parts"]
+        top = curvature.TopK(*(torch.cat([getattr(p["top"], f) for p in parts]) for f in ("ids", "probs", "onehot")))
+        flat = {k: torch.cat([p[k] for p in parts]) for k in ("hidden", "adv", "seq", "ok_f", "ok_h", "keep")}
+        shifts = curvature.Shifts(*(torch.cat([getattr(p["shifts"], f.name) for p in parts])
+                                    for f in fields(curvature.Shifts)))  # fmt: skip
+        keep = flat["keep"]
         pre, post = curvature.batch_shifts(  # every token, the kept tokens
-            top, hidden, adv, seq, [torch.ones_like(keep_flat), keep_flat], view.lr, lm_head.shape[0], direction,
-            view.all_reduce,
+            top, flat["hidden"], flat["adv"], flat["seq"], [torch.ones_like(keep), keep], pending["lr"],
+            pending["vocab"], pending["direction"], pending["all_reduce"],
         )  # fmt: skip
         if self.enforce and self.optimizer_model == "adam":
             self._advance(post.rows[post.touched], post.row_gradients[post.touched])
-        mask = torch.zeros_like(valid)
-        mask[valid] = keep_flat
-        mask |= ~valid  # padding positions are the response mask's business, not ours
-        token_f, token_h = (
-            torch.zeros(valid.shape, device=valid.device, dtype=torch.float32),
-            torch.zeros(valid.shape, device=valid.device, dtype=torch.float32),
-        )
-        token_f[valid], token_h[valid] = shifts.fisher, shifts.hessian
+        steps = _StepRows(parts)
+        token_mask = steps.scatter(keep, fill=True)
         out_shifts = {
-            "token_fisher": token_f, "token_hessian": token_h,
+            "token_fisher": steps.scatter(shifts.fisher), "token_hessian": steps.scatter(shifts.hessian),
             "global_fisher": pre.fisher, "global_hessian": pre.hessian,
             "masked_global_fisher": post.fisher, "masked_global_hessian": post.hessian,
         }  # fmt: skip
-        failed = {"fisher": torch.zeros_like(valid), "hessian": torch.zeros_like(valid)}
-        failed["fisher"][valid], failed["hessian"][valid] = ~ok_f, ~ok_h
-        metrics = self._metrics(shifts, ok_f, ok_h, keep_flat, pre, post)
-        return Selection(token_mask=mask, judged=valid, failed=failed, shifts=out_shifts, metrics=metrics)
+        failed = {"fisher": steps.scatter(~flat["ok_f"]), "hessian": steps.scatter(~flat["ok_h"])}
+        metrics = self._metrics(shifts, flat["ok_f"], flat["ok_h"], keep, pre, post)
+        return Selection(token_mask=token_mask, judged=steps.valid, failed=failed, shifts=out_shifts, metrics=metrics)
 
     def _tests(self, shifts: curvature.Shifts) -> tuple[Tensor, Tensor]:
         """(m_F passes, m_H passes) per token."""
@@ -190,6 +217,30 @@ class CAPOSelector(Selector):
         for name, values in (("fisher", shifts.fisher), ("hessian", shifts.hessian)):
             out.update(shift_stats(f"curvature/token_{name}", values))
             out.update(shift_stats(f"curvature/masked_token_{name}", values[keep]))
+        return out
+
+
+class _StepRows:
+    """Places the per-token values of judged parts (each a set of step rows) back into [N, L] step tensors."""
+
+    def __init__(self, parts: list[dict]) -> None:
+        self.parts = parts
+        self.sizes = [int(p["keep"].numel()) for p in parts]  # judged tokens per part
+        device = parts[0]["valid"].device
+        self.valid = self.scatter(torch.ones(sum(self.sizes), dtype=torch.bool, device=device), fill=False)
+
+    def scatter(self, flat: Tensor, fill: bool | float = 0) -> Tensor:
+        """[T] values in the parts' token order -> [N, L] (positions no part judged hold ``fill``)."""
+        first = self.parts[0]["valid"]
+        out = torch.full((sum(p["valid"].shape[0] for p in self.parts), first.shape[1]), fill,
+                         device=first.device, dtype=flat.dtype)  # fmt: skip
+        start = 0
+        for part, size in zip(self.parts, self.sizes, strict=True):
+            valid = part["valid"]
+            block = torch.full(valid.shape, fill, device=valid.device, dtype=flat.dtype)
+            block[valid] = flat[start : start + size]
+            out[part["rows"].to(valid.device)] = block
+            start += size
         return out
 
 

@@ -4,11 +4,14 @@ Two paths, chosen by :class:`~capo_lightning.training.plan.StepPlan`:
 
 * **single update** (``ppo_epochs = minibatches = 1``; the paper's setting): one optimizer step, accumulated
   over micro-batches, and one forward per micro-batch. Each training forward's detached logprobs are the
-  old logprobs (the ratio is exactly 1: no update happens in between). When one micro-batch holds the
-  step, its forward also feeds the selector before the loss is aggregated; with several micro-batches a
-  selector that reads a forward (``needs_forward``, e.g. CAPO) first gets a no-grad look-ahead pass that
-  computes only what it reads (logprobs, LM-head inputs, top-k ids; no entropies), and a selector that
-  reads none (KeepAll) decides before any forward, so no extra pass runs at all.
+  old logprobs (the ratio is exactly 1: no update happens in between), and its LM-head inputs and top-k
+  ids feed the selector: when one micro-batch holds the step, before its loss is aggregated; with several,
+  a streaming selector (CAPO: each token's decision needs only its own gradient and the selector's state)
+  judges each micro-batch inside its own forward and closes the step after the last one. The loss
+  normaliser is then provisional (every response token) and the gradient is rescaled once the kept count
+  is known, which only a token-mean aggregation (DAPO) needs. A selector that reads no forward (KeepAll)
+  decides before any forward; one that needs the whole step and does not stream gets a no-grad look-ahead
+  pass computing only what it reads.
 * **multi-pass**: a no-grad pass over every row first fixes the old logprobs and the selector's inputs,
   so the mask, and with it every normaliser, is final before any loss is computed; then ``ppo_epochs``
   passes of ``minibatches`` optimizer steps, each accumulated over micro-batches.
@@ -19,46 +22,28 @@ numerator and the denominator, and normalisers count the whole step on every ran
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from capo_lightning.batch import RolloutBatch
-from capo_lightning.forward import ForwardOut, score_responses
 from capo_lightning.objectives import Normalizer, Objective
 from capo_lightning.objectives.functional import masked_mean, truncated_importance_weight
 from capo_lightning.parallel import full_tensor
 from capo_lightning.policy import lm_head_weight
-from capo_lightning.selection import Selection, Selector, TokenView
-from capo_lightning.training.guard import NonFiniteGuard
+from capo_lightning.selection import Selection, TokenView
+from capo_lightning.training.context import StepContext
+from capo_lightning.training.passes import (
+    _rows,
+    forward_topk,
+    in_row_order,
+    needs_forward,
+    needs_hidden,
+    policy_forward,
+    row_lengths,
+    scoring_pass,
+)
 from capo_lightning.training.plan import StepPlan
 from capo_lightning.training.step_metrics import accumulate
-
-
-@dataclass
-class StepContext:
-    """Everything one rollout batch's step uses, gathered by the module at the start of the step."""
-
-    policy: nn.Module
-    objective: Objective
-    selector: Selector | None
-    guard: NonFiniteGuard
-    backward: Callable[[Tensor], None]  # the module's manual_backward
-    optimizer: Any  # Lightning-wrapped optimizer
-    scheduler: Any | None  # stepped once per optimizer step
-    sum_over_ranks: Callable[[Tensor], Tensor] | None  # None in one process
-    world_size: int
-    max_grad_norm: float | None
-    tis_cap: float | None
-    rollout_step: int  # for messages
-
-    @property
-    def lr(self) -> float:
-        """The learning rate the coming optimizer step will use."""
-        return float(self.optimizer.param_groups[0]["lr"])
 
 
 def single_update_step(
@@ -67,41 +52,75 @@ def single_update_step(
     """``ppo_epochs = minibatches = 1``: one optimizer step over micro-batches, one training forward each."""
     chunks = plan.chunks(batch.num_completions, row_lengths(batch))
     whole = len(chunks) == 1  # one micro-batch holds the step: its forward also feeds the selector
+    stream = not whole and needs_forward(ctx) and ctx.selector.streams
     selection, mask = None, None
     if not needs_forward(ctx):
         selection, mask = select_tokens(ctx, batch, adv, None, None, None)
-    elif not whole:  # the mask must be final before the first loss: look ahead without grad
+    elif not whole and not stream:  # the mask must be final before the first loss: look ahead without grad
         ahead = scoring_pass(ctx, batch, chunks)
         selection, mask = select_tokens(ctx, batch, adv, ahead.logprobs, ahead.hidden, ahead.topk_ids)
-    olds, norm, loss = [], None, None
+    norm = normalizer(ctx, batch, batch.response_mask if stream else mask) if mask is not None or stream else None
+    olds, done = [], []  # done: (loss output, kept mask, entropy) of each micro-batch
     for rows in [None] if whole else chunks:
-        feed = mask is None
+        feed = mask is None or stream  # this forward feeds the selector
         topk = forward_topk(ctx) if feed else 0
         out = policy_forward(ctx, batch, rows, need_hidden=feed and needs_hidden(ctx), topk=topk)
         old = out.logprobs.detach()
         olds.append(old)
-        if feed:
-            selection, mask = select_tokens(ctx, batch, adv, old, out.hidden, out.topk_ids)
-        if norm is None:
-            norm = normalizer(ctx, batch, mask)
-            metrics["objective/normalizer"] = denominator(ctx, norm)
-        r_mask = _rows(mask, rows)
+        if stream:
+            r_mask = _rows(batch.response_mask, rows) & judge(ctx, batch, adv, old, out, rows)
+        else:
+            if feed:  # one micro-batch holds the step
+                selection, mask = select_tokens(ctx, batch, adv, old, out.hidden, out.topk_ids)
+                norm = normalizer(ctx, batch, mask)
+            r_mask = _rows(mask, rows)
         loss_out = ctx.objective(
             out.logprobs, old, _rows(ref, rows), _rows(adv, rows), r_mask, norm,
             tis_weights(ctx, old, _rows(batch.behavior_logprobs, rows)),
         )  # fmt: skip
-        share = 1.0 if whole else float(r_mask.sum()) / max(float(mask.sum()), 1.0)
-        accumulate(metrics, loss_out.metrics, share)
-        accumulate(metrics, {"objective/entropy": masked_mean(out.entropy, r_mask)}, share)
-        accumulate(metrics, {"objective/loss": loss_out.loss.detach()}, 1.0)  # the step's loss: the sum
-        loss = loss_out.loss
+        done.append((loss_out, r_mask, out.entropy))
         if not whole:
-            ctx.backward(loss)
-    backward_and_step(ctx, loss if whole else None, metrics)
+            ctx.backward(loss_out.loss)
+    scale = 1.0
+    if stream:  # the step closes: the final mask, the true normaliser, the gradient rescaled to it
+        selection = ctx.selector.close()
+        mask = batch.response_mask & selection.token_mask
+        norm, provisional = normalizer(ctx, batch, mask), norm
+        scale = denominator(ctx, provisional).item() / denominator(ctx, norm).item()
+        rescale_gradients(ctx, scale)
+    record_losses(ctx, metrics, done, mask, norm, scale)
+    backward_and_step(ctx, done[0][0].loss if whole else None, metrics)
     metrics["rollout/engine_trainer_logprob_gap"] = masked_mean(
         (in_row_order(olds, chunks) - batch.behavior_logprobs).abs(), batch.response_mask
     )
     return selection
+
+
+def judge(ctx: StepContext, batch: RolloutBatch, adv: Tensor, old: Tensor, out, rows: Tensor) -> Tensor:  # noqa: ANN001
+    """A streaming selector's keep mask [n, L] for the micro-batch ``rows``, from its own training forward."""
+    view = token_view(ctx, batch, adv, old, out.hidden, out.topk_ids, rows)
+    with torch.no_grad():
+        return ctx.selector.judge(view, rows)
+
+
+def rescale_gradients(ctx: StepContext, scale: float) -> None:
+    """Multiply every accumulated gradient by ``scale`` (the provisional over the true loss denominator)."""
+    if scale != 1.0:
+        for param in ctx.policy.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale)
+
+
+def record_losses(ctx: StepContext, metrics: dict, done: list, mask: Tensor, norm: Normalizer, scale: float) -> None:
+    """The step's loss (the sum over micro-batches, rescaled), normaliser, entropy and objective metrics
+    (weighted by each micro-batch's share of the kept tokens)."""
+    metrics["objective/normalizer"] = denominator(ctx, norm)
+    kept = max(float(mask.sum()), 1.0)
+    for loss_out, r_mask, entropy in done:
+        share = 1.0 if len(done) == 1 else float(r_mask.sum()) / kept
+        accumulate(metrics, loss_out.metrics, share)
+        accumulate(metrics, {"objective/entropy": masked_mean(entropy, r_mask)}, share)
+        accumulate(metrics, {"objective/loss": loss_out.loss.detach()}, scale)
 
 
 def multi_pass_step(
@@ -139,79 +158,34 @@ def multi_pass_step(
     return selection
 
 
-def scoring_pass(ctx: StepContext, batch: RolloutBatch, chunks: list[Tensor]) -> ForwardOut:
-    """A no-grad pass over all rows, in micro-batches, computing only logprobs and what the selector reads."""
-    with torch.no_grad():
-        parts = [
-            policy_forward(ctx, batch, rows, need_hidden=needs_hidden(ctx), topk=forward_topk(ctx), need_entropy=False)
-            for rows in chunks
-        ]
-    return ForwardOut(
-        logprobs=in_row_order([p.logprobs for p in parts], chunks),
-        entropy=None,
-        hidden=in_row_order([p.hidden for p in parts], chunks) if parts[0].hidden is not None else None,
-        topk_ids=in_row_order([p.topk_ids for p in parts], chunks) if parts[0].topk_ids is not None else None,
-    )
-
-
-def row_lengths(batch: RolloutBatch) -> Tensor:
-    """[N] tokens each row attends to (prompt + response), on the host: what micro-batches are grouped by."""
-    return batch.attention_mask.sum(dim=1).cpu()
-
-
-def in_row_order(parts: list[Tensor], chunks: list[Tensor]) -> Tensor:
-    """The per-chunk results ``parts`` (rows ``chunks[i]``) as one tensor in row order 0..N-1."""
-    rows = torch.cat(chunks).to(parts[0].device)
-    out = torch.empty((rows.numel(), *parts[0].shape[1:]), device=parts[0].device, dtype=parts[0].dtype)
-    out[rows] = torch.cat(parts)
-    return out
-
-
-def _rows(tensor: Tensor | None, rows: Tensor | None) -> Tensor | None:
-    """``tensor[rows]`` (None rows: all of it; None tensor: None)."""
-    return tensor if tensor is None or rows is None else tensor[rows]
-
-
-def policy_forward(
-    ctx: StepContext,
-    batch: RolloutBatch,
-    rows: Tensor | None = None,
-    need_hidden: bool = False,
-    topk: int = 0,
-    need_entropy: bool = True,
-) -> ForwardOut:
-    """The policy's logprobs (entropies, LM-head inputs, top-k ids) of the batch's responses, for ``rows`` or all."""
-    ids, attn = _rows(batch.input_ids, rows), _rows(batch.attention_mask, rows)
-    length = batch.response_mask.shape[1]
-    return score_responses(ctx.policy, ids, attn, length, need_hidden, topk, need_entropy)
-
-
-def needs_forward(ctx: StepContext) -> bool:
-    """Whether the selector reads a forward pass (False: the mask is known before any forward)."""
-    return ctx.selector is not None and ctx.selector.needs_forward
-
-
-def needs_hidden(ctx: StepContext) -> bool:
-    """Whether the forward must return LM-head inputs (the selector reads them)."""
-    return ctx.selector is not None and ctx.selector.needs_hidden
-
-
-def forward_topk(ctx: StepContext) -> int:
-    """How many top logit ids per token the forward hands the selector (0 when it wants none or all of V)."""
-    k = ctx.selector.forward_topk if ctx.selector is not None else 0
-    return k if 0 < k < lm_head_weight(ctx.policy).shape[0] else 0
-
-
 def select_tokens(
     ctx: StepContext, batch: RolloutBatch, adv: Tensor, old: Tensor | None, hidden: Tensor | None, topk: Tensor | None
 ) -> tuple[Selection, Tensor]:
     """The selector's decision and the final loss mask (response mask AND selection), [N, L] bool."""
     if ctx.selector is None:
         return Selection(token_mask=batch.response_mask), batch.response_mask
-    view = TokenView(
-        actions=batch.responses,
-        response_mask=batch.response_mask,
-        advantages=(adv.unsqueeze(1) if adv.dim() == 1 else adv).expand_as(batch.response_mask).detach(),
+    view = token_view(ctx, batch, adv, old, hidden, topk)
+    with torch.no_grad():
+        selection = ctx.selector(view)
+    return selection, batch.response_mask & selection.token_mask
+
+
+def token_view(
+    ctx: StepContext,
+    batch: RolloutBatch,
+    adv: Tensor,
+    old: Tensor | None,
+    hidden: Tensor | None,
+    topk: Tensor | None,
+    rows: Tensor | None = None,
+) -> TokenView:
+    """What the selector sees of the step's ``rows`` (None: all of them)."""
+    response_mask = _rows(batch.response_mask, rows)
+    adv = _rows(adv.unsqueeze(1) if adv.dim() == 1 else adv, rows)
+    return TokenView(
+        actions=_rows(batch.responses, rows),
+        response_mask=response_mask,
+        advantages=adv.expand_as(response_mask).detach(),
         old_logprobs=old,
         hidden=hidden,
         lm_head=full_tensor(lm_head_weight(ctx.policy).detach()) if ctx.selector.needs_hidden else None,
@@ -219,9 +193,6 @@ def select_tokens(
         all_reduce=ctx.sum_over_ranks,
         topk_ids=topk,
     )
-    with torch.no_grad():
-        selection = ctx.selector(view)
-    return selection, batch.response_mask & selection.token_mask
 
 
 def normalizer(ctx: StepContext, batch: RolloutBatch, mask: Tensor) -> Normalizer:
@@ -243,22 +214,6 @@ def constant_len(objective: Objective, batch: RolloutBatch) -> int:
     if batch.max_new_tokens is not None:
         return int(batch.max_new_tokens)
     return int(batch.response_mask.shape[1])
-
-
-def reference_logprobs(reference: nn.Module, batch: RolloutBatch, micro_batch_size: int | None = None) -> Tensor:
-    """[N, L] logprobs of the frozen reference model (moved to the batch's device on first use), in forwards
-    of at most ``micro_batch_size`` rows (None: one forward), so its activations are bounded like the policy's."""
-    device = batch.input_ids.device
-    if next(reference.parameters()).device != device:
-        reference.to(device)
-    rows, length = batch.num_completions, batch.response_mask.shape[1]
-    size = micro_batch_size or rows
-    with torch.no_grad():
-        parts = [
-            score_responses(reference, batch.input_ids[i : i + size], batch.attention_mask[i : i + size], length)
-            for i in range(0, rows, size)
-        ]
-    return torch.cat([part.logprobs for part in parts])
 
 
 def tis_weights(ctx: StepContext, old: Tensor, behavior: Tensor) -> Tensor | None:

@@ -230,7 +230,8 @@ class _CountForwards:
         ("KeepAll", 2, 4),
         ("KeepAll", None, 1),
         ("CAPO", None, 1),  # one micro-batch: the training forward feeds the selector
-        ("CAPO", 4, 4),  # 2 micro-batches: a no-grad look-ahead per micro-batch, then one training forward each
+        ("CAPO", 4, 2),  # 2 micro-batches: CAPO streams, each judged inside its own training forward
+        ("CAPO-whole", 4, 4),  # a selector that needs the whole step: a no-grad look-ahead per micro-batch first
     ],
 )
 def test_a_single_update_step_runs_no_forward_it_does_not_need(
@@ -238,7 +239,11 @@ def test_a_single_update_step_runs_no_forward_it_does_not_need(
 ) -> None:
     from capo_lightning.selection import CAPOSelector, KeepAll
 
-    chosen = {"KeepAll": KeepAll(), "CAPO": CAPOSelector(top_k=8), None: None}[selector]
+    class WholeStepCAPO(CAPOSelector):
+        streams = False
+
+    chosen = {"KeepAll": KeepAll(), "CAPO": CAPOSelector(top_k=8), "CAPO-whole": WholeStepCAPO(top_k=8), None: None}
+    chosen = chosen[selector]
     module = _module(tiny_model_dir, selector=chosen, micro_batch_size=micro)
     module.configure_model()
     counter = _CountForwards(module.policy)
@@ -258,16 +263,26 @@ class _Masks(L.Callback):
         self.fisher.append(outputs["selection"].shifts["token_fisher"][batch.response_mask])
 
 
-def test_capo_update_does_not_depend_on_micro_batch_size(tiny_model_dir: Path, rollouts: dict) -> None:
-    """The look-ahead pass gives the micro-batched step the same mask, hence the same update, as one forward."""
+@pytest.mark.parametrize("objective", ["DAPO", "GRPO"])
+@pytest.mark.parametrize("streams", [True, False], ids=["streamed", "look_ahead"])
+def test_capo_update_does_not_depend_on_micro_batch_size(
+    tiny_model_dir: Path, rollouts: dict, objective: str, streams: bool
+) -> None:
+    """Judged micro-batch by micro-batch in the training forwards (DAPO's gradient rescaled to the final kept-token
+    count), or after a look-ahead pass: the same mask, hence the same update, as one forward of the whole step."""
     from capo_lightning.selection import CAPOSelector
+
+    class Selector(CAPOSelector):
+        pass
+
+    Selector.streams = streams
 
     def run(micro: int | None, **thresholds) -> tuple[torch.Tensor, _Masks]:
         masks = _Masks()
         update, _, _ = _train(
-            tiny_model_dir, FixedBatches([rollouts["small"]]), "DAPO", lr=0.1,
+            tiny_model_dir, FixedBatches([rollouts["small"]]), objective, lr=0.1,
             trainer_kwargs=dict(callbacks=[masks]),
-            selector=CAPOSelector(top_k=8, **thresholds), micro_batch_size=micro,
+            selector=Selector(top_k=8, **thresholds), micro_batch_size=micro,
         )  # fmt: skip
         return update, masks
 
@@ -282,4 +297,4 @@ def test_capo_update_does_not_depend_on_micro_batch_size(tiny_model_dir: Path, r
     valid = int(rollouts["small"].response_mask.sum())
     assert 0 < int(mask_whole.sum()) < valid, "the mask must matter for the comparison to mean anything"
     assert torch.equal(mask_split, mask_whole)
-    _assert_same_update(split, whole, "CAPO micro_batch_size=2 vs None")
+    _assert_same_update(split, whole, f"CAPO ({objective}, streams={streams}) micro_batch_size=2 vs None")
