@@ -281,7 +281,8 @@ def report(result: dict) -> None:
     setup = result["setup"]
     print(f"\nshape {setup['shape']} on {setup['device']} ({setup['precision']}, grad-ckpt {setup['ckpt']}): "
           f"{setup['prompts']} x {setup['samples']} completions, prompt <= {setup['prompt_len']}, response <= "
-          f"{setup['response_len']}, {setup['response_tokens']} response tokens, micro-batch {setup['micro']}")  # fmt: skip
+          f"{setup['response_len']}, {setup['response_tokens']} response tokens, micro-batch "
+          f"{setup['micro']}")  # fmt: skip
     print(f"{'arm':<8} {'step s (median)':>16} {'tokens/s':>10} {'peak GiB':>9} {'selector s':>11}  steps")
     for arm, a in result["arms"].items():
         print(f"{arm:<8} {a['step_s']:>16.3f} {a['tokens_per_s']:>10.0f} {a['peak_gib']:>9.2f} "
