@@ -190,7 +190,7 @@ class Rounds(L.Callback):
         self.module, self.batch, self.micro = module, batch, micro
         self._step = module.training_step
         module.training_step = self.training_step
-        self._select = _Selector.forward
+        self._judge, self._close = _Selector.judge, _Selector.close  # forward = judge (all rows) + close
         self.selector_s = 0.0
 
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict:
@@ -211,11 +211,14 @@ class Rounds(L.Callback):
                                  selector_s=self.selector_s))  # fmt: skip
         return out
 
-    def timed_select(self, selector: _Selector, view: object) -> object:
-        meter = Meter(view.response_mask.device)
-        meter.start()
-        out = self._select(selector, view)
-        self.selector_s += meter.stop()[0]
+    def timed(self, method, selector: _Selector, *args: object) -> object:  # noqa: ANN001
+        """Time a selector call (device synchronised; the step's memory peak is not reset)."""
+        meter = Meter(selector.adam_m.device)
+        meter.sync()
+        start = time.perf_counter()
+        out = method(selector, *args)
+        meter.sync()
+        self.selector_s += time.perf_counter() - start
         return out
 
 
@@ -238,7 +241,8 @@ def run(args: argparse.Namespace) -> dict:
     for r in range(args.warmup + args.rounds):
         schedule += [ARMS[(r + i) % len(ARMS)] for i in range(len(ARMS))]
     rounds = Rounds(module, batch, schedule, micro)
-    _Selector.forward = lambda selector, view: rounds.timed_select(selector, view)
+    _Selector.judge = lambda selector, view, rows: rounds.timed(rounds._judge, selector, view, rows)
+    _Selector.close = lambda selector: rounds.timed(rounds._close, selector)
     precision = args.precision or ("bf16-true" if dtype == torch.bfloat16 else
                                    "bf16-mixed" if device.type == "cuda" else "32-true")  # fmt: skip
     trainer = L.Trainer(
