@@ -105,7 +105,8 @@ def _quiet_known_warnings() -> None:
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``capo`` console script; tests call ``main([...])``.
 
-    ``capo report ...`` goes to :func:`capo_lightning.report.main` (plain argparse, no LightningCLI).
+    ``capo report ...`` goes to :func:`capo_lightning.report.main` and ``capo export ...`` to
+    :func:`capo_lightning.export.main` (plain argparse, no LightningCLI).
     """
     import sys
 
@@ -114,6 +115,11 @@ def main(args: ArgsType = None) -> None:
         from capo_lightning.report import main as report_main
 
         report_main(list(argv[1:]))
+        return
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["export"]:
+        from capo_lightning.export import main as export_main
+
+        export_main(list(argv[1:]))
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()

@@ -7,6 +7,7 @@ holds the Lightning hooks around it: building, bookkeeping, logging, weight sync
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from typing import Any
 
@@ -285,12 +286,11 @@ class CAPOModule(LightningModule):
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the data position and counters next to the weights."""
+        """Store the data position, counters and the policy's spec next to the weights."""
         checkpoint["capo_state"] = {
-            "rollout_step": self.rollout_step,
-            "completions_total": self.completions_total,
-            "skipped_steps": self.skipped_steps,
-        }
+            "rollout_step": self.rollout_step, "completions_total": self.completions_total,
+            "skipped_steps": self.skipped_steps, "policy": dataclasses.asdict(self.policy_spec),  # for `capo export`
+        }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the data position, so the next batch is the one the interrupted run would have seen."""

@@ -1,0 +1,102 @@
+"""``capo export --ckpt_path PATH --out DIR``: the trained policy of a ``capo fit`` checkpoint as a Hugging Face folder.
+
+The folder is what ``save_pretrained`` writes (weights as safetensors, config, generation config) plus the
+tokenizer with its chat template, so ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it, vLLM serves it and
+lighteval evaluates it. Which base model to build comes from the checkpoint itself (the module stores its
+``PolicySpec``); ``--policy`` names it for checkpoints written before it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capo_lightning.policy import PolicySpec, load_policy
+
+PREFIX = "policy."  # the policy's parameters in the LightningModule's state_dict
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents, or an error naming the path and what is wrong with it."""
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--ckpt_path {path}: no such file (a capo fit checkpoint, e.g. <run>/checkpoints/last.ckpt)"
+        )
+    if path.is_dir():
+        raise ValueError(
+            f"--ckpt_path {path} is a directory, a sharded (FSDP) checkpoint: consolidate it into one file first, "
+            f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`, and export that file"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # the user's own Lightning checkpoint
+    except Exception as error:  # noqa: BLE001 (any unreadable file gets the same message)
+        raise ValueError(f"--ckpt_path {path}: not a readable checkpoint ({type(error).__name__}: {error})") from error
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not any(key.startswith(PREFIX) for key in state):
+        raise ValueError(
+            f"--ckpt_path {path}: holds no policy weights (no 'policy.*' in its state_dict); not a capo fit checkpoint?"
+        )
+    return checkpoint
+
+
+def policy_spec(checkpoint: dict[str, Any], override: str | None, ckpt_path: str | Path) -> PolicySpec:
+    """The PolicySpec the checkpoint was trained from (``--policy`` replaces its name_or_path)."""
+    stored = checkpoint.get("capo_state", {}).get("policy")
+    if stored is None and override is None:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} does not say which base model it trained (written before capo stored it): "
+            "pass --policy NAME_OR_PATH, the run's model.policy.name_or_path"
+        )
+    spec = PolicySpec(**stored) if stored is not None else PolicySpec()
+    return dataclasses.replace(spec, name_or_path=override) if override is not None else spec
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, policy: str | None = None) -> Path:
+    """Write the checkpoint's policy (weights, config, generation config, tokenizer) to ``out_dir``.
+
+    Args:
+        ckpt_path: a single-file Lightning checkpoint of ``capo fit``.
+        out_dir: the folder to write (created).
+        policy: the base model's name_or_path, for checkpoints that do not store it.
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    spec = policy_spec(checkpoint, policy, ckpt_path)
+    model, tokenizer = load_policy(dataclasses.replace(spec, gradient_checkpointing=False))
+    weights = {key[len(PREFIX) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(PREFIX)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()
+    }
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path}: its policy weights do not fit {spec.name_or_path} "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); pass the run's base model with --policy"
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``capo export --ckpt_path PATH --out DIR [--policy NAME_OR_PATH]``; errors exit with status 2 and a message."""
+    parser = argparse.ArgumentParser(prog="capo export", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--ckpt_path", required=True, help="a capo fit checkpoint file, e.g. runs/x/checkpoints/last.ckpt"
+    )
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--policy", default=None, help="the base model, for checkpoints that do not store it")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.ckpt_path, args.out, args.policy)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    print(f"capo export: {args.ckpt_path} -> {out} (AutoModelForCausalLM.from_pretrained('{out}') loads it)")
