@@ -17,6 +17,11 @@ from capo_lightning.module import CAPOModule
 from capo_lightning.regime import Regime, apply_regime
 from capo_lightning.wandb_config import CapoSaveConfig, fill_wandb_logger, finish_wandb_runs, run_name
 
+DESCRIPTION = (
+    "capo fit|validate|test --config A.yaml [--config B.yaml] [--key=value ...]: train or grade a policy. "
+    "Also: capo report RUN_DIR... --out DIR (figures of logged runs), capo export --ckpt_path PATH --out DIR "
+    "(the trained policy as a Hugging Face folder); each takes --help."
+)
 _DIR_ARGS = {"dirpath": "checkpoints", "save_dir": ""}  # init arg -> sub-folder of trainer.default_root_dir
 
 
@@ -54,6 +59,12 @@ class CapoCLI(LightningCLI):
     ``trainer.default_root_dir`` (checkpoints in ``<root>/checkpoints``, logs in ``<root>``), so
     one flag moves a whole run and ``--ckpt_path last`` finds the previous run's last checkpoint.
     """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test``; ``predict`` is left out, since the module has no predict step
+        (``capo export`` writes the trained model for other tools, ``capo test`` grades it)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``regime``: scale-free multipliers on the base config (``conf/regime/*.yaml``, :mod:`.regime`)."""
@@ -103,7 +114,8 @@ def _quiet_known_warnings() -> None:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``capo`` console script; tests call ``main([...])``.
+    """Entry point of the ``capo`` console script (``fit``, ``validate``, ``test``, ``report``, ``export``);
+    tests call ``main([...])``.
 
     ``capo report ...`` goes to :func:`capo_lightning.report.main` and ``capo export ...`` to
     :func:`capo_lightning.export.main` (plain argparse, no LightningCLI).
@@ -136,7 +148,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> CapoCLI:
         auto_configure_optimizers=False,
         parser_class=CapoArgumentParser,
         save_config_callback=CapoSaveConfig,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
     )
 
 

@@ -222,3 +222,15 @@ def test_capo_selection_composes_with_every_objective(tmp_path: Path, objective:
     row = next(r for r in read_metrics(tmp_path) if r.get("select/token_reject_rate"))
     assert 0.0 <= float(row["select/token_reject_rate"]) <= 1.0
     assert float(row["curvature/token_fisher_max"]) > 0.0  # length rewards vary: non-zero advantages and shifts
+
+
+def test_help_lists_what_runs_and_predict_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """``capo --help`` names fit/validate/test plus report and export; ``predict`` (no predict step) is not offered."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "{fit,validate,test}" in out and "capo report" in out and "capo export" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", "conf/quickstart.yaml"])
+    assert exit_info.value.code != 0
+    assert "invalid choice: 'predict'" in capsys.readouterr().err
