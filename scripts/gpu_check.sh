@@ -2,12 +2,13 @@
 # Every GPU check in one go, for a lent GPU machine (shared/docs/environment.md section 11): the GPU tests,
 # then the training-step benchmark at the Qwen2.5-1.5B and Qwen2.5-7B shapes. Results (logs, JSON) go to
 # ${OUT:-runs/gpu_check}. The image lacks a few pure-Python wheels; fetch them once on a machine with a
-# package registry (`bash scripts/gpu_check.sh --fetch-wheels`) and carry `.whl` along.
+# package registry (`bash scripts/gpu_check.sh --fetch-wheels`) and carry `.whl` along (the device tool's
+# run(command="bash scripts/gpu_check.sh", carry=[".whl"]); results come back under $OUT).
 #   bash scripts/gpu_check.sh                 # ~8 min on one H200
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--fetch-wheels" ]; then
-    printf "/.whl/\n/.whl-site/\n" >> .git/info/exclude
+    grep -qx "/.whl/" .git/info/exclude 2>/dev/null || printf "/.whl/\n/.whl-site/\n" >> .git/info/exclude
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform any -d .whl jsonargparse==4.53.0 docstring_parser==0.18.0 \
         typeshed_client==2.15.0 omegaconf==2.3.1 math-verify==0.9.0 latex2sympy2_extended==1.11.0
