@@ -3,7 +3,8 @@
 The folder is what ``save_pretrained`` writes (weights as safetensors, config, generation config) plus the
 tokenizer with its chat template, so ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it, vLLM serves it and
 lighteval evaluates it. Which base model to build comes from the checkpoint itself (the module stores its
-``PolicySpec``); ``--policy`` names it for checkpoints written before it did.
+``PolicySpec``); ``--policy`` names it for checkpoints written before it did. A LoRA policy is written with its
+adapters merged into the base weights.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from capo_lightning.lora import LoraSpec, is_lora, merged
 from capo_lightning.policy import PolicySpec, load_policy
 
 PREFIX = "policy."  # the policy's parameters in the LightningModule's state_dict
@@ -52,6 +54,8 @@ def policy_spec(checkpoint: dict[str, Any], override: str | None, ckpt_path: str
             f"--ckpt_path {ckpt_path} does not say which base model it trained (written before capo stored it): "
             "pass --policy NAME_OR_PATH, the run's model.policy.name_or_path"
         )
+    if stored is not None and isinstance(stored.get("lora"), dict):
+        stored = {**stored, "lora": LoraSpec(**stored["lora"])}
     spec = PolicySpec(**stored) if stored is not None else PolicySpec()
     return dataclasses.replace(spec, name_or_path=override) if override is not None else spec
 
@@ -72,7 +76,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, policy: str | 
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
         name for name, _ in model.named_parameters()
     }
-    missing = [name for name in missing if name not in tied]
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad} if is_lora(model) else set()
+    missing = [name for name in missing if name not in tied and name not in frozen]  # LoRA: the base's own weights
     if missing or unexpected:
         raise ValueError(
             f"--ckpt_path {ckpt_path}: its policy weights do not fit {spec.name_or_path} "
@@ -80,6 +85,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, policy: str | 
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    model = merged(model)  # LoRA: adapters folded into the base weights, a plain transformers model
     model.config.use_cache = True
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

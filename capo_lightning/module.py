@@ -21,6 +21,7 @@ from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.eval_sets import EvalSpec
 from capo_lightning.evaluation import Evaluator
+from capo_lightning.lora import check_lora, drop_frozen, is_lora
 from capo_lightning.objectives import GRPO, Objective
 from capo_lightning.optim import WarmupCosineLR, default_optimizer
 from capo_lightning.parallel import prepare_models
@@ -78,11 +79,8 @@ class CAPOModule(LightningModule):
         tis_cap: float | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("ppo_epochs", ppo_epochs),
-            ("minibatches", minibatches),
-            ("micro_batch_size", micro_batch_size or 1),
-        ):
+        counts = {"ppo_epochs": ppo_epochs, "minibatches": minibatches, "micro_batch_size": micro_batch_size or 1}
+        for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {value}")
         self.automatic_optimization = False
@@ -92,8 +90,7 @@ class CAPOModule(LightningModule):
         self.engine = engine if engine is not None else HFEngine()
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.ppo_epochs, self.minibatches, self.micro_batch_size = ppo_epochs, minibatches, micro_batch_size
-        self.max_grad_norm = max_grad_norm
-        self.sample_every_n_steps = sample_every_n_steps
+        self.max_grad_norm, self.sample_every_n_steps = max_grad_norm, sample_every_n_steps
         self.guard = NonFiniteGuard(max_consecutive_skips)
         self.mask_truncated = mask_truncated
         if tis_cap is not None and tis_cap <= 0:
@@ -112,10 +109,13 @@ class CAPOModule(LightningModule):
         """Load policy (+ reference), bind the engine and connect the DataModule. Idempotent."""
         if self.policy is None:
             self.policy, self.tokenizer = load_policy(self.policy_spec)
+            lora = is_lora(self.policy)  # LoRA: the reference is the policy itself, scored with its adapters off
             if self.objective.needs_reference:
-                reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+                reference = self.policy if lora else copy.deepcopy(self.policy).requires_grad_(False).eval()
                 object.__setattr__(self, "_reference", reference)  # not a child: kept out of state_dict, optimizer, DDP
-            prepare_models(self._trainer, self.policy, self._reference)  # FSDP2: fully_shard; refuses 16-true
+            prepare_models(self._trainer, self.policy, None if lora else self._reference)  # FSDP2; refuses 16-true
+            check_lora(self.policy, self.selector, self.engine)
+            self.strict_loading = not lora  # a LoRA checkpoint holds no frozen base weights
             self.engine.bind(self.policy, self.tokenizer)
             if self.selector is not None:
                 self.selector.build(*lm_head_weight(self.policy).shape)  # state exists before a restore
@@ -123,10 +123,8 @@ class CAPOModule(LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, RolloutDataModule):
             context = getattr(self.policy.config, "max_position_embeddings", None)
-            self.eval_spec = datamodule.connect(self.engine, self.tokenizer, self._rollout_state, context_len=context)
-
-    def _rollout_state(self) -> tuple[int, int]:
-        return self.global_step, self.rollout_step
+            position = lambda: (self.global_step, self.rollout_step)  # noqa: E731 (the data position, read per batch)
+            self.eval_spec = datamodule.connect(self.engine, self.tokenizer, position, context_len=context)
 
     @property
     def skipped_steps(self) -> int:
@@ -287,6 +285,7 @@ class CAPOModule(LightningModule):
     # ---- checkpoint -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the data position, counters and the policy's spec next to the weights."""
+        drop_frozen(checkpoint["state_dict"], self.policy)  # LoRA: adapters (and a trained head) only
         checkpoint["capo_state"] = {
             "rollout_step": self.rollout_step, "completions_total": self.completions_total,
             "skipped_steps": self.skipped_steps, "policy": dataclasses.asdict(self.policy_spec),  # for `capo export`

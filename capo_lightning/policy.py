@@ -24,6 +24,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from capo_lightning.lora import LoraSpec, apply_lora
 from capo_lightning.models.bundled import BUNDLED_SMOLLM2, convert_bundled_smollm2
 from capo_lightning.models.tiny import build_tiny_model
 
@@ -56,6 +57,9 @@ class PolicySpec:
 
     cache_dir: str | None = None
     """Where converted/generated models are cached. Default: $CAPO_CACHE, else ~/.cache/capo_lightning."""
+
+    lora: LoraSpec | None = None
+    """Low-rank adapters through PEFT (``conf/policy/lora.yaml``); None: full fine-tuning."""
 
 
 def resolve_model_dir(spec: PolicySpec) -> str:
@@ -125,6 +129,8 @@ def load_policy(spec: PolicySpec) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if spec.gradient_checkpointing:
         _enable_checkpointing(model)
+    if spec.lora is not None:
+        model = apply_lora(model, spec.lora)
     model.config.use_cache = True
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

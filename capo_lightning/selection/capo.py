@@ -29,6 +29,10 @@ class CAPOSelector(Selector):
     logged shifts use raw-gradient directions, exactly like the paper's baseline curves (Fig. 3).
     Departure: everything runs in fp32 (the code used the model's bf16).
 
+    With LoRA (``model.policy.lora``) the curvature model stays the LM head's: it predicts the shift of the
+    head's own update, so the head must train (``train_head: true``, in place); with a frozen head no such
+    update happens and the module refuses the combination rather than report shifts of an update never made.
+
     Also the code's behaviour, kept: a zero-advantage token has no gradient, but its shadow-Adam direction
     is the momentum beta_1 * m, so m_F can exceed delta_F and the token is rejected (m_H is 0). That
     changes nothing in a GRPO or Dr.GRPO loss (its whole completion has A = 0), slightly enlarges the

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.forward import ForwardOut, score_responses
+from capo_lightning.lora import adapters_off
 from capo_lightning.policy import lm_head_weight
 from capo_lightning.training.context import StepContext
 
@@ -83,7 +84,7 @@ def reference_logprobs(reference: nn.Module, batch: RolloutBatch, micro_batch_si
         reference.to(device)
     rows, length = batch.num_completions, batch.response_mask.shape[1]
     size = micro_batch_size or rows
-    with torch.no_grad():
+    with torch.no_grad(), adapters_off(reference):  # a LoRA policy as its own reference: the base model
         parts = [
             score_responses(reference, batch.input_ids[i : i + size], batch.attention_mask[i : i + size], length)
             for i in range(0, rows, size)

@@ -45,3 +45,22 @@ def test_streamed_logprobs_equal_the_raw_logits_of_each_step(
         torch.testing.assert_close(torch.tensor(completion.logprobs), want[i, :n], rtol=1e-5, atol=1e-5)
     if temperature != 1.0 and temperature != 0:
         assert any(lp < -1e-3 for c in got for lp in c.logprobs)
+
+
+def test_streamed_logprobs_of_a_lora_policy(tiny_model_dir: Path) -> None:
+    """A PEFT model's generate calls the wrapped transformers model directly: the hooks still see every step."""
+    from capo_lightning.lora import LoraSpec
+
+    policy, tokenizer = load_policy(PolicySpec(str(tiny_model_dir), lora=LoraSpec(rank=4, target_modules=["q_proj"])))
+    engine = HFEngine()
+    engine.bind(policy, tokenizer)
+    got = engine.generate(["1+2=", "3"], n=2, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, seed=5))
+    assert all(len(c.logprobs) == len(c.token_ids) >= 1 for c in got)
+    rows = [p for p in ["1+2=", "3"] for _ in range(2)]
+    enc = tokenizer(rows, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    for i, completion in enumerate(got):
+        ids = torch.cat([enc["input_ids"][i][enc["attention_mask"][i].bool()], torch.tensor(completion.token_ids)])
+        with torch.no_grad():
+            logits = policy(input_ids=ids[None]).logits[0, -len(completion.token_ids) - 1 : -1].float()
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion.token_ids)[:, None]).squeeze(1)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), want, rtol=1e-5, atol=1e-5)
