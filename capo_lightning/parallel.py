@@ -32,7 +32,9 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks of a causal LM (``model.model.layers`` in transformers' decoders)."""
+    """The repeated transformer blocks of a causal LM (``model.model.layers`` in transformers' decoders; a PEFT
+    model's inside its wrapped model)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
     for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
         module: Any = model
         for name in path.split("."):

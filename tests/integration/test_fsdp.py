@@ -157,3 +157,7 @@ def test_fsdp2_strategy_settings_and_the_layers_it_shards(tiny_model_dir: Path) 
         FSDP2Strategy(param_dtype="bf16")
     with pytest.raises(ValueError, match="decoder layers"):
         decoder_layers(torch.nn.Linear(2, 2))
+    from capo_lightning.lora import LoraSpec  # a PEFT model: the layers of the model it wraps
+
+    lora_policy, _ = load_policy(PolicySpec(str(tiny_model_dir), lora=LoraSpec(rank=2, target_modules=["q_proj"])))
+    assert decoder_layers(lora_policy) == list(lora_policy.get_base_model().model.layers)
