@@ -82,7 +82,7 @@ def merged(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if is_lora(model) else model
 
 
-def check_lora(policy: nn.Module, selector: nn.Module | None, engine: object) -> None:
+def check_lora(policy: nn.Module, selector: nn.Module | None) -> None:
     """Refuse the combinations LoRA does not support, naming the fix."""
     if not is_lora(policy):
         return
@@ -92,11 +92,6 @@ def check_lora(policy: nn.Module, selector: nn.Module | None, engine: object) ->
                 "model.selector is CAPO, whose curvature model predicts the LM head's update, but with "
                 "model.policy.lora the head is frozen (no such update happens): set model.policy.lora.train_head=true"
             )
-    if not getattr(engine, "shares_policy", True):
-        raise ValueError(
-            f"model.policy.lora with {type(engine).__name__} is not supported yet (the engine would need the merged "
-            "weights after every step): use capo_lightning.rollout.HFEngine, or full fine-tuning"
-        )
 
 
 def drop_frozen(state_dict: dict, policy: nn.Module, prefix: str = "policy.") -> None:

@@ -114,7 +114,7 @@ class CAPOModule(LightningModule):
                 reference = self.policy if lora else copy.deepcopy(self.policy).requires_grad_(False).eval()
                 object.__setattr__(self, "_reference", reference)  # not a child: kept out of state_dict, optimizer, DDP
             prepare_models(self._trainer, self.policy, None if lora else self._reference)  # FSDP2; refuses 16-true
-            check_lora(self.policy, self.selector, self.engine)
+            check_lora(self.policy, self.selector)
             self.strict_loading = not lora  # a LoRA checkpoint holds no frozen base weights
             self.engine.bind(self.policy, self.tokenizer)
             if self.selector is not None:

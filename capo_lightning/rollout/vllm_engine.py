@@ -4,8 +4,9 @@ The engine is built on the first ``generate`` from the policy's *config and toke
 (``load_format="dummy"``), then receives the policy's current weights through
 ``collective_rpc(load_weights)``: weights never go through disk, and a run resumed from a
 checkpoint generates from the restored weights, not the initial ones. After every optimizer
-step :meth:`VLLMEngine.sync_weights` pushes the full tensors again, resets the prefix cache and
-*verifies* the sync: the engine scores a fixed probe sequence (prompt logprobs) and the trainer
+step :meth:`VLLMEngine.sync_weights` pushes the full tensors again (a LoRA policy's with its adapters
+merged, one tensor at a time: the engine serves a plain model), resets the prefix cache and *verifies*
+the sync: the engine scores a fixed probe sequence (prompt logprobs) and the trainer
 scores it too; a mean gap above ``sync_tolerance`` raises :class:`WeightSyncError`. Stale weights
 after a sync are the most common silent failure in peer libraries, so this is an error, not a metric.
 
@@ -24,14 +25,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from capo_lightning.forward import score_responses
-from capo_lightning.parallel import full_tensor
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from capo_lightning.rollout.weights import merged_weights
 
 __all__ = ["VLLMEngine", "WeightSyncError"]
 
@@ -214,7 +215,7 @@ class VLLMEngine(RolloutEngine):
         """Stream the weights: with the engine in this process, vLLM consumes a generator that gathers one
         full tensor at a time (FSDP2 shards included), so no rank ever holds a second full copy of the model;
         an engine in another process needs them serialised, all at once."""
-        weights = _gathered(policy)
+        weights = merged_weights(policy)  # a LoRA policy: adapters merged on the fly, the trainer's model unchanged
         self.llm.collective_rpc(_load_weights, args=(weights if self.in_process else list(weights),))
         self.llm.reset_prefix_cache()
 
@@ -257,13 +258,6 @@ class VLLMEngine(RolloutEngine):
         state = dict(self.__dict__)
         state.update(llm=None, policy=None, tokenizer=None, _workdir=None, _asleep=False, _stats={})
         return state
-
-
-def _gathered(policy: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, whole tensor) for each state-dict entry, gathered only when consumed: DTensor shards (FSDP2)
-    are all-gathered one at a time, in the same order on every rank."""
-    for name, tensor in policy.state_dict().items():
-        yield name, full_tensor(tensor.detach())
 
 
 def _load_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -17,9 +17,11 @@ import lightning as L
 import pytest
 import torch
 
+from capo_lightning.lora import LoraSpec
 from capo_lightning.module import CAPOModule
 from capo_lightning.parallel import FSDP2Strategy, decoder_layers
 from capo_lightning.policy import PolicySpec, load_policy
+from capo_lightning.rollout.weights import merged_weights
 from capo_lightning.selection import CAPOSelector
 from tests.conftest import ROOT
 from tests.helpers import SGD, FixedBatches, tiny_rollout
@@ -33,7 +35,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from capo_lightning.module import CAPOModule
 from capo_lightning.parallel import FSDP2Strategy, full_tensor
 from capo_lightning.policy import PolicySpec
-from capo_lightning.rollout.vllm_engine import _gathered
+from capo_lightning.lora import LoraSpec
+from capo_lightning.rollout.weights import merged_weights
 from capo_lightning.selection import CAPOSelector
 from tests.helpers import SGD, RankBatches, tiny_datamodule
 
@@ -53,7 +56,7 @@ class Count(L.Callback):
 def finish(trainer, module, out):
     full = {{n: full_tensor(p.detach()).clone() for n, p in module.policy.named_parameters()}}
     kinds = {{type(p).__name__ for p in module.policy.parameters()}}
-    streamed = dict(_gathered(module.policy))  # what VLLMEngine pushes: one all-gather per entry, in order
+    streamed = dict(merged_weights(module.policy))  # what VLLMEngine pushes: one all-gather per entry, in order
     if trainer.global_rank == 0:
         torch.save(dict(params=full, kinds=kinds, steps=Count.steps, selector=module.selector.state_dict(),
                         streamed=streamed), out)
@@ -63,7 +66,7 @@ UPDATE = """
 if __name__ == "__main__":
     halves = torch.load({batches!r}, weights_only=False)
     torch.manual_seed(0)
-    module = CAPOModule(policy=PolicySpec({model!r}, gradient_checkpointing={checkpointing!r}),
+    module = CAPOModule(policy=PolicySpec({model!r}, gradient_checkpointing={checkpointing!r}, lora={lora}),
                         selector=CAPOSelector(delta_f=1e9, tau_h=1e9), optimizer=SGD(0.1), max_grad_norm=None)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(param_dtype="float32"), max_steps=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -105,7 +108,7 @@ def test_two_fsdp2_processes_make_the_update_of_one_process(
     torch.save(halves, tmp_path / "halves.pt")
     sharded = _run(
         tmp_path, "update", UPDATE, batches=str(tmp_path / "halves.pt"), model=str(tiny_model_dir),
-        checkpointing=checkpointing,
+        checkpointing=checkpointing, lora=None,
     )  # fmt: skip
     assert sharded["kinds"] == {"DTensor"} and sharded["steps"] == 1
     # the vLLM weight stream gathers whole, plain tensors under the policy's own names
@@ -129,6 +132,40 @@ def test_two_fsdp2_processes_make_the_update_of_one_process(
         assert gap <= 1e-3 * update, f"{name}: FSDP2 and one process differ by {gap:.3g} on an update of {update:.3g}"
     for key in ("adam_m", "adam_v"):  # the selector saw the full LM head and all ranks' tokens
         torch.testing.assert_close(sharded["selector"][key], single.selector.state_dict()[key], rtol=1e-4, atol=1e-8)
+
+
+def test_a_lora_policy_under_fsdp2_makes_the_update_of_one_process_and_streams_merged_weights(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """LoRA + CAPO (trained head) on 2 FSDP2 processes: adapters and head are sharded DTensors like the base;
+    the update equals one process's, and the weight stream VLLMEngine pushes is that policy merged."""
+    batch = tiny_rollout(tiny_model_dir, num_prompts=4)
+    halves = [batch.select(torch.nonzero(batch.group_ids // 2 == r).squeeze(1)) for r in range(2)]
+    torch.save(halves, tmp_path / "halves.pt")
+    lora = LoraSpec(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj", "up_proj"], train_head=True)
+    sharded = _run(
+        tmp_path, "update", UPDATE, batches=str(tmp_path / "halves.pt"), model=str(tiny_model_dir),
+        checkpointing=False, lora=repr(lora),
+    )  # fmt: skip
+    assert sharded["kinds"] == {"DTensor"} and sharded["steps"] == 1
+    torch.manual_seed(0)
+    single = CAPOModule(
+        policy=PolicySpec(str(tiny_model_dir), lora=lora), selector=CAPOSelector(delta_f=1e9, tau_h=1e9),
+        optimizer=SGD(0.1), max_grad_norm=None,
+    )  # fmt: skip
+    L.Trainer(
+        accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    ).fit(single, train_dataloaders=FixedBatches([batch]))  # fmt: skip
+    assert any("lora_B" in name and param.abs().max() > 0 for name, param in single.policy.named_parameters())
+    for name, param in single.policy.named_parameters():
+        gap = (sharded["params"][name] - param.detach()).abs().max()
+        assert gap <= 1e-6 + 1e-3 * param.detach().abs().max(), f"{name}: FSDP2 and one process differ by {gap:.3g}"
+    merged = dict(merged_weights(single.policy))
+    assert merged.keys() == sharded["streamed"].keys() and not any("lora" in name for name in merged)
+    for name, value in merged.items():
+        assert type(sharded["streamed"][name]) is torch.Tensor
+        torch.testing.assert_close(sharded["streamed"][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_sharded_checkpoint_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -157,7 +194,6 @@ def test_fsdp2_strategy_settings_and_the_layers_it_shards(tiny_model_dir: Path) 
         FSDP2Strategy(param_dtype="bf16")
     with pytest.raises(ValueError, match="decoder layers"):
         decoder_layers(torch.nn.Linear(2, 2))
-    from capo_lightning.lora import LoraSpec  # a PEFT model: the layers of the model it wraps
-
+    # a PEFT model: the layers of the model it wraps
     lora_policy, _ = load_policy(PolicySpec(str(tiny_model_dir), lora=LoraSpec(rank=2, target_modules=["q_proj"])))
     assert decoder_layers(lora_policy) == list(lora_policy.get_base_model().model.layers)

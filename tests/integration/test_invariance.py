@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 
+from capo_lightning.lora import LoraSpec
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import DAPO, GRPO, REINFORCE, DrGRPO
 from capo_lightning.policy import PolicySpec
@@ -26,7 +27,8 @@ OBJECTIVES = {"GRPO": GRPO, "DrGRPO": DrGRPO, "DAPO": DAPO, "REINFORCE": REINFOR
 
 def _module(model_dir: Path, objective: str = "GRPO", lr: float = 1.0, **kwargs) -> CAPOModule:
     kwargs.setdefault("max_grad_norm", None)
-    return CAPOModule(policy=PolicySpec(str(model_dir)), objective=OBJECTIVES[objective](), optimizer=SGD(lr), **kwargs)
+    kwargs.setdefault("policy", PolicySpec(str(model_dir)))
+    return CAPOModule(objective=OBJECTIVES[objective](), optimizer=SGD(lr), **kwargs)
 
 
 def _flat(module: CAPOModule) -> torch.Tensor:
@@ -89,8 +91,12 @@ def test_update_does_not_depend_on_micro_batch_size(tiny_model_dir: Path, rollou
 
 
 # ---- 2. DDP: two ranks with half the groups each == one process with all of them ------------------
-@pytest.mark.parametrize("objective", ["GRPO", "DAPO"])
-def test_two_process_ddp_update_equals_single_process(tiny_model_dir: Path, rollouts: dict, objective: str) -> None:
+@pytest.mark.parametrize(
+    "objective, lora", [("GRPO", False), ("DAPO", False), ("GRPO", True)], ids=["GRPO", "DAPO", "GRPO-LoRA"]
+)
+def test_two_process_ddp_update_equals_single_process(
+    tiny_model_dir: Path, rollouts: dict, objective: str, lora: bool
+) -> None:
     batch = rollouts["large"]  # 4 groups of 4
     halves = [
         batch.select(torch.nonzero((batch.group_ids == 2 * r) | (batch.group_ids == 2 * r + 1)).squeeze(1))
@@ -98,10 +104,14 @@ def test_two_process_ddp_update_equals_single_process(tiny_model_dir: Path, roll
     ]
     tokens = [int(h.response_mask.sum()) for h in halves]
     assert tokens[0] != tokens[1], "ranks with equal token counts would not test DAPO's global token mean"
-    single, m_single, _ = _train(tiny_model_dir, FixedBatches([batch]), objective)
+    # LoRA: adapters (B starts at 0, so this step moves B and the head only) and the trained head under DDP
+    spec = LoraSpec(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"], train_head=True) if lora else None
+    policy = PolicySpec(str(tiny_model_dir), lora=spec)
+    single, m_single, _ = _train(tiny_model_dir, FixedBatches([batch]), objective, policy=policy)
     ddp, m_ddp, _ = _train(
-        tiny_model_dir, RankBatches(halves), objective, trainer_kwargs=dict(strategy="ddp_spawn", devices=2)
-    )
+        tiny_model_dir, RankBatches(halves), objective, trainer_kwargs=dict(strategy="ddp_spawn", devices=2),
+        policy=policy,
+    )  # fmt: skip
     _assert_same_update(ddp, single, f"{objective}: 2-process DDP vs 1 process")
     # the normaliser is the global count in both runs
     assert m_ddp["objective/normalizer"].item() == pytest.approx(m_single["objective/normalizer"].item())
@@ -171,6 +181,7 @@ import os, sys, torch
 sys.path.insert(0, {root!r})
 os.environ["HF_HUB_OFFLINE"] = "1"
 import lightning as L
+from capo_lightning.lora import LoraSpec
 from capo_lightning.module import CAPOModule
 from capo_lightning.policy import PolicySpec
 from tests.helpers import RankOneNaNGRPO

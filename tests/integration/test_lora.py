@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,11 @@ from transformers import AutoModelForCausalLM
 
 from capo_lightning.export import export_checkpoint
 from capo_lightning.forward import score_responses
-from capo_lightning.lora import LoraSpec, check_lora
+from capo_lightning.lora import LoraSpec, adapters_off
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
 from capo_lightning.policy import PolicySpec
-from capo_lightning.rollout import HFEngine
+from capo_lightning.rollout.weights import merged_weights
 from capo_lightning.selection import CAPOSelector
 from capo_lightning.training.passes import reference_logprobs
 from tests.helpers import SGD, FixedBatches, make_trainer, tiny_rollout
@@ -110,16 +111,36 @@ def test_capo_with_lora_needs_a_trained_head(tiny_model_dir: Path, batch) -> Non
     assert int(module.selector.adam_step) == 1
 
 
-def test_lora_with_a_separate_engine_is_refused_by_name(tiny_model_dir: Path) -> None:
-    """An engine with its own copy of the weights (VLLMEngine; vllm is not installed here, so a named stand-in
-    that only declares it) would need merged weights after every step: refused until that exists."""
-
-    class SeparateCopyEngine(HFEngine):
-        shares_policy = False
-
-    module = _module(tiny_model_dir)
-    with pytest.raises(ValueError, match="SeparateCopyEngine is not supported yet"):
-        check_lora(module.policy, None, SeparateCopyEngine())
+@pytest.mark.parametrize("train_head", [False, True])
+def test_the_merged_weight_stream_equals_peft_merge_and_leaves_the_policy_unchanged(
+    tiny_model_dir: Path, batch, train_head: bool
+) -> None:
+    """What VLLMEngine pushes after a LoRA step: the weights PEFT's merge_and_unload would give (computed by PEFT,
+    on a copy), under the base model's names, and a fresh base model loaded with them scores as the policy."""
+    module = _module(tiny_model_dir, LoraSpec(**{**LORA.__dict__, "train_head": train_head}))
+    make_trainer(1).fit(module, train_dataloaders=FixedBatches([batch]))
+    before = {name: t.clone() for name, t in module.policy.state_dict().items()}
+    streamed = dict(merged_weights(module.policy))
+    for name, value in module.policy.state_dict().items():
+        assert torch.equal(value, before[name]), name  # nothing merged in place: the base stays exact
+    want = copy.deepcopy(module.policy).merge_and_unload().state_dict()
+    assert streamed.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(streamed[name], value, rtol=1e-6, atol=1e-7, msg=name)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base = {name: t.clone() for name, t in fresh.state_dict().items()}
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(streamed[q_proj], base[q_proj])  # the adapters' update is in the stream
+    fresh.load_state_dict(streamed)
+    L = batch.response_mask.shape[1]
+    with torch.no_grad():
+        got = score_responses(fresh, batch.input_ids, batch.attention_mask, L).logprobs[batch.response_mask]
+        policy = score_responses(module.policy, batch.input_ids, batch.attention_mask, L).logprobs[batch.response_mask]
+    torch.testing.assert_close(got, policy, rtol=0, atol=1e-5)
+    with adapters_off(module.policy):  # adapters switched off: the stream is the base model's weights
+        off = dict(merged_weights(module.policy))
+    changed = {name for name, value in base.items() if not torch.equal(off[name], value)}
+    assert changed == ({"lm_head.weight", "model.embed_tokens.weight"} & base.keys() if train_head else set())
 
 
 def test_export_merges_the_adapters(tiny_model_dir: Path, batch, tmp_path: Path) -> None:

@@ -60,10 +60,10 @@ def test_hf_engine_refuses_stop_strings_naming_the_engine() -> None:
 def test_weights_are_streamed_one_tensor_at_a_time() -> None:
     import inspect
 
-    from capo_lightning.rollout.vllm_engine import _gathered
+    from capo_lightning.rollout.weights import merged_weights
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    stream = _gathered(model)
+    stream = merged_weights(model)
     assert inspect.isgenerator(stream)  # nothing is gathered before vLLM asks for it
     name, first = next(stream)
     assert name == "0.weight" and torch.equal(first, model[0].weight) and not first.requires_grad

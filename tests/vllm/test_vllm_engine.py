@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from capo_lightning.forward import score_responses
+from capo_lightning.lora import LoraSpec
 from capo_lightning.policy import PolicySpec, load_policy
 from capo_lightning.rollout import SamplingConfig, VLLMEngine, WeightSyncError
 from tests.conftest import ROOT
@@ -89,26 +90,52 @@ def test_sync_is_verified_and_the_check_can_fail(engine: VLLMEngine) -> None:
         engine.sync_weights(policy, version=2)
 
 
-def test_quickstart_runs_three_steps_on_vllm(tmp_path: Path) -> None:
-    # a separate process: one vLLM engine per process, like one per rank
+def test_a_lora_step_reaches_the_engine_as_merged_weights(engine: VLLMEngine) -> None:
+    """A LoRA policy over the same base: after an adapter step the engine is stale, and a sync (adapters merged on
+    the fly, under the base model's names) makes its logprobs the trainer's again."""
+    lora_policy, _ = load_policy(PolicySpec("bundled:smollm2-135m-instruct", lora=LoraSpec(rank=8, train_head=False)))
+    engine.generate(_prompts(engine.tokenizer, ["Hi"]), 1, SamplingConfig(max_new_tokens=2))  # engine is up
+    try:
+        engine.sync_weights(lora_policy, version=1)  # B = 0: the merged weights are the base's
+        assert engine.verify(lora_policy) < 1e-3
+        optimizer = torch.optim.SGD([p for p in lora_policy.parameters() if p.requires_grad], lr=1.0)
+        ids = torch.tensor([engine.tokenizer("2 + 3 = 5", add_special_tokens=False)["input_ids"]])
+        for _ in range(2):  # B moves on the first step, A on the second
+            lora_policy(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert engine.verify(lora_policy) > 0.01  # the engine still serves the old weights
+        engine.sync_weights(lora_policy, version=2)  # raises WeightSyncError if the merged push missed anything
+        assert engine.pop_stats()["rollout/sync_probe_gap"] < 1e-3
+    finally:
+        engine.sync_weights(engine.policy, version=3)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_quickstart_runs_on_vllm(tmp_path: Path, lora: bool) -> None:
+    # a separate process: one vLLM engine per process, like one per rank. LoRA: 2 steps, no validation (time)
+    steps, extra = (3, [])
+    if lora:
+        steps, extra = (2, ["--config", str(ROOT / "conf/policy/lora.yaml"), "--trainer.limit_val_batches=0"])
     cmd = [
         sys.executable, "-m", "capo_lightning", "fit",
-        "--config", str(ROOT / "conf/quickstart.yaml"), "--config", str(ROOT / "conf/engine/vllm_cpu.yaml"),
-        "--trainer.max_steps=3", "--trainer.val_check_interval=3", f"--trainer.default_root_dir={tmp_path}",
+        "--config", str(ROOT / "conf/quickstart.yaml"), "--config", str(ROOT / "conf/engine/vllm_cpu.yaml"), *extra,
+        f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}",
+        f"--trainer.default_root_dir={tmp_path}",
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = tmp_path.glob("logs/version_*/metrics.csv")
     rows = list(csv.DictReader(metrics.open()))
-    steps = [r for r in rows if r.get("train/reward_mean")]
-    assert len(steps) == 3
-    for row in steps:
+    trained = [r for r in rows if r.get("train/reward_mean")]
+    assert len(trained) == steps
+    for row in trained:
         assert float(row["rollout/engine_trainer_logprob_gap"]) < 1e-3  # engine logprobs = trainer's, every step
         assert float(row["rollout/staleness"]) == 0.0
-    probes = [float(r["rollout/sync_probe_gap"]) for r in steps if r.get("rollout/sync_probe_gap")]
-    assert len(probes) == 3 and max(probes) < 1e-3  # verified at start-up and after each sync
-    assert any(r.get("val/accuracy") for r in rows)
+    probes = [float(r["rollout/sync_probe_gap"]) for r in trained if r.get("rollout/sync_probe_gap")]
+    assert len(probes) == steps and max(probes) < 1e-3  # verified at start-up and after each sync
+    assert any(r.get("val/accuracy") for r in rows) != lora
 
 
 def test_stop_strings_end_completions(engine: VLLMEngine) -> None:
