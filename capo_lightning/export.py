@@ -4,13 +4,15 @@ The folder is what ``save_pretrained`` writes (weights as safetensors, config, g
 tokenizer with its chat template, so ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it, vLLM serves it and
 lighteval evaluates it. Which base model to build comes from the checkpoint itself (the module stores its
 ``PolicySpec``); ``--policy`` names it for checkpoints written before it did. A LoRA policy is written with its
-adapters merged into the base weights.
+adapters merged into the base weights. A sharded FSDP2 checkpoint (a folder) is read directly, in one process,
+without its optimizer state.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,11 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"--ckpt_path {path}: no such file (a capo fit checkpoint, e.g. <run>/checkpoints/last.ckpt)"
         )
-    if path.is_dir():
-        raise ValueError(
-            f"--ckpt_path {path} is a directory, a sharded (FSDP) checkpoint: consolidate it into one file first, "
-            f"`python -m lightning.pytorch.utilities.consolidate_checkpoint {path}`, and export that file"
-        )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # the user's own Lightning checkpoint
+        if path.is_dir():
+            checkpoint = _read_sharded(path)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # the user's own checkpoint
     except Exception as error:  # noqa: BLE001 (any unreadable file gets the same message)
         raise ValueError(f"--ckpt_path {path}: not a readable checkpoint ({type(error).__name__}: {error})") from error
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
@@ -43,6 +43,29 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"--ckpt_path {path}: holds no policy weights (no 'policy.*' in its state_dict); not a capo fit checkpoint?"
         )
+    return checkpoint
+
+
+def _read_sharded(path: Path) -> dict[str, Any]:
+    """A sharded FSDP2 checkpoint folder (``*.distcp`` shards + ``meta.pt``), read in this one process: the
+    trainer state from ``meta.pt`` and only the model's ``state_dict`` from the shards (no optimizer state),
+    each tensor whole, as the consolidated file would hold it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (path / "meta.pt").is_file() or not any(path.glob("*.distcp")):
+        raise ValueError("a folder, but not a sharded capo fit checkpoint (no meta.pt and *.distcp shards)")
+    checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+    reader = dcp.FileSystemReader(str(path))
+    state = {
+        key.removeprefix("state_dict."): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if key.startswith("state_dict.") and isinstance(meta, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():  # "no process group: loading in a single process" is the intent here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"state_dict": state}, storage_reader=reader)
+    checkpoint["state_dict"] = state
     return checkpoint
 
 
@@ -64,7 +87,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, policy: str | 
     """Write the checkpoint's policy (weights, config, generation config, tokenizer) to ``out_dir``.
 
     Args:
-        ckpt_path: a single-file Lightning checkpoint of ``capo fit``.
+        ckpt_path: a Lightning checkpoint of ``capo fit``: one file, or the folder a sharded FSDP2 run writes.
         out_dir: the folder to write (created).
         policy: the base model's name_or_path, for checkpoints that do not store it.
     """
@@ -95,9 +118,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, policy: str | 
 def main(argv: list[str] | None = None) -> None:
     """``capo export --ckpt_path PATH --out DIR [--policy NAME_OR_PATH]``; errors exit with status 2 and a message."""
     parser = argparse.ArgumentParser(prog="capo export", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--ckpt_path", required=True, help="a capo fit checkpoint file, e.g. runs/x/checkpoints/last.ckpt"
-    )
+    where = "a capo fit checkpoint: a file (runs/x/checkpoints/last.ckpt) or an FSDP2 run's sharded folder"
+    parser.add_argument("--ckpt_path", required=True, help=where)
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--policy", default=None, help="the base model, for checkpoints that do not store it")
     args = parser.parse_args(argv)

@@ -96,8 +96,11 @@ def check_lora(policy: nn.Module, selector: nn.Module | None) -> None:
 
 def drop_frozen(state_dict: dict, policy: nn.Module, prefix: str = "policy.") -> None:
     """Remove a LoRA policy's frozen base weights from a checkpoint's ``state_dict`` (they are rebuilt from the
-    base model on load); a full fine-tuning policy keeps everything."""
-    if not is_lora(policy):
+    base model on load); a full fine-tuning policy keeps everything.
+
+    A sharded (FSDP2) checkpoint keeps them too: Lightning's sharded loader asks the shards for the whole model
+    state and fails on any key they lack. Each rank then writes its share of the base, 1/world of it."""
+    if not is_lora(policy) or any(type(value).__name__ == "DTensor" for value in state_dict.values()):
         return
     trained = {prefix + name for name, param in policy.named_parameters(remove_duplicate=False) if param.requires_grad}
     for key in [k for k in state_dict if k.startswith(prefix) and k not in trained]:

@@ -91,16 +91,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, model: nn.Module) -> nn.Module:
-        """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head). Idempotent."""
+        """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head). Idempotent.
+
+        A PEFT (LoRA) model's root unit is the transformers model it wraps: PEFT's ``generate`` calls that model
+        directly, so a root on the wrapper would never gather the embeddings for generation (its forward
+        reaches the wrapped model through ``__call__`` too, so training sees the same units)."""
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-        if isinstance(model, FSDPModule):
+        root = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if isinstance(root, FSDPModule):
             return model
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
         return model
 
 

@@ -62,6 +62,12 @@ def test_missing_or_corrupt_checkpoints_name_the_path(tmp_path: Path, capsys: py
     err = capsys.readouterr().err
     assert str(corrupt) in err and "not a readable checkpoint" in err
     assert not (tmp_path / "out").exists()  # nothing half-written
+    folder = tmp_path / "not_a_checkpoint"
+    folder.mkdir()
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt_path", str(folder), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert str(folder) in err and "not a sharded capo fit checkpoint" in err
 
 
 def test_an_old_checkpoint_without_its_policy_needs_and_takes_policy(

@@ -16,7 +16,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from transformers import AutoModelForCausalLM
 
+from capo_lightning.export import export_checkpoint
 from capo_lightning.lora import LoraSpec
 from capo_lightning.module import CAPOModule
 from capo_lightning.parallel import FSDP2Strategy, decoder_layers
@@ -35,6 +38,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from capo_lightning.module import CAPOModule
 from capo_lightning.parallel import FSDP2Strategy, full_tensor
 from capo_lightning.policy import PolicySpec
+from transformers import AutoModelForCausalLM
+
+from capo_lightning.export import export_checkpoint
 from capo_lightning.lora import LoraSpec
 from capo_lightning.rollout.weights import merged_weights
 from capo_lightning.selection import CAPOSelector
@@ -79,7 +85,7 @@ RESUME = """
 if __name__ == "__main__":
     resume = {resume!r}
     torch.manual_seed(0)
-    module = CAPOModule(policy=PolicySpec({model!r}), selector=CAPOSelector(delta_f=1e-2, tau_h=1e-1),
+    module = CAPOModule(policy=PolicySpec({model!r}, lora={lora}), selector=CAPOSelector(delta_f=1e-2, tau_h=1e-1),
                         optimizer=AdamW())
     checkpoint = ModelCheckpoint(dirpath={ckdir!r}, save_top_k=-1, every_n_train_steps=1, filename="{{step}}")
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps=2, logger=False,
@@ -168,21 +174,34 @@ def test_a_lora_policy_under_fsdp2_makes_the_update_of_one_process_and_streams_m
         torch.testing.assert_close(sharded["streamed"][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_sharded_checkpoint_resumes_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_sharded_checkpoint_resumes_exactly_and_exports(tiny_model_dir: Path, tmp_path: Path, lora: bool) -> None:
+    spec = LoraSpec(rank=4, alpha=8.0, target_modules=["q_proj", "v_proj"], train_head=True) if lora else None
+    args = dict(model=str(tiny_model_dir), lora=repr(spec))
     ckdir = tmp_path / "checkpoints"
-    straight = _run(tmp_path, "straight", RESUME, resume=None, model=str(tiny_model_dir), ckdir=str(ckdir))
+    straight = _run(tmp_path, "straight", RESUME, resume=None, ckdir=str(ckdir), **args)
     assert straight["steps"] == 2
     first = ckdir / "step=1.ckpt"
     assert first.is_dir() and sorted(p.name for p in first.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    resumed = _run(
-        tmp_path, "resumed", RESUME, resume=str(first), model=str(tiny_model_dir), ckdir=str(tmp_path / "again")
-    )
+    saved = [
+        k
+        for k in FileSystemReader(str(first)).read_metadata().state_dict_metadata
+        if k.startswith("state_dict.policy.")
+    ]
+    if lora:  # the shards hold the adapters and, for Lightning's sharded loader, the frozen base too
+        assert any("lora_B" in k for k in saved) and any("base_layer" in k for k in saved), saved
+    resumed = _run(tmp_path, "resumed", RESUME, resume=str(first), ckdir=str(tmp_path / "again"), **args)
     assert resumed["steps"] == 1  # only step 2 ran: weights, AdamW moments, selector and data came from the shards
     for name, value in straight["params"].items():
         assert torch.equal(resumed["params"][name], value), name
     for key, value in straight["selector"].items():
         assert torch.equal(resumed["selector"][key], value), key
     assert int(straight["selector"]["adam_step"]) == 2
+    # capo export reads the sharded folder directly (in this one process): the weights the run ended with, merged
+    exported = AutoModelForCausalLM.from_pretrained(export_checkpoint(ckdir / "step=2.ckpt", tmp_path / "hf"))
+    assert exported.state_dict().keys() == straight["streamed"].keys()
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(value, straight["streamed"][name], rtol=0, atol=1e-6 if lora else 0, msg=name)
 
 
 def test_fsdp2_strategy_settings_and_the_layers_it_shards(tiny_model_dir: Path) -> None:
