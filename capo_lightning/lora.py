@@ -62,6 +62,11 @@ def apply_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     return peft_model
 
 
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself: inside a PEFT wrapper (whose ``generate`` calls it directly), else ``model``."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_lora(model: nn.Module) -> bool:
     """Whether ``model`` is a PEFT model (adapters attached)."""
     return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
@@ -99,8 +104,9 @@ def drop_frozen(state_dict: dict, policy: nn.Module, prefix: str = "policy.") ->
     base model on load); a full fine-tuning policy keeps everything.
 
     A sharded (FSDP2) checkpoint keeps them too: Lightning's sharded loader asks the shards for the whole model
-    state and fails on any key they lack. Each rank then writes its share of the base, 1/world of it."""
-    if not is_lora(policy) or any(type(value).__name__ == "DTensor" for value in state_dict.values()):
+    state and fails on any key they lack. Each rank then writes its share of the base, 1/world of it. (Sharded
+    = DTensor entries, told apart as :func:`capo_lightning.parallel.full_tensor` does, by ``full_tensor``.)"""
+    if not is_lora(policy) or any(hasattr(value, "full_tensor") for value in state_dict.values()):
         return
     trained = {prefix + name for name, param in policy.named_parameters(remove_duplicate=False) if param.requires_grad}
     for key in [k for k in state_dict if k.startswith(prefix) and k not in trained]:

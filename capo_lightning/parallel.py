@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from capo_lightning.lora import transformers_model
 from capo_lightning.policy import parse_dtype
 
 
@@ -34,7 +35,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks of a causal LM (``model.model.layers`` in transformers' decoders; a PEFT
     model's inside its wrapped model)."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = transformers_model(model)
     for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
         module: Any = model
         for name in path.split("."):
@@ -98,7 +99,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         reaches the wrapped model through ``__call__`` too, so training sees the same units)."""
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-        root = model.get_base_model() if hasattr(model, "get_base_model") else model
+        root = transformers_model(model)
         if isinstance(root, FSDPModule):
             return model
         mesh = self.device_mesh["data_parallel"]

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from capo_lightning.lora import transformers_model
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
 
@@ -124,9 +125,8 @@ class _RawLogprobs:
 
     def __enter__(self) -> _RawLogprobs:
         head = self.policy.get_output_embeddings()
-        model = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy  # PEFT
         self.handles = [  # on the transformers model itself: a PEFT wrapper's generate calls it directly
-            model.register_forward_pre_hook(self._next_call, with_kwargs=True),
+            transformers_model(self.policy).register_forward_pre_hook(self._next_call, with_kwargs=True),
             head.register_forward_hook(self._logits),
         ]
         return self

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from capo_lightning.lora import is_lora
+from capo_lightning.lora import is_lora, transformers_model
 from capo_lightning.parallel import full_tensor
 
 __all__ = ["merged_weights"]
@@ -32,7 +32,7 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in model.state_dict().items():
             yield name, full_tensor(tensor.detach())
         return
-    base = model.get_base_model()
+    base = transformers_model(model)
     layers = {name + ".base_layer": layer for name, layer in base.named_modules() if isinstance(layer, LoraLayer)}
     for name, tensor in base.state_dict().items():
         if ".lora_" in name:  # the adapters themselves: folded into their base layer's weight below

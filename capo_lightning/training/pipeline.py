@@ -127,7 +127,8 @@ def multi_pass_step(
     ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan, metrics: dict
 ) -> Selection:
     """A no-grad pass fixes old logprobs and the mask; then ``ppo_epochs`` x ``minibatches`` optimizer steps."""
-    ahead = scoring_pass(ctx, batch, plan.chunks(batch.num_completions, row_lengths(batch)))
+    lengths = row_lengths(batch)  # [N] on the host, read once: micro-batches group rows by it
+    ahead = scoring_pass(ctx, batch, plan.chunks(batch.num_completions, lengths))
     old = ahead.logprobs  # [N, L]
     selection, mask = select_tokens(ctx, batch, adv, old, ahead.hidden, ahead.topk_ids)
     metrics["rollout/engine_trainer_logprob_gap"] = masked_mean(
@@ -143,7 +144,7 @@ def multi_pass_step(
                 1.0 / num_updates,
             )
             total = torch.zeros((), device=old.device, dtype=torch.float32)
-            for rows in plan.micro_rows(mb_rows, row_lengths(batch)):
+            for rows in plan.micro_rows(mb_rows, lengths):
                 out = policy_forward(ctx, batch, rows)
                 r_ref = ref[rows] if ref is not None else None
                 weights = tis_weights(ctx, old[rows], batch.behavior_logprobs[rows])

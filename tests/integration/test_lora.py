@@ -132,11 +132,11 @@ def test_the_merged_weight_stream_equals_peft_merge_and_leaves_the_policy_unchan
     q_proj = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(streamed[q_proj], base[q_proj])  # the adapters' update is in the stream
     fresh.load_state_dict(streamed)
-    L = batch.response_mask.shape[1]
+    length = batch.response_mask.shape[1]
     with torch.no_grad():
-        got = score_responses(fresh, batch.input_ids, batch.attention_mask, L).logprobs[batch.response_mask]
-        policy = score_responses(module.policy, batch.input_ids, batch.attention_mask, L).logprobs[batch.response_mask]
-    torch.testing.assert_close(got, policy, rtol=0, atol=1e-5)
+        got = score_responses(fresh, batch.input_ids, batch.attention_mask, length).logprobs[batch.response_mask]
+        policy = score_responses(module.policy, batch.input_ids, batch.attention_mask, length)
+    torch.testing.assert_close(got, policy.logprobs[batch.response_mask], rtol=0, atol=1e-5)
     with adapters_off(module.policy):  # adapters switched off: the stream is the base model's weights
         off = dict(merged_weights(module.policy))
     changed = {name for name, value in base.items() if not torch.equal(off[name], value)}
