@@ -9,6 +9,7 @@ the CHAMP set in :mod:`capo_lightning.data.champ`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from abc import ABC, abstractmethod
@@ -80,6 +81,15 @@ class ArithmeticSource(PromptSource):
     SHA-512, not ``hash()``, so streams are stable across processes and no two
     ``(seed, i)`` pairs share one. Answers use the usual precedence (``*`` first).
 
+    **Disjoint partitions** (``split``). Different seeds are not disjoint: every item is an independent
+    draw from the same space (8,100 ordered pairs for two operands in 10..99). ``split=[lo, hi]`` keeps only
+    the problems whose :func:`problem_hash` lies in ``[lo, hi)``: item ``i`` draws from its own stream until a
+    problem falls in the split (the first draw in the split is the item, so it stays a pure function of
+    ``seed`` and ``i``). The hash is of the problem itself, not of the seed or the index, and a sum or a
+    product of one operator is hashed with its operands sorted, so ``27 + 97`` and ``97 + 27`` land in the
+    same split. Sources whose splits do not overlap (``[0, 0.5]``, ``[0.5, 0.9]``, ``[0.9, 1]``) never share
+    a problem, whatever their seeds.
+
     Args:
         seed: Selects the stream; different seeds give different questions.
         min_value: Smallest operand (inclusive); negative operands are parenthesised.
@@ -87,9 +97,12 @@ class ArithmeticSource(PromptSource):
         ops: Operators to draw from, a non-empty subset of ``+``, ``-``, ``*``.
         num_terms: Operands per question, at least 2.
         instruction: Appended to each question after a space; may be empty.
+        split: ``[lo, hi]`` with ``0 <= lo < hi <= 1``: keep only problems whose hash lies in ``[lo, hi)``;
+            None keeps every problem (and the stream is exactly the unsplit one).
     """
 
     SUPPORTED_OPS = ("+", "-", "*")
+    MAX_DRAWS = 10_000  # draws per item before a split is declared (nearly) empty
 
     def __init__(
         self,
@@ -99,9 +112,11 @@ class ArithmeticSource(PromptSource):
         ops: list[str] = ["+", "-", "*"],  # noqa: B006 - never mutated: copied below
         num_terms: int = 2,
         instruction: str = DEFAULT_INSTRUCTION,
+        split: tuple[float, float] | None = None,
     ) -> None:
         self.seed, self.min_value, self.max_value = seed, min_value, max_value
         self.ops, self.num_terms, self.instruction = list(ops), num_terms, instruction
+        self.split = None if split is None else (float(split[0]), float(split[1]))
         self._validate()
 
     def _validate(self) -> None:
@@ -115,6 +130,8 @@ class ArithmeticSource(PromptSource):
             raise arg_error(self, "ops", problem, f"use a non-empty subset of {list(self.SUPPORTED_OPS)}")
         if self.num_terms < 2:
             raise arg_error(self, "num_terms", f"got {self.num_terms}", "use num_terms >= 2")
+        if self.split is not None and not 0.0 <= self.split[0] < self.split[1] <= 1.0:
+            raise arg_error(self, "split", f"got {list(self.split)}", "use [lo, hi] with 0 <= lo < hi <= 1")
 
     @property
     def size(self) -> None:
@@ -126,15 +143,41 @@ class ArithmeticSource(PromptSource):
         return "arithmetic"
 
     def item(self, index: int) -> PromptItem:
-        """Returns question ``index`` of this seed's stream."""
+        """Returns question ``index`` of this seed's stream (of its split, when one is set)."""
         self._check_index(index)
         rng = random.Random(f"{self.seed}:{index}")
-        terms = [rng.randint(self.min_value, self.max_value) for _ in range(self.num_terms)]
-        ops = [rng.choice(self.ops) for _ in range(self.num_terms - 1)]
+        for _ in range(self.MAX_DRAWS):
+            terms = [rng.randint(self.min_value, self.max_value) for _ in range(self.num_terms)]
+            ops = [rng.choice(self.ops) for _ in range(self.num_terms - 1)]
+            if self.split is None or self.split[0] <= problem_hash(terms, ops) < self.split[1]:
+                return self._render(terms, ops)
+        raise arg_error(
+            self,
+            "split",
+            f"no problem of item {index} fell in {list(self.split)} after {self.MAX_DRAWS} draws "
+            "(the split holds almost none of the problem space)",
+            "widen the split or the operand range",
+        )
+
+    def _render(self, terms: list[int], ops: list[str]) -> PromptItem:
+        """The question and its exact answer."""
         shown = [f"({term})" if term < 0 else str(term) for term in terms]
         expression = " ".join([shown[0], *(f"{op} {term}" for op, term in zip(ops, shown[1:]))])
         prompt = " ".join(part for part in (f"What is {expression}?", self.instruction) if part)
         return PromptItem(prompt=prompt, answer=str(_evaluate(terms, ops)))
+
+
+def problem_hash(terms: list[int], ops: list[str]) -> float:
+    """A problem's place in [0, 1): the first 8 bytes of SHA-256 of its canonical form, over 2^64.
+
+    The canonical form is the expression itself, except that a chain of one commutative operator (all ``+``
+    or all ``*``) has its operands sorted first, so reordered copies of a problem share a hash (and a split).
+    """
+    if len(set(ops)) == 1 and ops[0] in ("+", "*"):
+        terms = sorted(terms)
+    canonical = " ".join([str(terms[0]), *(f"{op} {term}" for op, term in zip(ops, terms[1:]))])
+    digest = hashlib.sha256(canonical.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def _evaluate(terms: list[int], ops: list[str]) -> int:

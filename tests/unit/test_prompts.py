@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import json
 import operator
+import random
 import re
 import sys
 from pathlib import Path
@@ -117,6 +119,9 @@ def test_arithmetic_rejects_negative_index() -> None:
         ({"ops": []}, "ops"),
         ({"ops": ["+", "/"]}, "ops"),
         ({"num_terms": 1}, "num_terms"),
+        ({"split": [0.5, 0.5]}, "split"),
+        ({"split": [-0.1, 0.5]}, "split"),
+        ({"split": [0.2, 1.5]}, "split"),
     ],
 )
 def test_arithmetic_validation_names_argument_and_fix(kwargs: dict[str, Any], arg: str) -> None:
@@ -125,6 +130,81 @@ def test_arithmetic_validation_names_argument_and_fix(kwargs: dict[str, Any], ar
     message = str(error.value)
     assert f"data.train_source.init_args.{arg}" in message
     assert "Fix:" in message
+
+
+def _canonical(expression: str) -> str:
+    """The split key, rebuilt independently: a one-operator + or * chain with its operands sorted."""
+    tokens = expression.split(" ")
+    terms, ops = [int(t.strip("()")) for t in tokens[0::2]], tokens[1::2]
+    if len(set(ops)) == 1 and ops[0] in "+*":
+        terms = sorted(terms)
+    return " ".join([str(terms[0]), *(f"{op} {term}" for op, term in zip(ops, terms[1:]))])
+
+
+def _place(expression: str) -> float:
+    return int(hashlib.sha256(_canonical(expression).encode()).hexdigest()[:16], 16) / 2**64
+
+
+SPLIT_TASK = {"min_value": 10, "max_value": 99, "ops": ["+"]}
+
+
+def test_arithmetic_without_split_is_the_unsplit_stream() -> None:
+    """split=None keeps the stream every earlier run trained on: item i is the first draw of its own stream."""
+    source = ArithmeticSource(seed=4, **SPLIT_TASK)
+    for index in range(50):
+        rng = random.Random(f"4:{index}")
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        rng.choice(["+"])
+        assert _expression(source.item(index)) == f"{a} + {b}"
+
+
+@pytest.mark.parametrize(
+    "config", [SPLIT_TASK, {"min_value": -9, "max_value": 9, "ops": ["+", "-", "*"], "num_terms": 3}]
+)
+def test_arithmetic_splits_are_disjoint_whatever_the_seeds(config: dict[str, Any]) -> None:
+    """Three splits drawn with different seeds never share a problem (reordered sums included), each item's
+    independently recomputed hash lies in its split, and each split's items are answered correctly."""
+    splits = {"warm": [0.0, 0.5], "train": [0.5, 0.9], "heldout": [0.9, 1.0]}
+    seen: dict[str, set[str]] = {}
+    for seed, (name, split) in enumerate(splits.items()):
+        source = ArithmeticSource(seed=seed, split=split, **config)
+        seen[name] = set()
+        for index in range(400):
+            item = source.item(index)
+            expression = _expression(item)
+            assert split[0] <= _place(expression) < split[1]
+            assert item.answer == str(_evaluate(ast.parse(expression, mode="eval")))
+            seen[name].add(_canonical(expression))
+    assert not seen["warm"] & seen["train"] and not seen["warm"] & seen["heldout"]
+    assert not seen["train"] & seen["heldout"]
+
+
+def test_arithmetic_split_sizes_follow_their_widths() -> None:
+    """Over the whole two-operand space (4,095 distinct sums of 10..99), each split holds about its width."""
+    places = [_place(f"{a} + {b}") for a in range(10, 100) for b in range(a, 100)]
+    assert len(places) == 4095
+    for lo, hi in ([0.0, 0.5], [0.5, 0.9], [0.9, 1.0]):
+        share = sum(lo <= p < hi for p in places) / len(places)
+        assert abs(share - (hi - lo)) < 0.03, (lo, hi, share)
+
+
+def test_arithmetic_split_keeps_reordered_problems_together() -> None:
+    """27 + 97 and 97 + 27 share a split; 27 - 97 and 97 - 27 are different problems."""
+    assert _place("27 + 97") == _place("97 + 27")
+    assert _place("27 - 97") != _place("97 - 27")
+    low = ArithmeticSource(seed=0, split=[0.0, 0.5], **SPLIT_TASK)
+    high = ArithmeticSource(seed=0, split=[0.5, 1.0], **SPLIT_TASK)
+    pairs = {tuple(sorted(map(int, _expression(low.item(i)).split(" + ")))) for i in range(300)}
+    pairs_high = {tuple(sorted(map(int, _expression(high.item(i)).split(" + ")))) for i in range(300)}
+    assert not pairs & pairs_high
+
+
+def test_arithmetic_split_that_holds_nothing_is_named() -> None:
+    """A split no problem of a one-problem space falls in fails with a message naming the field."""
+    only = _place("4 + 4")
+    lo, hi = (0.5, 1.0) if only < 0.5 else (0.0, 0.5)
+    with pytest.raises(ValueError, match="split"):
+        ArithmeticSource(min_value=4, max_value=4, ops=["+"], split=[lo, hi]).item(0)
 
 
 # ---------------------------------------------------------------- JsonlSource
