@@ -5,8 +5,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 import time
 import warnings
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,6 +25,11 @@ DESCRIPTION = (
     "(the trained policy as a Hugging Face folder); each takes --help."
 )
 _DIR_ARGS = {"dirpath": "checkpoints", "save_dir": ""}  # init arg -> sub-folder of trainer.default_root_dir
+_PRINT_CONFIG = "--print_config"
+# jsonargparse's --print_config flags -> ArgumentParser.dump keywords (skip_null: its deprecated skip_unset)
+_PRINT_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "skip_null": "skip_unset"}
+if find_spec("ruamel") and find_spec("ruamel.yaml"):  # jsonargparse offers "comments" only with ruamel.yaml
+    _PRINT_FLAGS["comments"] = "with_comments"
 
 
 class CapoArgumentParser(LightningArgumentParser):
@@ -58,6 +65,9 @@ class CapoCLI(LightningCLI):
     Checkpoint callbacks and loggers given without a directory are placed under
     ``trainer.default_root_dir`` (checkpoints in ``<root>/checkpoints``, logs in ``<root>``), so
     one flag moves a whole run and ``--ckpt_path last`` finds the previous run's last checkpoint.
+
+    ``--print_config`` prints the effective config, the one the run uses and saves as ``config.yaml``
+    (see :func:`resolve_config`), and exits without building the model.
     """
 
     @staticmethod
@@ -70,37 +80,114 @@ class CapoCLI(LightningCLI):
         """``regime``: scale-free multipliers on the base config (``conf/regime/*.yaml``, :mod:`.regime`)."""
         parser.add_class_arguments(Regime, "regime")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse the command line into ``self.config``; with ``--print_config[=flags]``, print the effective config
+        and exit.
+
+        jsonargparse prints the config as parsed, before :meth:`before_instantiate_classes` applies the regime
+        and the run's defaults, so its print would show other values than the run uses. Here the command line
+        is parsed without ``--print_config``, :func:`resolve_config` (the same function the run calls) edits
+        the config, and the parser's own dump prints it as jsonargparse would (same flags, same YAML; the whole
+        config when ``--print_config`` comes before the subcommand). A flag jsonargparse does not accept is
+        left to jsonargparse, which reports it.
+        """
+        argv = sys.argv[1:] if args is None else args
+        request = _print_request(argv) if isinstance(argv, (list, tuple)) else None
+        if request is None:
+            super().parse_arguments(parser, args)
+            return
+        position, dump_kwargs, rest = request
+        if args is None:  # Lightning warns about args given beside sys.argv: these are sys.argv's own
+            self.config = parser.parse_args(rest)
+        else:
+            super().parse_arguments(parser, rest)
+        subcommand = self.config.get("subcommand")  # None when built with run=False (no subcommands)
+        config = self.config[subcommand] if subcommand else self.config
+        resolve_config(config, started=False)
+        before_subcommand = subcommand is None or position < _subcommand_position(argv, subcommand)
+        printer, printed = (parser, self.config) if before_subcommand else (self._parser(subcommand), config)
+        sys.stdout.write(printer.dump(printed, **dump_kwargs))
+        sys.stdout.flush()
+        parser.exit()
+
     def before_instantiate_classes(self) -> None:
-        """Apply the regime; fill ``{run}`` (the run's name) and ``{stamp}`` (its start time) in
-        default_root_dir; give callbacks and loggers without a folder one under it."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        apply_regime(config)
-        seed = config.get("seed_everything")
-        if config.get("data.seed") is None and isinstance(seed, int) and not isinstance(seed, bool):
-            config["data.seed"] = seed  # replicates differ in prompts and samples, not only in name
-        trainer = config["trainer"]
-        root_dir = str(trainer.get("default_root_dir") or "")
-        if "{run}" in root_dir or "{stamp}" in root_dir:  # one folder per run (sweeps, studies)
-            stamp = os.environ.setdefault("CAPO_RUN_STAMP", time.strftime("%Y%m%d-%H%M%S"))  # DDP ranks inherit it
-            trainer["default_root_dir"] = root_dir.replace("{run}", run_name(config)).replace("{stamp}", stamp)
-        root = Path(trainer.get("default_root_dir") or ".")
-        entries: list[Any] = list(trainer.get("callbacks") or [])
-        logger = trainer.get("logger")
-        entries += logger if isinstance(logger, list) else [logger]
-        for entry in entries:
-            fill_wandb_logger(entry, config)
-            init_args = getattr(entry, "init_args", None)
-            if init_args is None:
-                continue
-            for arg, sub in _DIR_ARGS.items():
-                if arg in init_args and init_args[arg] in (None, "", "."):
-                    init_args[arg] = str(root / sub) if sub else str(root)
+        """Resolve the parsed config into the run's: :func:`resolve_config` with the run started."""
+        resolve_config(self.config[self.subcommand] if self.subcommand else self.config, started=True)
 
     def after_fit(self) -> None:
         """Close W&B runs now (flushing their last steps), not at interpreter exit."""
         finish_wandb_runs(self.trainer)
 
     after_validate = after_test = after_fit
+
+
+def resolve_config(config: Any, started: bool = True) -> None:
+    """Turn a parsed (sub)command config into the run's, in place: what ``--print_config`` prints
+    (``started=False``) and what the run uses and saves (``started=True``, before the classes are built).
+
+    1. The regime's multipliers are applied and then set to 1 (:func:`.regime.apply_regime`), so a printed
+       or saved config given back with ``--config`` does not apply them twice.
+    2. ``data.seed`` left unset follows an integer ``seed_everything`` (replicates differ in prompts and
+       samples, not only in name).
+    3. ``{run}`` (the run's name) and ``{stamp}`` (its start time) are filled in ``trainer.default_root_dir``,
+       W&B loggers get the run's name, group and tags, and callbacks and loggers without a folder get one under
+       the root (checkpoints in ``<root>/checkpoints``, logs in ``<root>``).
+
+    Only what the run cannot know before it starts stays as written when ``started`` is False: ``{stamp}``
+    (and the callback and logger folders under a root that holds it), and, when ``seed_everything`` is true or
+    null (a seed drawn at the start), everything in step 3, since the run's name holds the seed. What is
+    filled is written out, as in the saved ``config.yaml``: a printed config given back with another
+    ``default_root_dir``, seed or regime name keeps the folders and W&B names it printed.
+    """
+    apply_regime(config)
+    seed = config.get("seed_everything")
+    if config.get("data.seed") is None and isinstance(seed, int) and not isinstance(seed, bool):
+        config["data.seed"] = seed
+    if not started and (seed is None or seed is True):  # Lightning draws the seed when the run starts
+        return
+    trainer = config["trainer"]
+    root_dir = str(trainer.get("default_root_dir") or "")
+    if "{run}" in root_dir or "{stamp}" in root_dir:  # one folder per run (sweeps, studies)
+        root_dir = root_dir.replace("{run}", run_name(config))
+        if started:
+            stamp = os.environ.setdefault("CAPO_RUN_STAMP", time.strftime("%Y%m%d-%H%M%S"))  # DDP ranks inherit it
+            root_dir = root_dir.replace("{stamp}", stamp)
+        trainer["default_root_dir"] = root_dir
+    root = Path(trainer.get("default_root_dir") or ".")
+    entries: list[Any] = list(trainer.get("callbacks") or [])
+    logger = trainer.get("logger")
+    entries += logger if isinstance(logger, list) else [logger]
+    for entry in entries:
+        fill_wandb_logger(entry, config)
+        init_args = getattr(entry, "init_args", None)
+        if init_args is None or "{stamp}" in str(root):  # not started: the folders follow the stamp at the start
+            continue
+        for arg, sub in _DIR_ARGS.items():
+            if arg in init_args and init_args[arg] in (None, "", "."):
+                init_args[arg] = str(root / sub) if sub else str(root)
+
+
+def _print_request(argv: list[str] | tuple[str, ...]) -> tuple[int, dict[str, bool], list[str]] | None:
+    """For a command line with ``--print_config[=flags]``: the position of the last one (the one jsonargparse
+    honours), the ``dump`` keywords its flags ask for, and the command line without it. None without one, or
+    when a flag is not one jsonargparse accepts (jsonargparse then reports it)."""
+    argv = [str(token) for token in argv]
+    hits = [i for i, token in enumerate(argv) if token == _PRINT_CONFIG or token.startswith(_PRINT_CONFIG + "=")]
+    if not hits:
+        return None
+    flags = [flag for flag in argv[hits[-1]].partition("=")[2].split(",") if flag]
+    if any(flag not in _PRINT_FLAGS for flag in flags):
+        return None
+    dump_kwargs = {"skip_unset": False} | {_PRINT_FLAGS[flag]: True for flag in flags}  # jsonargparse's defaults
+    return hits[-1], dump_kwargs, [token for i, token in enumerate(argv) if i not in hits]
+
+
+def _subcommand_position(argv: list[str] | tuple[str, ...], subcommand: str) -> int:
+    """Where ``subcommand`` starts on the command line (before it: the top-level ``--config``, ``--print_config``)."""
+    for i, token in enumerate(argv):
+        if token == subcommand and (i == 0 or argv[i - 1] not in ("-c", "--config")):
+            return i
+    return len(argv)  # the subcommand came from a top-level config file: every flag is top-level
 
 
 def _quiet_known_warnings() -> None:
@@ -120,8 +207,6 @@ def main(args: ArgsType = None) -> None:
     ``capo report ...`` goes to :func:`capo_lightning.report.main` and ``capo export ...`` to
     :func:`capo_lightning.export.main` (plain argparse, no LightningCLI).
     """
-    import sys
-
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
         from capo_lightning.report import main as report_main

@@ -11,6 +11,7 @@ from torch import Tensor
 from capo_lightning.callbacks.ranks import sum_over_ranks
 from capo_lightning.selection import Selection
 
+THRESHOLD_KEYS = ("select/delta_f", "select/tau_h", "select/calibrating")  # logged as the selector reports them
 COUNTS = (
     "judged",
     "rejected",
@@ -78,7 +79,9 @@ class RejectionMonitor(Callback):
     * ``select/reject_rate_pos_adv``, ``select/reject_rate_neg_adv``: the rate among tokens of positive /
       negative advantage, and ``select/rejected_pos_adv_share``: the share of rejected tokens whose advantage
       is positive (does the selector drop what the update would reinforce, or what it would suppress?);
-    * ``select/token_reject_rate_cum`` (and the ``_fisher``/``_hessian`` splits): over the run so far.
+    * ``select/token_reject_rate_cum`` (and the ``_fisher``/``_hessian`` splits): over the run so far;
+    * ``select/delta_f``, ``select/tau_h``, ``select/calibrating``: the thresholds in force and whether a
+      calibration warm-up is measuring them (CAPO; NaN thresholds during the warm-up).
 
     Cumulative counts are kept in the checkpoint, so a resumed run continues them. Nothing is logged in a
     run without a selector. Reads the ``selection`` that ``training_step`` returns.
@@ -108,6 +111,9 @@ class RejectionMonitor(Callback):
         metrics["select/rejected_pos_adv_share"] = counts["rejected_pos_adv"] / max(counts["rejected"], 1.0)
         metrics["select/tokens_judged"] = counts["judged"]
         metrics["select/tokens_rejected"] = counts["rejected"]
+        for key in THRESHOLD_KEYS:  # the thresholds in force (the same on every rank); NaN while calibrating
+            if key in selection.metrics:
+                metrics[key] = float(selection.metrics[key])
         for key, value in metrics.items():
             pl_module.log(key, float(value), on_step=True, on_epoch=False, batch_size=1)
         if self.prog_bar:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,14 +9,34 @@ from typing import Any
 import numpy as np
 import yaml
 
-from capo_lightning.report.versions import version, with_earlier_versions
+from capo_lightning.report.csvlog import X_KEY, completions_at_step, find_metrics, read_rows, step_table
+from capo_lightning.report.versions import with_earlier_versions
 
-X_KEY = "train/completions_total"  # the x axis of every figure: cumulative completions, all ranks
 NON_MASKING_SELECTORS = ("KeepAll",)  # selectors that keep every token even when they "enforce"
-_EXPECTED = (
-    "pass the run's trainer.default_root_dir (it holds logs/version_N/metrics.csv), a version_N folder, "
-    "or a metrics.csv path"
-)
+DEFAULT_POLICY = "bundled:smollm2-135m-instruct"  # PolicySpec's default (capo_lightning.policy; not imported here)
+DEFAULT_SHADOW = "adam"  # CAPOSelector's default optimizer_model
+DEFAULT_PERCENTILE = 95.0  # CAPOSelector's default calibration_percentile
+SHADOW_NAMES = {"adam": "Adam", "sgd": "SGD"}  # optimizer_model -> its name in labels
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A selector's threshold calibration (``calibration_steps > 0``): its thresholds are measured, not configured.
+
+    Attributes:
+        steps: ``calibration_steps``, the warm-up steps whose shifts set the thresholds.
+        percentile: ``calibration_percentile`` (CAPOSelector's ``DEFAULT_PERCENTILE`` when the config omits it).
+        lr: ``calibration_lr``, the step size the warm-up measures at; None: the run's own.
+    """
+
+    steps: int
+    percentile: float = DEFAULT_PERCENTILE
+    lr: float | None = None
+
+    def text(self) -> str:
+        """``auto p95`` or ``auto p95 @lr 1.5e-05``: what a label says instead of the configured thresholds."""
+        text = f"auto p{self.percentile:g}"
+        return text if self.lr is None else f"{text} @lr {self.lr:g}"
 
 
 @dataclass
@@ -28,11 +47,26 @@ class Run:
         path: the folder holding ``metrics.csv`` (normally ``<root>/logs/version_N``).
         rows: one dict per CSV row, metric key -> float; a key whose cell is empty is left out of that row.
         objective: the objective's class name (``"GRPO"``), ``"unknown"`` without a config.
-        selector: ``"none"`` without a selector, else its class name without the ``Selector`` suffix
-            (``"CAPO"``, ``"KeepAll"``), and ``"<name> (monitor)"`` when its ``init_args.enforce`` is false.
+        selector: the selector as labels name it: ``"none"`` without a selector, else its class name without
+            the ``Selector`` suffix (``"CAPO"``, ``"KeepAll"``). A masking selector adds the thresholds that
+            run: the configured ones (``"CAPO δF 0.0001 τH 0.01"``) or, when it calibrates, ``calibration``'s
+            text instead (``"CAPO auto p95"``), then ``" (SGD shadow)"`` for a shadow optimizer other than
+            Adam. A measuring one (``init_args.enforce`` false) reads ``"<name> (monitor)"``, with the
+            calibration, an advanced shadow (``"CAPO (monitor, Adam shadow)"``) or a non-Adam one inside the
+            parentheses.
         enforces: whether the selector masks tokens (a selector other than KeepAll, ``enforce`` not false).
         regime: the config's top-level ``regime``, else ``"lr <lr>, <prompts_per_step * group_size>/step"``.
         seed: the config's ``seed_everything`` (None when absent).
+        lr: ``model.optimizer.init_args.lr``, the effective learning rate (a regime's scale is already applied
+            in a saved config); None when absent or without a config.
+        policy: ``model.policy.name_or_path``, the starting policy (``DEFAULT_POLICY`` when the config omits
+            it); None without a config.
+        shadow: the selector's ``optimizer_model`` (``"adam"``, ``"sgd"``), CAPOSelector's ``"adam"`` when the
+            config omits it; None for selectors without a shadow optimizer (none, KeepAll).
+        calibration: the selector's calibration when ``calibration_steps > 0``, None when its thresholds are
+            the configured ``delta_f`` / ``tau_h`` (``calibration_steps`` 0 or absent).
+        advance_when_monitoring: the selector's ``advance_when_monitoring`` (False when absent): a measuring
+            selector that advances its shadow optimizer as an enforcing one would.
         notes: what was odd about reading this run (missing config, ...).
     """
 
@@ -43,6 +77,11 @@ class Run:
     enforces: bool = False
     regime: str = "unknown"
     seed: Any = None
+    lr: float | None = None
+    policy: str | None = None
+    shadow: str | None = None
+    calibration: Calibration | None = None
+    advance_when_monitoring: bool = False
     notes: list[str] = field(default_factory=list)
 
     def has(self, key: str) -> bool:
@@ -63,7 +102,7 @@ class Run:
         Returns:
             ``(x, y)``, two float arrays of equal length (empty when no row holds ``key``).
         """
-        table = _step_table(self.rows)
+        table = step_table(self.rows)
         points = []
         for row in self.rows:
             if key not in row:
@@ -77,115 +116,6 @@ class Run:
         y_values = np.array([point[1] for point in points], dtype=float)
         order = np.argsort(x_values, kind="stable")
         return x_values[order], y_values[order]
-
-
-def _step_table(rows: list[dict[str, float]]) -> dict[float, float]:
-    """step -> completions_total of the training rows that hold both (the last such row of a step wins)."""
-    return {row["step"]: row[X_KEY] for row in rows if "step" in row and X_KEY in row}
-
-
-def completions_at_step(step: float, table: dict[float, float]) -> float | None:
-    """The completions a validation row at ``step`` stands for.
-
-    The training row with the same step gives it; step 0 without such a row is the base model, 0
-    completions. A step between logged training rows (``log_every_n_steps`` > 1) is interpolated linearly
-    on (step, completions), with (0, 0) added when no step-0 row exists; beyond the last training row the
-    last segment's slope is extended.
-
-    Args:
-        step: the row's ``step`` column.
-        table: step -> completions of the run's training rows.
-
-    Returns:
-        The completions, or None when the run has no training row to take them from.
-    """
-    if step in table:
-        return table[step]
-    if step == 0:
-        return 0.0
-    anchors = dict(table)
-    anchors.setdefault(0.0, 0.0)
-    if len(anchors) < 2:
-        return None
-    steps = np.array(sorted(anchors), dtype=float)
-    completions = np.array([anchors[value] for value in steps], dtype=float)
-    if step <= steps[-1]:
-        return float(np.interp(step, steps, completions))
-    slope = (completions[-1] - completions[-2]) / (steps[-1] - steps[-2])
-    return float(completions[-1] + slope * (step - steps[-1]))
-
-
-def find_metrics(run_dir: str | Path) -> Path:
-    """The ``metrics.csv`` a RUN_DIR argument names.
-
-    Accepted: a ``metrics.csv`` path; a folder holding one (a ``version_N`` folder); a folder with
-    ``version_N/metrics.csv``, ``logs/version_N/metrics.csv`` or ``<logger>/version_N/metrics.csv``
-    below it, of which the highest N is taken; ``load_run`` joins the earlier versions before it (a
-    resumed run writes a new version; see :mod:`capo_lightning.report.versions`).
-
-    Args:
-        run_dir: the path given on the command line.
-
-    Returns:
-        The path of the run's ``metrics.csv``.
-
-    Raises:
-        FileNotFoundError: the path does not exist or holds no CSV log.
-        ValueError: CSV logs of several logger folders lie below it (ambiguous).
-    """
-    path = Path(run_dir)
-    if path.is_file():
-        if path.name == "metrics.csv":
-            return path
-        raise FileNotFoundError(f"RUN_DIR {path} is a file but not a metrics.csv; {_EXPECTED}")
-    if not path.is_dir():
-        raise FileNotFoundError(f"RUN_DIR {path} does not exist; {_EXPECTED}")
-    if (path / "metrics.csv").is_file():
-        return path / "metrics.csv"
-    for pattern in ("version_*/metrics.csv", "logs/version_*/metrics.csv", "*/version_*/metrics.csv"):
-        found = [csv_path for csv_path in path.glob(pattern) if version(csv_path.parent) is not None]
-        loggers = sorted({str(csv_path.parent.parent) for csv_path in found})
-        if len(loggers) > 1:
-            raise ValueError(
-                f"RUN_DIR {path} holds CSV logs of several loggers ({', '.join(loggers)}); "
-                f"pass the version folder of the run you mean, e.g. {found[0].parent}"
-            )
-        if found:
-            return max(found, key=lambda csv_path: version(csv_path.parent))
-    raise FileNotFoundError(
-        f"RUN_DIR {path} has no metrics.csv: expected {path / 'logs' / 'version_N' / 'metrics.csv'} "
-        f"(what `capo fit` writes with trainer.default_root_dir={path} and the CSV logger); {_EXPECTED}"
-    )
-
-
-def read_rows(metrics_path: Path) -> list[dict[str, float]]:
-    """The rows of a Lightning CSVLogger ``metrics.csv``, empty and non-numeric cells left out.
-
-    Args:
-        metrics_path: the CSV file.
-
-    Returns:
-        One dict per row, column -> float.
-
-    Raises:
-        ValueError: the file has no header or no row.
-    """
-    with metrics_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        rows = []
-        for raw in reader:
-            row = {}
-            for key, cell in raw.items():
-                if key is None or cell is None or cell.strip() == "":
-                    continue
-                try:
-                    row[key] = float(cell)
-                except ValueError:
-                    continue
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{metrics_path} has no rows: the run logged nothing (did it stop before its first step?)")
-    return rows
 
 
 def _class_name(entry: Any) -> str | None:
@@ -224,7 +154,10 @@ def _regime(config: dict) -> str:
 
 
 def describe(run: Run, config: dict) -> None:
-    """Fill the run's objective, selector, enforces, regime and seed from its resolved config.
+    """Fill the run's description (every ``Run`` attribute but path, rows and notes) from its resolved config.
+
+    Keys the config omits (older configs lack the calibration keys) take the defaults of the class they
+    configure: ``DEFAULT_POLICY``, ``DEFAULT_SHADOW``, ``DEFAULT_PERCENTILE``, no calibration, no advance.
 
     Args:
         run: the run to fill in place.
@@ -233,24 +166,76 @@ def describe(run: Run, config: dict) -> None:
     run.objective = _class_name(_nested(config, "model", "objective")) or "unknown"
     selector = _nested(config, "model", "selector")
     name = _class_name(selector)
+    init = _nested(selector, "init_args") if isinstance(selector, dict) else None
+    init = init if isinstance(init, dict) else {}
     if name is None:
         run.selector, run.enforces = "none", False
+        run.shadow, run.calibration, run.advance_when_monitoring = None, None, False
     else:
         name = name.removesuffix("Selector") or name
-        enforce = _nested(selector, "init_args", "enforce") if isinstance(selector, dict) else None
+        enforce = init.get("enforce")
         run.enforces = enforce is not False and name not in NON_MASKING_SELECTORS
-        run.selector = f"{name} (monitor)" if enforce is False else name
-        thresholds = _thresholds(selector)
-        if run.enforces and thresholds:  # one selector with other thresholds is another configuration
-            run.selector = f"{name} {thresholds}"
+        run.shadow = _shadow(name, init)
+        run.calibration = _calibration(init)
+        run.advance_when_monitoring = init.get("advance_when_monitoring") is True
+        run.selector = _selector_text(name, init, run, monitor=enforce is False)
     run.regime = _regime(config)
     run.seed = config.get("seed_everything")
+    run.lr = _float(_nested(config, "model", "optimizer", "init_args", "lr"))
+    policy = _nested(config, "model", "policy", "name_or_path")
+    run.policy = str(policy) if policy else DEFAULT_POLICY
 
 
-def _thresholds(selector: Any) -> str:
+def _selector_text(name: str, init: dict, run: Run, monitor: bool) -> str:
+    """``Run.selector`` for a selector ``name`` of ``run`` (whose enforces, shadow, calibration are set)."""
+    shadow = SHADOW_NAMES.get(run.shadow, run.shadow) if run.shadow else None
+    if run.enforces:  # one selector with other thresholds or another shadow is another configuration
+        setting = run.calibration.text() if run.calibration else _thresholds(init)
+        text = f"{name} {setting}" if setting else name
+        return f"{text} ({shadow} shadow)" if run.shadow not in (None, DEFAULT_SHADOW) else text
+    if not monitor:
+        return name  # KeepAll: keeps every token, no details to tell apart
+    details = ["monitor"]
+    if run.calibration:
+        details.append(run.calibration.text())
+    if shadow and (run.advance_when_monitoring or run.shadow != DEFAULT_SHADOW):
+        details.append(f"{shadow} shadow")
+    return f"{name} ({', '.join(details)})"
+
+
+def _shadow(name: str, init: dict) -> str | None:
+    """The selector's shadow optimizer model: its ``optimizer_model``, CAPO's default, or None (it has none)."""
+    if init.get("optimizer_model") is not None:
+        return str(init["optimizer_model"]).lower()
+    return DEFAULT_SHADOW if name == "CAPO" else None
+
+
+def _calibration(init: dict) -> Calibration | None:
+    """The selector's ``calibration_*`` settings when ``calibration_steps > 0``, else None (fixed thresholds)."""
+    try:
+        steps = int(init.get("calibration_steps") or 0)
+    except (TypeError, ValueError):
+        return None
+    if steps <= 0:
+        return None
+    percentile = _float(init.get("calibration_percentile"))
+    percentile = DEFAULT_PERCENTILE if percentile is None else percentile
+    return Calibration(steps, percentile, _float(init.get("calibration_lr")))
+
+
+def _float(value: Any) -> float | None:
+    """``float(value)``, None for a missing or non-numeric value (a bool is not a number here)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _thresholds(init: dict) -> str:
     """``δF 0.0001 τH 0.01`` from a CAPO-like selector's init_args ("" when it has none)."""
-    init = _nested(selector, "init_args") if isinstance(selector, dict) else None
-    if not isinstance(init, dict) or "delta_f" not in init or "tau_h" not in init:
+    if "delta_f" not in init or "tau_h" not in init:
         return ""
     return f"δF {float(init['delta_f']):g} τH {float(init['tau_h']):g}"
 

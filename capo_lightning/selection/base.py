@@ -23,6 +23,7 @@ class TokenView:
     lr: float  # learning rate the coming optimizer step will use
     all_reduce: Callable[[Tensor], Tensor] | None = None  # sums a tensor over ranks (None: one process)
     topk_ids: Tensor | None = None  # [N, L, k] ids of the k largest logits, from the scoring forward (``forward_topk``)
+    base_lr: float | None = None  # the optimizer's configured lr, the schedule's peak (None: unknown, use ``lr``)
 
 
 @dataclass

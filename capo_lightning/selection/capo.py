@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 
 import torch
 from torch import Tensor
 
-from capo_lightning.selection import curvature
+from capo_lightning.selection import calibration, curvature
 from capo_lightning.selection.base import Selection, Selector, TokenView
+from capo_lightning.selection.rows import StepRows, shift_stats, step_metrics
+
+__all__ = ["CAPOSelector", "shift_stats"]
 
 
 class CAPOSelector(Selector):
@@ -42,6 +46,14 @@ class CAPOSelector(Selector):
     (``scripts/calibrate_capo.py``; docs/results.md shows the paper's defaults rejecting every
     low-probability token of SmolLM2-135M at lr 6e-5).
 
+    **Calibrated thresholds** (``calibration_steps > 0``): the first ``calibration_steps`` steps only measure
+    (nothing is masked; the shadow Adam advances with every token), then delta_F and tau_H are set to the
+    ``calibration_percentile`` of the measured token shifts evaluated at ``calibration_lr`` (default: the
+    schedule's peak, the optimizer's configured lr) and stay fixed; ``delta_f`` and ``tau_h`` are then unused.
+    The thresholds live in the checkpoint and are logged every step (``select/delta_f``, ``select/tau_h``,
+    ``select/calibrating``). The scaling law, the traps of a warm-up and what is done about each:
+    :mod:`~capo_lightning.selection.calibration`.
+
     Args:
         delta_f: policy-shift threshold delta_F (CAPO 1e-4, Dr.CAPO 1e-3, ReinCAPO 1e-5).
         tau_h: objective-shift threshold tau_H (CAPO 0.01, Dr.CAPO 5e-4, ReinCAPO 0.1).
@@ -52,6 +64,13 @@ class CAPOSelector(Selector):
         eps: shadow-Adam epsilon.
         enforce: apply the mask; False only measures and reports.
         token_chunk: tokens per logits block; None sizes it from the vocabulary.
+        calibration_steps: steps of the measuring warm-up that sets the thresholds; 0 uses delta_f and tau_h.
+        calibration_percentile: the percentile (0, 100] of the warm-up's token shifts the thresholds take.
+        calibration_lr: the learning rate the thresholds are evaluated at; None = the optimizer's configured
+            (peak) lr.
+        advance_when_monitoring: with ``enforce=False``, advance the shadow Adam with every token anyway, so the
+            measured shifts use Adam directions (those an enforcing CAPO judges) instead of raw gradients (the
+            official code's baselines, Fig. 3).
     """
 
     needs_forward = needs_hidden = True
@@ -68,6 +87,10 @@ class CAPOSelector(Selector):
         eps: float = 1e-8,
         enforce: bool = True,
         token_chunk: int | None = None,
+        calibration_steps: int = 0,
+        calibration_percentile: float = 95.0,
+        calibration_lr: float | None = None,
+        advance_when_monitoring: bool = False,
     ) -> None:
         super().__init__()
         if optimizer_model not in ("adam", "sgd"):
@@ -77,11 +100,24 @@ class CAPOSelector(Selector):
         self.delta_f, self.tau_h, self.symmetric, self.top_k = delta_f, tau_h, symmetric, top_k
         self.optimizer_model, self.betas, self.eps = optimizer_model, tuple(betas), eps
         self.enforce, self.token_chunk = enforce, token_chunk
+        if calibration_steps < 0 or not 0 < calibration_percentile <= 100 or (calibration_lr or 1) <= 0:
+            raise ValueError(
+                "CAPOSelector needs calibration_steps >= 0 (0 = fixed thresholds), 0 < calibration_percentile <= "
+                f"100 and calibration_lr > 0 or null; got {calibration_steps}, {calibration_percentile}, "
+                f"{calibration_lr}"
+            )
+        self.calibration_steps, self.calibration_percentile = calibration_steps, calibration_percentile
+        self.calibration_lr, self.advance_when_monitoring = calibration_lr, advance_when_monitoring
         self.forward_topk = top_k  # the scoring forward's logits give the top-k rows (ids; values redone in fp32)
         self.register_buffer("adam_m", torch.zeros(0, 0, dtype=torch.float32))  # [V, d] once built
         self.register_buffer("adam_v", torch.zeros(0, 0, dtype=torch.float32))  # [V, d]
         self.register_buffer("adam_step", torch.zeros((), dtype=torch.long))
         self.register_buffer("adam_has_rows", torch.zeros((), dtype=torch.bool))  # any row ever updated
+        # calibration: the warm-up's tokens as lr-free (a, b, c) [3, T] (all ranks), steps seen, and the thresholds
+        self.register_buffer("calibration_parts", torch.zeros(3, 0, dtype=torch.float64))
+        self.register_buffer("calibration_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("calibrated", torch.zeros(2, dtype=torch.float64))  # delta_F, tau_H once set
+        self.register_buffer("calibration_done", torch.zeros((), dtype=torch.bool))
         self._pending: dict | None = None  # the judged parts of the step in progress (see judge / close)
 
     def build(self, num_vocab: int, hidden_size: int) -> None:
@@ -94,7 +130,7 @@ class CAPOSelector(Selector):
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202
         """Move the shadow-Adam state with the module, but never cast it: a true half-precision run
         (``bf16-true``) converts the whole LightningModule, and m, v must stay fp32 whatever the model's dtype."""
-        state = {name: getattr(self, name) for name in ("adam_m", "adam_v")}
+        state = {name: getattr(self, name) for name in ("adam_m", "adam_v", "calibration_parts", "calibrated")}
         super()._apply(fn, recurse)
         for name, kept in state.items():
             moved = getattr(self, name)
@@ -104,11 +140,16 @@ class CAPOSelector(Selector):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         """Take the shadow-Adam shape of the state being loaded when this selector was never built (e.g. the
-        unconfigured module that ``ddp_spawn`` copies the trained weights back into)."""
-        for name in ("adam_m", "adam_v"):
-            incoming = state_dict.get(prefix + name)
-            if incoming is not None and getattr(self, name).numel() == 0 and incoming.numel():
-                setattr(self, name, torch.zeros_like(incoming, device=getattr(self, name).device))
+        unconfigured module that ``ddp_spawn`` copies the trained weights back into), and the calibration
+        warm-up's size, whatever it is; a checkpoint without calibration state loads as never calibrated."""
+        for name in ("calibration_parts", "calibration_seen", "calibrated", "calibration_done"):
+            state_dict.setdefault(prefix + name, getattr(self, name))  # a checkpoint from before calibration existed
+        for name in ("adam_m", "adam_v", "calibration_parts"):
+            incoming, current = state_dict.get(prefix + name), getattr(self, name)
+            if incoming is None or incoming.shape == current.shape:
+                continue
+            if name == "calibration_parts" or (current.numel() == 0 and incoming.numel()):  # the warm-up grows
+                setattr(self, name, torch.zeros_like(incoming, device=current.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- the decision -------------------------------------------------------------------------
@@ -131,14 +172,13 @@ class CAPOSelector(Selector):
         lm_head = view.lm_head.float()
         self.build(*lm_head.shape)
         if self._pending is None:  # the first part of a step fixes what every part shares
-            self._pending = dict(direction=self._direction(), lr=view.lr, vocab=lm_head.shape[0],
-                                 all_reduce=view.all_reduce, parts=[])  # fmt: skip
+            self._pending = self._start_step(view, lm_head.shape[0])
         hidden = view.hidden[valid].float()  # [T, d]
         adv = view.advantages[valid].float()  # [T]
         known = view.topk_ids[valid] if view.topk_ids is not None else None  # [T, k] from the forward
         top = curvature.topk_policy(hidden, lm_head, view.actions[valid], self.top_k, self.token_chunk, known)
         shifts = curvature.token_shifts(top, hidden, adv, view.lr, self._pending["direction"])
-        ok_f, ok_h = self._tests(shifts)
+        ok_f, ok_h = self._tests(shifts, self._pending["thresholds"])
         keep = ok_f & ok_h if self.enforce else torch.ones_like(ok_f)
         seq = rows.to(valid.device)[valid.nonzero()[:, 0]]  # [T] the step row of each token
         self._pending["parts"].append(dict(rows=rows, valid=valid, top=top, hidden=hidden, adv=adv, seq=seq,
@@ -161,9 +201,11 @@ class CAPOSelector(Selector):
             top, flat["hidden"], flat["adv"], flat["seq"], [torch.ones_like(keep), keep], pending["lr"],
             pending["vocab"], pending["direction"], pending["all_reduce"],
         )  # fmt: skip
-        if self.enforce and self.optimizer_model == "adam":
+        if self.optimizer_model == "adam" and (self.enforce or self.advance_when_monitoring or pending["calibrating"]):
             self._advance(post.rows[post.touched], post.row_gradients[post.touched])
-        steps = _StepRows(parts)
+        if pending["calibrating"]:
+            self._calibration_step(shifts, flat["adv"], pending)
+        steps = StepRows(parts)
         token_mask = steps.scatter(keep, fill=True)
         out_shifts = {
             "token_fisher": steps.scatter(shifts.fisher), "token_hessian": steps.scatter(shifts.hessian),
@@ -171,14 +213,56 @@ class CAPOSelector(Selector):
             "masked_global_fisher": post.fisher, "masked_global_hessian": post.hessian,
         }  # fmt: skip
         failed = {"fisher": steps.scatter(~flat["ok_f"]), "hessian": steps.scatter(~flat["ok_h"])}
-        metrics = self._metrics(shifts, flat["ok_f"], flat["ok_h"], keep, pre, post)
+        metrics = step_metrics(shifts, flat["ok_f"], flat["ok_h"], keep, pre, post)
+        delta_f, tau_h = pending["thresholds"] or (math.nan, math.nan)
+        metrics["select/delta_f"], metrics["select/tau_h"] = torch.tensor(delta_f), torch.tensor(tau_h)
+        metrics["select/calibrating"] = torch.tensor(float(pending["calibrating"]))
         return Selection(token_mask=token_mask, judged=steps.valid, failed=failed, shifts=out_shifts, metrics=metrics)
 
-    def _tests(self, shifts: curvature.Shifts) -> tuple[Tensor, Tensor]:
-        """(m_F passes, m_H passes) per token."""
-        ok_f = shifts.fisher < self.delta_f
-        low = -self.tau_h < shifts.hessian if self.symmetric else shifts.hessian >= 0
-        return ok_f, low & (shifts.hessian < self.tau_h)
+    def _start_step(self, view: TokenView, vocab: int) -> dict:
+        """What every judged part of a step shares: the optimizer model, the thresholds, the calibration phase."""
+        calibrating = self.calibration_steps > 0 and not bool(self.calibration_done)
+        return dict(
+            direction=self._direction(),
+            lr=view.lr,
+            vocab=vocab,
+            all_reduce=view.all_reduce,
+            parts=[],
+            calibrating=calibrating,
+            thresholds=None if calibrating else self.thresholds(),
+            recordable=self.optimizer_model == "sgd" or bool(self.adam_has_rows),  # an Adam (not raw) direction
+            base_lr=view.base_lr if view.base_lr is not None else view.lr,
+        )
+
+    def thresholds(self) -> tuple[float, float]:
+        """(delta_F, tau_H) in force: the calibrated ones once the warm-up has set them, else the configured."""
+        if self.calibration_steps > 0 and bool(self.calibration_done):
+            return float(self.calibrated[0]), float(self.calibrated[1])
+        return self.delta_f, self.tau_h
+
+    def _tests(self, shifts: curvature.Shifts, thresholds: tuple[float, float] | None) -> tuple[Tensor, Tensor]:
+        """(m_F passes, m_H passes) per token; ``thresholds`` None (a calibration warm-up step) passes all."""
+        if thresholds is None:
+            passed = torch.ones_like(shifts.fisher, dtype=torch.bool)
+            return passed, passed.clone()
+        delta_f, tau_h = thresholds
+        ok_f = shifts.fisher < delta_f
+        low = -tau_h < shifts.hessian if self.symmetric else shifts.hessian >= 0
+        return ok_f, low & (shifts.hessian < tau_h)
+
+    def _calibration_step(self, shifts: curvature.Shifts, adv: Tensor, pending: dict) -> None:
+        """Record a warm-up step's tokens (non-zero advantage, Adam directions, all ranks); after the last warm-up
+        step that recorded any, set the thresholds (:mod:`~capo_lightning.selection.calibration`)."""
+        if pending["recordable"]:
+            parts = calibration.lr_free_parts(shifts, adv)[:, adv != 0]
+            parts = calibration.gather_by_sum(parts, pending["all_reduce"]).to(self.calibration_parts)
+            self.calibration_parts = torch.cat([self.calibration_parts, parts], dim=1)
+        self.calibration_seen += 1
+        if int(self.calibration_seen) >= self.calibration_steps and self.calibration_parts.shape[1] > 0:
+            lr_ref = self.calibration_lr or pending["base_lr"]
+            found = calibration.thresholds(self.calibration_parts, lr_ref, self.calibration_percentile)
+            self.calibrated = torch.tensor(found, dtype=torch.float64, device=self.calibrated.device)
+            self.calibration_done.fill_(True)
 
     def _direction(self) -> curvature.Direction:
         """The optimizer model (:data:`~capo_lightning.selection.curvature.Direction`) of this selector, with the
@@ -199,65 +283,3 @@ class CAPOSelector(Selector):
         self.adam_v[rows] = b2 * self.adam_v[rows] + (1 - b2) * g * g
         self.adam_step += 1
         self.adam_has_rows |= rows.numel() > 0
-
-    # ---- reporting ----------------------------------------------------------------------------
-    def _metrics(
-        self,
-        shifts: curvature.Shifts,
-        ok_f: Tensor,
-        ok_h: Tensor,
-        keep: Tensor,
-        pre: curvature.BatchShifts,
-        post: curvature.BatchShifts,
-    ) -> dict[str, Tensor]:
-        n = max(1, ok_f.numel())
-        out = {
-            "select/token_reject_rate": (~(ok_f & ok_h)).sum().float() / n,
-            "select/reject_rate_fisher": (~ok_f).sum().float() / n,
-            "select/reject_rate_hessian": (~ok_h).sum().float() / n,
-            "curvature/global_fisher": pre.fisher, "curvature/global_hessian": pre.hessian,
-            "curvature/masked_global_fisher": post.fisher, "curvature/masked_global_hessian": post.hessian,
-        }  # fmt: skip
-        for name, values in (("fisher", shifts.fisher), ("hessian", shifts.hessian)):
-            out.update(shift_stats(f"curvature/token_{name}", values))
-            out.update(shift_stats(f"curvature/masked_token_{name}", values[keep]))
-        return out
-
-
-class _StepRows:
-    """Places the per-token values of judged parts (each a set of step rows) back into [N, L] step tensors."""
-
-    def __init__(self, parts: list[dict]) -> None:
-        self.parts = parts
-        self.sizes = [int(p["keep"].numel()) for p in parts]  # judged tokens per part
-        device = parts[0]["valid"].device
-        self.valid = self.scatter(torch.ones(sum(self.sizes), dtype=torch.bool, device=device), fill=False)
-
-    def scatter(self, flat: Tensor, fill: bool | float = 0) -> Tensor:
-        """[T] values in the parts' token order -> [N, L] (positions no part judged hold ``fill``)."""
-        first = self.parts[0]["valid"]
-        out = torch.full((sum(p["valid"].shape[0] for p in self.parts), first.shape[1]), fill,
-                         device=first.device, dtype=flat.dtype)  # fmt: skip
-        start = 0
-        for part, size in zip(self.parts, self.sizes, strict=True):
-            valid = part["valid"]
-            block = torch.full(valid.shape, fill, device=valid.device, dtype=flat.dtype)
-            block[valid] = flat[start : start + size]
-            out[part["rows"].to(valid.device)] = block
-            start += size
-        return out
-
-
-def shift_stats(prefix: str, values: Tensor) -> dict[str, Tensor]:
-    """``{prefix}_mean``, ``_max``, ``_p50``, ``_p95`` of 1-D ``values`` (fp64; quantiles interpolate linearly,
-    as ``torch.quantile``, without its 2^24-element limit); empty ``values`` give an empty dict."""
-    if values.numel() == 0:
-        return {}
-    ordered = values.double().sort().values
-    out = {f"{prefix}_mean": ordered.mean(), f"{prefix}_max": ordered[-1]}
-    for name, q in (("p50", 0.5), ("p95", 0.95)):
-        position = q * (ordered.numel() - 1)
-        low = int(position)
-        high = min(low + 1, ordered.numel() - 1)
-        out[f"{prefix}_{name}"] = ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-    return out

@@ -34,3 +34,9 @@ class StepContext:
     def lr(self) -> float:
         """The learning rate the coming optimizer step will use."""
         return float(self.optimizer.param_groups[0]["lr"])
+
+    @property
+    def base_lr(self) -> float:
+        """The optimizer's configured lr (the peak of a warm-up/decay schedule; the current lr without one)."""
+        group = self.optimizer.param_groups[0]
+        return float(group.get("initial_lr", group["lr"]))

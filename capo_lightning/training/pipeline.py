@@ -193,6 +193,7 @@ def token_view(
         lr=ctx.lr,
         all_reduce=ctx.sum_over_ranks,
         topk_ids=topk,
+        base_lr=ctx.base_lr,
     )
 
 

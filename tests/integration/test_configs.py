@@ -26,8 +26,8 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["fit", "--config", str(BASE), "--config", str(path)]
     if path in (BASE, STUDY_BASE) or path.name == "quickstart.yaml":
         args = ["fit", "--config", str(path)]
-    elif path.parent.name == "regime":  # a regime file is the `regime` group alone
-        args = ["fit", "--config", str(BASE), "--regime", str(path)]
+    elif path.parent.name == "regime":  # the `regime` group alone, on a base it keeps whole (prompts: 12k)
+        args = ["fit", "--config", str(STUDY_BASE), "--regime", str(path)]
     elif path.parent.name == "study":  # study arms stack on the study's base
         args = ["fit", "--config", str(STUDY_BASE), "--config", str(path)]
     elif path.parent.parent.name == "experiment":  # the paper's arms stack on their base

@@ -20,8 +20,8 @@ import yaml
 from capo_lightning.report import build_report, main
 from capo_lightning.report.curves import aggregate
 from capo_lightning.report.figures import reference_line
-from capo_lightning.report.groups import group_runs, summarize_group
-from capo_lightning.report.runs import completions_at_step, load_run
+from capo_lightning.report.groups import group_runs, policy_name, summarize_group
+from capo_lightning.report.runs import Calibration, completions_at_step, load_run
 
 STEPS = (1, 2, 3, 4, 5)
 PER_STEP = 32  # prompts_per_step 4 x group_size 8
@@ -333,3 +333,178 @@ def test_the_committed_study_redraws_to_its_committed_summary(tmp_path: Path) ->
         "fig5_rejection.png",
         "health.png",
     }
+
+
+# --- arms of a regime study that must not merge: shadow optimizer, calibration, lr ladder, starting policy ---
+
+CAPO_SELECTOR = "capo_lightning.selection.CAPOSelector"
+
+
+def capo(**init_args: object) -> dict:
+    """A CAPOSelector entry of config.yaml with exactly these init_args (absent keys: the selector's defaults)."""
+    return {"class_path": CAPO_SELECTOR, "init_args": dict(init_args)}
+
+
+def without(mapping: dict, key: str) -> dict:
+    """``mapping`` less ``key``."""
+    return {name: value for name, value in mapping.items() if name != key}
+
+
+def write_arm(
+    folder: Path,
+    seed: int,
+    selector: dict | None = None,
+    lr: float = 2e-5,
+    policy: str | None = None,
+    regime: str | None = None,
+) -> Path:
+    """``write_run`` plus, when given, ``model.policy.name_or_path`` and a named ``regime`` in config.yaml."""
+    write_run(folder, known_values(0, seed, selector), seed, selector, lr)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    if policy is not None:
+        config["model"]["policy"] = {"name_or_path": policy, "dtype": "float32"}
+    if regime is not None:
+        config["regime"] = {"name": regime, "lr_scale": 1.0, "batch_scale": 1.0}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+    return folder
+
+
+def labelled(dirs: list[Path], overrides: dict[int, str] | None = None) -> list[tuple[str, list]]:
+    """(label, seeds) of each group of the runs in ``dirs``, in group order."""
+    groups, _ = group_runs([load_run(path) for path in dirs], overrides)
+    return [(group.label, group.seeds) for group in groups]
+
+
+def test_shadow_optimizer_model_splits_arms_and_default_adam_adds_nothing(tmp_path: Path) -> None:
+    thresholds = {"enforce": True, "delta_f": 1e-3, "tau_h": 5e-4}
+    dirs = [write_arm(tmp_path / f"adam{seed}", seed, capo(**thresholds)) for seed in (0, 1)]  # absent: adam
+    dirs.append(write_arm(tmp_path / "adam2", 2, capo(**thresholds, optimizer_model="adam")))
+    dirs += [write_arm(tmp_path / f"sgd{seed}", seed, capo(**thresholds, optimizer_model="sgd")) for seed in (0, 1)]
+    assert labelled(dirs) == [
+        ("GRPO + CAPO δF 0.001 τH 0.0005 · lr 2e-05, 32/step", [0, 1, 2]),
+        ("GRPO + CAPO δF 0.001 τH 0.0005 (SGD shadow) · lr 2e-05, 32/step", [0, 1]),
+    ]
+    assert [load_run(path).shadow for path in (dirs[0], dirs[2], dirs[3])] == ["adam", "adam", "sgd"]
+    assert load_run(write_arm(tmp_path / "plain", 0)).shadow is None
+
+
+def test_calibrated_selector_is_labelled_by_its_percentile_not_the_configured_thresholds(tmp_path: Path) -> None:
+    fixed = {"enforce": True, "delta_f": 1e-4, "tau_h": 0.01}  # a calibrating run still carries these in its config
+    auto = {**fixed, "calibration_steps": 5, "calibration_percentile": 95.0}  # absent: 95, the default
+    dirs = [
+        write_arm(tmp_path / "fixed0", 0, capo(**fixed)),  # calibration keys absent: off
+        write_arm(tmp_path / "fixed1", 1, capo(**fixed, calibration_steps=0, calibration_lr=None)),  # 0: off
+        write_arm(tmp_path / "auto0", 0, capo(**auto)),
+        write_arm(tmp_path / "auto1", 1, capo(**without(auto, "calibration_percentile"), calibration_lr=None)),
+        write_arm(tmp_path / "auto_lr0", 0, capo(**auto, calibration_lr=1.5e-5)),
+        write_arm(tmp_path / "auto_p99", 0, capo(**auto | {"calibration_percentile": 99.5})),
+    ]
+    assert labelled(dirs) == [
+        ("GRPO + CAPO δF 0.0001 τH 0.01 · lr 2e-05, 32/step", [0, 1]),
+        ("GRPO + CAPO auto p95 · lr 2e-05, 32/step", [0, 1]),
+        ("GRPO + CAPO auto p95 @lr 1.5e-05 · lr 2e-05, 32/step", [0]),
+        ("GRPO + CAPO auto p99.5 · lr 2e-05, 32/step", [0]),
+    ]
+    runs = [load_run(path) for path in dirs]
+    assert runs[0].calibration is None and runs[1].calibration is None
+    assert runs[2].calibration == Calibration(steps=5, percentile=95.0, lr=None)
+    assert runs[4].calibration == Calibration(steps=5, percentile=95.0, lr=1.5e-5)
+    assert all("δF" not in run.selector and "τH" not in run.selector for run in runs[2:])
+
+
+def test_calibrations_that_print_alike_are_told_apart_by_their_settings(tmp_path: Path) -> None:
+    auto = {"enforce": True, "delta_f": 1e-4, "tau_h": 0.01, "calibration_percentile": 95.0}
+    dirs = [write_arm(tmp_path / f"steps{steps}", 0, capo(**auto, calibration_steps=steps)) for steps in (5, 10)]
+    base = "GRPO + CAPO auto p95 · lr 2e-05, 32/step"
+    assert labelled(dirs) == [
+        (f"{base} [calibration 5 steps p95.0 lr None]", [0]),
+        (f"{base} [calibration 10 steps p95.0 lr None]", [0]),
+    ]
+
+
+def test_monitor_that_advances_its_shadow_adam_is_its_own_arm(tmp_path: Path) -> None:
+    dirs = [write_arm(tmp_path / "m0", 0, MONITOR), write_arm(tmp_path / "m1", 1, capo(enforce=False))]
+    dirs.append(write_arm(tmp_path / "m2", 2, capo(enforce=False, advance_when_monitoring=False)))
+    advance = capo(enforce=False, advance_when_monitoring=True)
+    dirs += [write_arm(tmp_path / f"a{seed}", seed, advance) for seed in (0, 1)]
+    dirs.append(write_arm(tmp_path / "sgd", 0, capo(enforce=False, optimizer_model="sgd")))
+    dirs.append(write_arm(tmp_path / "cal", 0, capo(enforce=False, calibration_steps=4, calibration_percentile=90)))
+    dirs.append(write_arm(tmp_path / "cal_default", 1, capo(enforce=False, calibration_steps=4)))  # p95, the default
+    assert labelled(dirs) == [
+        ("GRPO (monitor) · lr 2e-05, 32/step", [0, 1, 2]),
+        ("GRPO (monitor, Adam shadow) · lr 2e-05, 32/step", [0, 1]),
+        ("GRPO (monitor, SGD shadow) · lr 2e-05, 32/step", [0]),
+        ("GRPO (monitor, auto p90) · lr 2e-05, 32/step", [0]),
+        ("GRPO (monitor, auto p95) · lr 2e-05, 32/step", [1]),
+    ]
+    advancing = load_run(dirs[3])
+    assert advancing.advance_when_monitoring and not advancing.enforces
+    assert not load_run(dirs[0]).advance_when_monitoring
+
+
+def test_lr_ladder_of_one_regime_splits_and_prints_the_lr(tmp_path: Path) -> None:
+    # the saved config holds the effective lr (the regime's scale applied), e.g. 7.500000000000001e-05
+    ladder = (1.5e-5 * 5, 1.5e-4)
+    dirs = [
+        write_arm(tmp_path / f"agg{index}_s{seed}", seed, lr=lr, regime="aggressive")
+        for index, lr in enumerate(ladder)
+        for seed in (0, 1)
+    ]
+    dirs += [write_arm(tmp_path / f"cons_s{seed}", seed, lr=1.5e-5, regime="conservative") for seed in (0, 1)]
+    assert labelled(dirs) == [
+        ("GRPO · aggressive, lr 7.5e-05", [0, 1]),
+        ("GRPO · aggressive, lr 0.00015", [0, 1]),
+        ("GRPO · conservative", [0, 1]),  # one lr in this regime: no lr printed
+    ]
+    assert load_run(dirs[0]).lr == 1.5e-5 * 5
+    # one point of the ladder alone reads as the plain regime
+    assert labelled([dirs[0], dirs[1], *dirs[4:]]) == [("GRPO · aggressive", [0, 1]), ("GRPO · conservative", [0, 1])]
+    # an unnamed regime prints its lr already; lrs it rounds alike still never merge
+    close = [write_arm(tmp_path / f"close{index}", 0, lr=lr) for index, lr in enumerate((2e-5, 2.0000001e-5))]
+    labels = [label for label, _ in labelled(close)]
+    assert len(labels) == 2 and labels[0] != labels[1] and all("lr 2e-05, 32/step" in label for label in labels)
+
+
+def test_starting_policy_splits_and_is_printed_only_when_runs_differ(tmp_path: Path) -> None:
+    bundled = "bundled:smollm2-135m-instruct"
+    dirs = [write_arm(tmp_path / f"base{seed}", seed, CAPO, policy=bundled) for seed in (0, 1)]
+    dirs.append(write_arm(tmp_path / "base2", 2, CAPO))  # no model.policy: PolicySpec's default, the same policy
+    dirs += [write_arm(tmp_path / f"warm{seed}", seed, CAPO, policy="runs/warm_start/policy") for seed in (0, 1)]
+    summary = build_report(dirs, tmp_path / "out")
+    assert {label: group["seeds"] for label, group in summary["groups"].items()} == {
+        f"{CAPO_LABEL}, from smollm2-135m-instruct": [0, 1, 2],
+        f"{CAPO_LABEL}, from warm_start": [0, 1],
+    }
+    assert load_run(dirs[2]).policy == bundled and load_run(dirs[3]).policy == "runs/warm_start/policy"
+    assert labelled(dirs[:3]) == [(CAPO_LABEL, [0, 1, 2])]  # one policy: nothing printed
+    # two policies with one short name are told apart by their full name_or_path
+    twins = [write_arm(tmp_path / f"twin{name}", 0, policy=f"{name}/warm_start/policy") for name in ("a", "b")]
+    assert labelled(twins) == [
+        (f"{BASE_LABEL}, from warm_start [policy a/warm_start/policy]", [0]),
+        (f"{BASE_LABEL}, from warm_start [policy b/warm_start/policy]", [0]),
+    ]
+
+
+def test_policy_names_are_short() -> None:
+    assert policy_name("bundled:smollm2-135m-instruct") == "smollm2-135m-instruct"
+    assert policy_name("runs/warm_start/policy") == "warm_start"
+    assert policy_name("runs/warm_start/policy/") == "warm_start"
+    assert policy_name("/data/exp1/checkpoints/last") == "exp1"
+    assert policy_name("Qwen/Qwen2.5-Math-7B") == "Qwen2.5-Math-7B"
+    assert policy_name("tiny:3") == "tiny:3"
+    assert policy_name("policy") == "policy"
+
+
+def test_label_overrides_still_group_whatever_the_facets(tmp_path: Path) -> None:
+    dirs = [
+        write_arm(tmp_path / "lr1", 0, lr=7.5e-5, regime="aggressive"),
+        write_arm(tmp_path / "lr2", 1, lr=1.5e-4, regime="aggressive", policy="runs/warm_start/policy"),
+        write_arm(tmp_path / "lr3", 0, lr=1.5e-4, regime="aggressive"),
+    ]
+    assert labelled(dirs, {0: "mine", 1: "mine"}) == [("mine", [0, 1]), ("GRPO · aggressive", [0])]
+    # only the automatically labelled runs decide whether lr and policy are printed
+    assert labelled(dirs, {0: "mine"}) == [
+        ("mine", [0]),
+        ("GRPO · aggressive, from warm_start", [1]),
+        ("GRPO · aggressive, from smollm2-135m-instruct", [0]),
+    ]
