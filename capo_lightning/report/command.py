@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from capo_lightning.report.figures import draw_figures
-from capo_lightning.report.groups import group_runs, plain, summarize_group
+from capo_lightning.report.curves import EMA, Rule, Window
+from capo_lightning.report.efficiency import SUSTAIN, sample_efficiency
+from capo_lightning.report.figures import draw_figures, reference_group
+from capo_lightning.report.groups import Group, group_runs, plain, summarize_group
 from capo_lightning.report.runs import Run, find_metrics, load_run
+
+EFFICIENCY_KEY = "train/accuracy"  # the metric whose sample efficiency summary.json reports (Fig. 1's)
 
 
 def _label_overrides(labels: Mapping[str, str], runs: list[Run]) -> dict[int, str]:
@@ -44,40 +49,77 @@ def _load_runs(run_dirs: Sequence[str | Path]) -> tuple[list[Run], list[str]]:
     return runs, notes
 
 
+def _override(ema: float | None, window: float | None) -> Rule | None:
+    """The rule ``--ema`` or ``--window`` sets for every metric; None: the per-metric defaults."""
+    if ema is not None and window is not None:
+        raise ValueError("--ema and --window are mutually exclusive: give one smoothing rule for every metric")
+    if ema is not None and not 0.0 < ema <= 1.0:
+        raise ValueError(f"--ema must be in (0, 1] (1 = no smoothing), got {ema}")
+    if window is not None and not (math.isfinite(window) and window > 0):
+        raise ValueError(f"--window must be a positive number of completions, got {window}")
+    return EMA(ema) if ema is not None else Window(window) if window is not None else None
+
+
+def _efficiencies(groups: Sequence[Group], reference: str | None, key: str = EFFICIENCY_KEY) -> dict[str, dict]:
+    """Group label -> ``sample_efficiency`` of its ``key`` against the reference group (``reference_group``),
+    with the rule the group's curve used and ``SUSTAIN``; empty when no reference group has the curve."""
+
+    def has(group: Group) -> bool:
+        return key in group.curves and group.curves[key].x.size > 0
+
+    chosen = reference_group(groups, reference, has)
+    if chosen is None:
+        return {}
+    reference_series = [series for series in (run.series(key) for run in chosen.runs) if len(series[0])]
+    entries = {}
+    for group in groups:
+        if has(group):
+            series = [series for series in (run.series(key) for run in group.runs) if len(series[0])]
+            found = sample_efficiency(series, reference_series, group.curves[key].rule, SUSTAIN)
+            entries[group.label] = {key: {"reference": chosen.label, **found.as_dict()}}
+    return entries
+
+
 def build_report(
     run_dirs: Sequence[str | Path],
     out: str | Path,
     ema: float | None = None,
     reference: str | None = None,
     labels: Mapping[str, str] | None = None,
+    window: float | None = None,
 ) -> dict[str, Any]:
     """Read runs, group them, aggregate their curves and write ``summary.json`` and the PNG figures.
 
-    ``summary.json`` is ``{"groups": {label: {"runs", "seeds", "curves", "final", "best"}}, "figures": [...],
-    "notes": [...]}``; see ``summarize_group`` for the numbers and ``draw_figures`` for the figures. NaN is
-    written as null.
+    ``summary.json`` is ``{"groups": {label: {"runs", "seeds", "curves", "final", "best", "efficiency"}},
+    "figures": [...], "notes": [...]}``; see ``summarize_group`` for the numbers, ``draw_figures`` for the
+    figures. ``efficiency`` is ``{"train/accuracy": {"reference", "target", "reference_completions",
+    "crossing", "ratio", "interval", "never_fraction", ...}}`` (``efficiency.sample_efficiency`` against the
+    reference group, with the curve's smoothing and a crossing held ``SUSTAIN`` completions; absent without a
+    reference group or curve). NaN and infinities are written as null.
 
     Args:
         run_dirs: run roots, ``version_N`` folders or ``metrics.csv`` paths; one run each.
         out: the output folder (created if missing).
-        ema: one EMA alpha in (0, 1] for every metric (1 = no smoothing); None: the defaults (0.1 for training
-            accuracy and reward, 0.35 for the rest).
-        reference: the label of the group whose maximum is Fig. 3's dashed line; None: the first group whose
-            selector does not enforce and that logged the shift.
+        ema: one EMA alpha in (0, 1] for every metric (1 = no smoothing); None: the defaults
+            (``DEFAULT_SMOOTHING``: a trailing window of 64 completions for training accuracy and reward, EMA
+            0.35 for the shifts, rejection and health curves, none for held-out accuracy).
+        reference: the label of the reference group: its maximum is Fig. 3's dashed line, its final training
+            accuracy the efficiency target; None: the first group whose selector does not enforce and that
+            logged the curve.
         labels: RUN_DIR -> group label, overriding the automatic one (runs with the same label form a group).
+        window: one trailing window in completions (> 0) for every metric instead; not with ``ema``.
 
     Returns:
         The summary as written to ``out/summary.json``.
 
     Raises:
         FileNotFoundError: a RUN_DIR holds no metrics.csv.
-        ValueError: no RUN_DIR, an alpha outside (0, 1], an unknown reference label, or a label for a run
-            not given.
+        ValueError: no RUN_DIR, an alpha outside (0, 1], a window <= 0, both ``ema`` and ``window``, an
+            unknown reference label, or a label for a run not given.
     """
     if not run_dirs:
         raise ValueError("capo report needs at least one RUN_DIR (a run's trainer.default_root_dir)")
-    if ema is not None and not 0.0 < ema <= 1.0:
-        raise ValueError(f"--ema must be in (0, 1] (1 = no smoothing), got {ema}")
+    rule = _override(ema, window)
     runs, notes = _load_runs(run_dirs)
     groups, group_notes = group_runs(runs, _label_overrides(labels or {}, runs))
     notes += group_notes
@@ -86,8 +128,10 @@ def build_report(
         raise ValueError(f"--reference {reference!r} is not a group label; the groups are: {known}")
     entries = {}
     for group in groups:
-        entries[group.label], summary_notes = summarize_group(group, ema)
+        entries[group.label], summary_notes = summarize_group(group, rule)
         notes += summary_notes
+    for label, efficiency in _efficiencies(groups, reference).items():
+        entries[label]["efficiency"] = efficiency
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures, figure_notes = draw_figures(groups, out_dir, reference)
@@ -110,19 +154,29 @@ def _parser() -> argparse.ArgumentParser:
         "folder or a metrics.csv; several runs of one configuration are seeds",
     )
     parser.add_argument("--out", required=True, help="folder for the PNG files and summary.json (created if missing)")
-    parser.add_argument(
+    smoothing = parser.add_mutually_exclusive_group()
+    smoothing.add_argument(
         "--ema",
         type=float,
         default=None,
-        help="EMA alpha for every curve, in (0, 1]; 1 = no smoothing (default: 0.1 for training "
-        "accuracy and reward, 0.35 for the rest)",
+        help="EMA alpha for every curve, in (0, 1]; 1 = no smoothing (default: a trailing window of 64 "
+        "completions for training accuracy and reward, EMA 0.35 for the shifts, rejection and health)",
+    )
+    smoothing.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        metavar="W",
+        help="a trailing window of W completions (> 0) for every curve instead, each step weighted by its "
+        "completions; not with --ema",
     )
     parser.add_argument(
         "--reference",
         default=None,
         metavar="LABEL",
-        help="group whose maximum is the dashed line of fig3_shifts.png (default: the first group "
-        "whose selector does not mask)",
+        help="reference group: its maximum is the dashed line of fig3_shifts.png, its final training accuracy "
+        "the target of fig1_accuracy.png and of the sample efficiency in summary.json (default: the first "
+        "group whose selector does not mask)",
     )
     parser.add_argument(
         "--label",
@@ -135,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``capo report RUN_DIR [RUN_DIR ...] --out DIR [--ema A] [--reference LABEL] [--label DIR=NAME ...]``.
+    """``capo report RUN_DIR [RUN_DIR ...] --out DIR [--ema A | --window W] [--reference LABEL] [--label DIR=NAME]``.
 
     Prints the files written and the notes. Errors (no metrics.csv, bad option) exit with status 2 and a
     message saying what is wrong.
@@ -152,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--label {pair!r}: expected RUN_DIR=NAME, e.g. --label runs/seed0=GRPO")
         labels[run_dir] = name
     try:
-        summary = build_report(args.run_dirs, args.out, ema=args.ema, reference=args.reference, labels=labels)
+        summary = build_report(
+            args.run_dirs, args.out, ema=args.ema, reference=args.reference, labels=labels, window=args.window
+        )
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     out = Path(args.out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from capo_lightning.report.curves import HEALTH_KEYS, REJECT_KEY, SHIFT_KEYS, Curve, masked_key
+from capo_lightning.report.curves import HEALTH_KEYS, REJECT_KEY, SHIFT_KEYS, Curve, Window, masked_key
+from capo_lightning.report.efficiency import SUSTAIN, crossing
 from capo_lightning.report.groups import Group
 
 DPI = 120
@@ -43,12 +44,14 @@ def shift_key(group: Group, key: str) -> str:
 
 
 def _smoothing(groups: Sequence[Group], keys: Sequence[str]) -> str:
-    """``"EMA α 0.35, mean ± SEM over seeds"`` from the alphas of the curves drawn (several: all listed)."""
-    alphas = sorted({group.curves[key].ema for group in groups for key in keys if key in group.curves})
-    smoothed = [alpha for alpha in alphas if alpha < 1.0]
-    if not smoothed:
-        return BAND
-    return f"EMA α {', '.join(f'{alpha:g}' for alpha in smoothed)}, faint: raw, {BAND}"
+    """``"EMA α 0.35, faint: raw, mean ± SEM over seeds"`` or ``"trailing window of 64 completions, ..."`` from
+    the rules of the curves drawn (several: all listed)."""
+    curves = [group.curves[key] for group in groups for key in keys if key in group.curves]
+    alphas = sorted({curve.ema for curve in curves if curve.ema is not None and curve.ema < 1.0})
+    windows = sorted({curve.window for curve in curves if curve.window is not None})
+    parts = [f"EMA α {', '.join(f'{alpha:g}' for alpha in alphas)}"] if alphas else []
+    parts += [Window(window).description for window in windows]
+    return f"{'; '.join(parts)}, faint: raw, {BAND}" if parts else BAND
 
 
 def _new_figure(rows: int, cols: int, width: float, height: float) -> tuple[Figure, np.ndarray]:
@@ -59,7 +62,7 @@ def _new_figure(rows: int, cols: int, width: float, height: float) -> tuple[Figu
 
 def _band(axes: Axes, curve: Curve, label: str, color: str, scale: float = 1.0, marker: str | None = None) -> None:
     """The mean as a line, mean ± SEM as a shaded band, and (when smoothed) the raw mean as a faint line."""
-    if curve.ema < 1.0 and curve.raw_mean.size == curve.x.size:
+    if curve.rule.smooths and curve.raw_mean.size == curve.x.size:
         axes.plot(curve.x, curve.raw_mean * scale, color=color, alpha=0.3, linewidth=0.8)
     axes.plot(curve.x, curve.mean * scale, label=label, color=color, marker=marker, markersize=4)
     lower, upper = (curve.mean - curve.sem) * scale, (curve.mean + curve.sem) * scale
@@ -81,7 +84,15 @@ def _save(figure: Figure, out: Path, name: str) -> str:
 
 
 def single_metric_figure(
-    groups: Sequence[Group], key: str, out: Path, name: str, title: str, y_label: str, scale: float = 1.0
+    groups: Sequence[Group],
+    key: str,
+    out: Path,
+    name: str,
+    title: str,
+    y_label: str,
+    scale: float = 1.0,
+    target: bool = False,
+    reference: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """One metric against completions, a line and band per group that has it.
 
@@ -93,6 +104,9 @@ def single_metric_figure(
         title: the axes title.
         y_label: the y-axis label, with its unit.
         scale: factor applied to mean and SEM before drawing (100 for percent).
+        target: also draw the reference's final value and each group's sustained crossing of it
+            (``draw_target``, Fig. 1).
+        reference: the reference group's label for ``target``; None: the default (``reference_group``).
 
     Returns:
         ``(files written, notes)``; nothing is written when no group has the metric.
@@ -105,15 +119,69 @@ def single_metric_figure(
     for index, group in enumerate(groups):
         if _has(group, key):
             _band(axes[0, 0], group.curves[key], group.label, f"C{index % 10}", scale, marker)
-    _finish(axes[0, 0], f"{title} ({_smoothing(groups, [key])})", y_label)
+    if target and not draw_target(axes[0, 0], groups, key, reference, scale):
+        whose = f"group '{reference}' has" if reference is not None else "no group without an enforcing selector has"
+        notes.append(f"{name}: no target (final) line: {whose} a {key} curve")
+    _finish(axes[0, 0], f"{title}\n{_smoothing(groups, [key])}", y_label)
     return [_save(figure, out, name)], notes
+
+
+def reference_group(groups: Sequence[Group], reference: str | None, has: Callable[[Group], bool]) -> Group | None:
+    """The reference group: the one labelled ``reference``, else the first whose selector does not enforce.
+
+    Args:
+        groups: all groups.
+        reference: the reference group's label, None for the default.
+        has: whether a group has the curve needed; a group without it is no reference.
+
+    Returns:
+        The group, or None when no candidate has the curve.
+    """
+    if reference is not None:
+        candidates = [group for group in groups if group.label == reference]
+    else:
+        candidates = [group for group in groups if not group.enforces]
+    return next((group for group in candidates if has(group)), None)
+
+
+def draw_target(axes: Axes, groups: Sequence[Group], key: str, reference: str | None, scale: float) -> bool:
+    """Fig. 1's target: the reference group's smoothed mean at its final completions as a dashed line, and a star
+    at each group's first sustained crossing of it (``efficiency.crossing`` on the curve drawn, sustained for
+    ``efficiency.SUSTAIN`` completions): the sample-efficiency measure of ``summary.json``, drawn.
+
+    Args:
+        axes: the panel, its curves drawn.
+        groups: all groups, in order (colours ``C<index>``).
+        key: the metric (``train/accuracy``).
+        reference: the reference group's label, None for the default (``reference_group``).
+        scale: the factor the curves were drawn with.
+
+    Returns:
+        Whether a reference group with the curve was found (False: nothing drawn).
+    """
+    group = reference_group(groups, reference, lambda candidate: _has(candidate, key))
+    if group is None:
+        return False
+    value = float(group.curves[key].mean[-1])
+    axes.axhline(value * scale, linestyle="--", color="black", linewidth=1, label=f"{group.label} (final)")
+    label = f"first crossing held {SUSTAIN:g} completions"
+    for index, candidate in enumerate(groups):
+        if not _has(candidate, key):
+            continue
+        curve = candidate.curves[key]
+        crossed = crossing(curve.x, curve.mean, value, SUSTAIN)
+        if crossed is not None:
+            y = curve.mean[int(np.searchsorted(curve.x, crossed))] * scale
+            axes.plot([crossed], [y], "*", color=f"C{index % 10}", markersize=13, markeredgecolor="black", label=label)
+            label = None
+    return True
 
 
 def reference_line(groups: Sequence[Group], key: str, reference: str | None) -> tuple[float, str] | None:
     """The dashed line of one Fig. 3 panel: the maximum of the reference group's mean curve.
 
     The reference is the group labelled ``reference``, else the first group whose selector does not enforce
-    and that has ``key``; the curve is the one that group plots (``shift_key``).
+    and that has ``key`` (``reference_group``); the curve is the one that group plots (``shift_key``).
 
     Args:
         groups: all groups, with their curves.
@@ -123,15 +191,10 @@ def reference_line(groups: Sequence[Group], key: str, reference: str | None) -> 
     Returns:
         ``(value, label)``, or None when the reference group has no such curve.
     """
-    if reference is not None:
-        candidates = [group for group in groups if group.label == reference]
-    else:
-        candidates = [group for group in groups if not group.enforces and _has(group, key)]
-    for group in candidates:
-        plotted = shift_key(group, key)
-        if _has(group, plotted):
-            return float(np.max(group.curves[plotted].mean)), group.label
-    return None
+    group = reference_group(groups, reference, lambda candidate: _has(candidate, shift_key(candidate, key)))
+    if group is None:
+        return None
+    return float(np.max(group.curves[shift_key(group, key)].mean)), group.label
 
 
 def shifts_figure(groups: Sequence[Group], out: Path, reference: str | None) -> tuple[list[str], list[str]]:
@@ -213,7 +276,8 @@ def draw_figures(groups: Sequence[Group], out: Path, reference: str | None = Non
     Args:
         groups: the groups with their curves (``summarize_group`` fills them).
         out: the output folder.
-        reference: the label of the group whose maximum is the dashed line of Fig. 3; None: the default.
+        reference: the label of the reference group (its maximum is the dashed line of Fig. 3, its final training
+            accuracy Fig. 1's target); None: the default (``reference_group``).
 
     Returns:
         ``(PNG file names written, notes about what was left out)``.
@@ -223,7 +287,10 @@ def draw_figures(groups: Sequence[Group], out: Path, reference: str | None = Non
         "val/accuracy": ("fig2_heldout.png", "Held-out accuracy", "held-out accuracy (%)"),
         REJECT_KEY: ("fig5_rejection.png", "Token rejection rate", "rejected tokens (%)"),
     }
-    drawn = [single_metric_figure(groups, key, out, *spec, scale=100.0) for key, spec in percent.items()]
+    drawn = [
+        single_metric_figure(groups, key, out, *spec, 100.0, key == "train/accuracy", reference)
+        for key, spec in percent.items()
+    ]
     drawn.insert(2, shifts_figure(groups, out, reference))
     drawn.append(health_figure(groups, out))
     return [name for files, _ in drawn for name in files], [note for _, notes in drawn for note in notes]

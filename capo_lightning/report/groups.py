@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from capo_lightning.report.curves import BEST_KEYS, DEFAULT_EMA, Curve, aggregate, last_and_best, mean_sem
+from capo_lightning.report.curves import BEST_KEYS, DEFAULT_SMOOTHING, Curve, Rule, aggregate, last_and_best, mean_sem
 from capo_lightning.report.runs import Run
 
 FACETS = ("objective", "selector", "regime", "lr", "policy", "shadow", "calibration", "advance_when_monitoring")
@@ -205,29 +205,29 @@ def _stat(values: list[float]) -> dict[str, float | int]:
     return {"mean": mean, "sem": sem, "n": n}
 
 
-def summarize_group(group: Group, ema_alpha: float | None = None) -> tuple[dict[str, Any], list[str]]:
-    """Aggregate every known metric of a group (``DEFAULT_EMA``'s keys) and fill ``group.curves``.
+def summarize_group(group: Group, ema_alpha: Rule | float | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Aggregate every known metric of a group (``DEFAULT_SMOOTHING``'s keys) and fill ``group.curves``.
 
-    For each metric at least one run logged: the curve (``aggregate``: per-run EMA, alignment on the
+    For each metric at least one run logged: the curve (``aggregate``: per-run smoothing, alignment on the
     completions shared by all those runs, mean ± SEM), ``final`` = mean and SEM over runs of each run's
     last raw (unsmoothed) value, and for ``BEST_KEYS`` ``best`` = mean and SEM over runs of each run's
     largest raw value. SEM = std(ddof=1) / sqrt(n), 0.0 for one run.
 
     Args:
         group: the group; its ``curves`` are replaced.
-        ema_alpha: one EMA alpha for every metric (1 = no smoothing); None uses ``DEFAULT_EMA``.
+        ema_alpha: one rule for all metrics: EMA alpha (1 = none), ``EMA`` or ``Window``; None: ``DEFAULT_SMOOTHING``.
 
     Returns:
         ``(entry, notes)``: the group's ``summary.json`` entry, with keys ``runs``, ``seeds``, ``curves``
-        (metric -> ``x``, ``mean``, ``sem``, ``n``, ``ema``), ``final`` and ``best`` (metric -> ``mean``,
-        ``sem``, ``n``), and notes on metrics that only some runs logged or whose runs share no x.
+        (metric -> ``x``, ``mean``, ``sem``, ``n``, ``ema`` | ``window`` (other: None), ``smoothing``, ``raw_mean``),
+        ``final``, ``best`` (metric -> ``mean``, ``sem``, ``n``); notes on metrics some runs lack or with no shared x.
     """
     notes: list[str] = []
     curves: dict[str, dict[str, Any]] = {}
     final: dict[str, dict[str, float | int]] = {}
     best: dict[str, dict[str, float | int]] = {}
     group.curves = {}
-    for key, default_alpha in DEFAULT_EMA.items():
+    for key, default_rule in DEFAULT_SMOOTHING.items():
         present = [series for series in (run.series(key) for run in group.runs) if len(series[0])]
         if not present:
             continue
@@ -236,7 +236,7 @@ def summarize_group(group: Group, ema_alpha: float | None = None) -> tuple[dict[
                 f"group '{group.label}': {key} is logged by {len(present)} of its {len(group.runs)} runs; "
                 "its curve and final value average those"
             )
-        curve = aggregate(present, default_alpha if ema_alpha is None else ema_alpha)
+        curve = aggregate(present, default_rule if ema_alpha is None else ema_alpha)
         if curve.x.size == 0:
             notes.append(
                 f"group '{group.label}': the runs logging {key} share no completions value; no curve "
@@ -249,6 +249,8 @@ def summarize_group(group: Group, ema_alpha: float | None = None) -> tuple[dict[
             "sem": curve.sem.tolist(),
             "n": curve.n,
             "ema": curve.ema,
+            "window": curve.window,
+            "smoothing": curve.smoothing,
             "raw_mean": curve.raw_mean.tolist(),
         }
         last, largest = last_and_best(present)

@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from capo_lightning.report import build_report, main
-from capo_lightning.report.curves import aggregate
-from capo_lightning.report.figures import reference_line
+from capo_lightning.report.curves import EMA, Window, aggregate
+from capo_lightning.report.efficiency import SUSTAIN, sample_efficiency
+from capo_lightning.report.figures import draw_target, reference_line
 from capo_lightning.report.groups import group_runs, policy_name, summarize_group
 from capo_lightning.report.runs import Calibration, completions_at_step, load_run
 
@@ -95,6 +96,16 @@ def hand_mean_sem(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
+def hand_window(x: list[float], y: list[float], width: float) -> list[float]:
+    """Trailing window written out: at x_i, sum n_j y_j / sum n_j over j <= i with x_j > x_i - width."""
+    sizes = [x[0]] + [b - a for a, b in zip(x, x[1:])]
+    smoothed = []
+    for i in range(len(x)):
+        inside = [j for j in range(i + 1) if x[j] > x[i] - width]
+        smoothed.append(sum(sizes[j] * y[j] for j in inside) / sum(sizes[j] for j in inside))
+    return smoothed
+
+
 @pytest.fixture
 def two_groups(tmp_path: Path) -> tuple[list[Path], dict[str, list[dict[str, dict[int, float]]]]]:
     """GRPO without a selector and GRPO + CAPO (enforcing), three seeds each, as run roots."""
@@ -130,16 +141,25 @@ def test_groups_labels_seeds_and_val_x_axis(two_groups, tmp_path: Path) -> None:
 def test_curves_are_mean_and_sem_of_smoothed_seeds(two_groups, tmp_path: Path, ema: float | None) -> None:
     dirs, truth = two_groups
     summary = build_report(dirs, tmp_path / "out", ema=ema)
-    defaults = {"train/accuracy": 0.1, "val/accuracy": 1.0, "curvature/masked_token_hessian_mean": 0.35}
+    # training accuracy's default is a trailing window of 64 completions (None here): at 32 per step, the mean of
+    # the step and the one before it (the first step alone)
+    defaults = {"train/accuracy": None, "val/accuracy": 1.0, "curvature/masked_token_hessian_mean": 0.35}
     for label, key in (
         (BASE_LABEL, "train/accuracy"),
         (CAPO_LABEL, "val/accuracy"),
         (CAPO_LABEL, "curvature/masked_token_hessian_mean"),
     ):
         alpha = defaults[key] if ema is None else ema
-        per_run = [hand_ema([values[key][s] for s in sorted(values[key])], alpha) for values in truth[label]]
         curve = summary["groups"][label]["curves"][key]
-        assert curve["ema"] == alpha and curve["n"] == 3
+        if alpha is None:
+            ys = [[values[key][s] for s in sorted(values[key])] for values in truth[label]]
+            per_run = [[y[0]] + [(a + b) / 2 for a, b in zip(y, y[1:])] for y in ys]
+            assert curve["ema"] is None and curve["window"] == 64.0 and curve["n"] == 3
+            assert curve["smoothing"] == "trailing window of 64 completions"
+        else:
+            per_run = [hand_ema([values[key][s] for s in sorted(values[key])], alpha) for values in truth[label]]
+            assert curve["ema"] == alpha and curve["n"] == 3
+            assert curve["window"] is None
         raw = [[values[key][s] for s in sorted(values[key])] for values in truth[label]]
         for point in range(len(per_run[0])):
             mean, sem = hand_mean_sem([run[point] for run in per_run])
@@ -324,7 +344,17 @@ def test_the_committed_study_redraws_to_its_committed_summary(tmp_path: Path) ->
     committed = json.loads((study / "report/summary.json").read_text())
     assert sorted(summary["groups"]) == sorted(committed["groups"]) and len(summary["groups"]) == 2
     for label, group in summary["groups"].items():
-        assert group["curves"] == committed["groups"][label]["curves"]
+        assert sorted(group["curves"]) == sorted(committed["groups"][label]["curves"])
+        for key, was in committed["groups"][label]["curves"].items():
+            now = group["curves"][key]
+            if key in ("train/accuracy", "train/reward_mean"):  # smoothed by a 64-completion window since
+                # summary.json was committed (then EMA 0.1): the raw numbers are the committed ones, and as the
+                # runs share their x the mean of smoothed runs is the window over their raw mean
+                assert (now["x"], now["n"], now["raw_mean"]) == (was["x"], was["n"], was["raw_mean"])
+                assert now["mean"] == pytest.approx(hand_window(now["x"], now["raw_mean"], 64.0), rel=1e-12)
+                assert now["window"] == 64.0 and now["ema"] is None
+            else:
+                assert {field: now[field] for field in was} == was
         assert group["final"] == committed["groups"][label]["final"] and group["seeds"] == [0, 1]
     assert set(summary["figures"]) == {
         "fig1_accuracy.png",
@@ -508,3 +538,110 @@ def test_label_overrides_still_group_whatever_the_facets(tmp_path: Path) -> None
         ("GRPO · aggressive, from warm_start", [1]),
         ("GRPO · aggressive, from smollm2-135m-instruct", [0]),
     ]
+
+
+# --- Fig. 1's target and the sample efficiency in summary.json ---
+
+OFFSETS = (-0.01, 0.0, 0.01)  # per seed; their mean is 0
+
+
+@pytest.fixture
+def rising(tmp_path: Path) -> tuple[list[Path], dict[str, list[list[float]]]]:
+    """GRPO (no selector, the reference) rising 0.1 per step, GRPO + CAPO 0.19 per step; 3 seeds, 32 per step."""
+    dirs, accuracy = [], {BASE_LABEL: [], CAPO_LABEL: []}
+    for group, (label, selector, slope) in enumerate(((BASE_LABEL, None, 0.1), (CAPO_LABEL, CAPO, 0.19))):
+        for seed, offset in enumerate(OFFSETS):
+            values = known_values(group, seed, selector)
+            values["train/accuracy"] = {s: round(slope * s + offset, 4) for s in STEPS}
+            dirs.append(write_run(tmp_path / "runs" / f"g{group}_s{seed}", values, seed, selector))
+            accuracy[label].append([values["train/accuracy"][s] for s in STEPS])
+    return dirs, accuracy
+
+
+def series_of(accuracy: list[list[float]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The runs' (x, y) as written, not as read back: x = 32 s."""
+    return [(np.array([float(PER_STEP * s) for s in STEPS]), np.array(values)) for values in accuracy]
+
+
+def test_fig1_target_and_summary_efficiency_match_sample_efficiency(rising, tmp_path: Path) -> None:
+    dirs, accuracy = rising
+    summary = build_report(dirs, tmp_path / "out")
+    assert "fig1_accuracy.png" in summary["figures"]
+    assert matplotlib.image.imread(tmp_path / "out" / "fig1_accuracy.png")[..., :3].std() > 0.01
+    reference = series_of(accuracy[BASE_LABEL])
+    for label in (BASE_LABEL, CAPO_LABEL):
+        direct = sample_efficiency(series_of(accuracy[label]), reference, Window(64.0), 64.0).as_dict()
+        entry = summary["groups"][label]["efficiency"]["train/accuracy"]
+        assert entry == {"reference": BASE_LABEL, **direct}
+    # by hand: a 64-completion window at 32 per step averages two steps; the offsets cancel in the mean.
+    # GRPO's smoothed mean at 160 completions is (0.4 + 0.5) / 2 = 0.45, the target; CAPO's means are 0.19, 0.285,
+    # 0.475, 0.665, 0.855: first at or above 0.45 at 96 completions, and it stays there -> 160 / 96
+    capo_entry = summary["groups"][CAPO_LABEL]["efficiency"]["train/accuracy"]
+    assert capo_entry["target"] == pytest.approx(0.45) and capo_entry["reference_completions"] == 160.0
+    assert capo_entry["crossing"] == 96.0 and capo_entry["ratio"] == pytest.approx(160 / 96)
+    assert capo_entry["smoothing"] == "trailing window of 64 completions" and capo_entry["sustain"] == SUSTAIN
+    base_entry = summary["groups"][BASE_LABEL]["efficiency"]["train/accuracy"]
+    assert base_entry["crossing"] == 160.0 and base_entry["ratio"] == 1.0  # the reference: at its final point
+
+
+def test_fig1_draws_the_target_line_and_crossing_stars(rising) -> None:
+    from matplotlib.figure import Figure
+
+    dirs, _ = rising
+    groups, _ = group_runs([load_run(path) for path in dirs])
+    for group in groups:
+        summarize_group(group)
+    axes = Figure().subplots()
+    assert draw_target(axes, groups, "train/accuracy", None, 100.0)
+    dashed = [line for line in axes.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and dashed[0].get_ydata()[0] == pytest.approx(45.0)
+    assert dashed[0].get_label() == f"{BASE_LABEL} (final)"
+    stars = sorted(
+        (float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in axes.lines if line.get_marker() == "*"
+    )
+    assert [x for x, _ in stars] == [96.0, 160.0]  # CAPO at 96 (its mean 0.475 there), GRPO at its last point
+    assert [y for _, y in stars] == pytest.approx([47.5, 45.0])
+    # naming a group without a train/accuracy curve as reference: no line
+    assert not draw_target(Figure().subplots(), groups, "train/accuracy", "nope", 100.0)
+
+
+def test_window_and_ema_override_every_metric_and_exclude_each_other(
+    rising, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    dirs, accuracy = rising
+    main([*map(str, dirs), "--out", str(tmp_path / "w"), "--window", "32"])  # one step of 32: no smoothing
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    for key in ("train/accuracy", "objective/entropy", "val/accuracy"):
+        curve = summary["groups"][BASE_LABEL]["curves"][key]
+        assert curve["window"] == 32.0 and curve["ema"] is None
+        assert curve["mean"] == pytest.approx(curve["raw_mean"], rel=1e-12)
+    assert summary["groups"][BASE_LABEL]["curves"]["train/accuracy"]["mean"] == pytest.approx(
+        [statistics.mean(run[i] for run in accuracy[BASE_LABEL]) for i in range(len(STEPS))]
+    )
+    entry = summary["groups"][CAPO_LABEL]["efficiency"]["train/accuracy"]
+    direct = sample_efficiency(series_of(accuracy[CAPO_LABEL]), series_of(accuracy[BASE_LABEL]), Window(32.0), 64)
+    assert entry == {"reference": BASE_LABEL, **direct.as_dict()}
+    assert entry["smoothing"] == "trailing window of 32 completions"
+
+    summary = build_report(dirs, tmp_path / "e", ema=0.5)
+    curve = summary["groups"][CAPO_LABEL]["curves"]["train/accuracy"]
+    assert curve["ema"] == 0.5 and curve["window"] is None and curve["smoothing"] == "EMA α 0.5"
+    smoothed = [hand_ema(values, 0.5) for values in accuracy[CAPO_LABEL]]
+    expected = [statistics.mean(run[i] for run in smoothed) for i in range(len(STEPS))]
+    assert curve["mean"] == pytest.approx(expected, rel=1e-12)
+    entry = summary["groups"][CAPO_LABEL]["efficiency"]["train/accuracy"]
+    direct = sample_efficiency(series_of(accuracy[CAPO_LABEL]), series_of(accuracy[BASE_LABEL]), EMA(0.5), 64)
+    assert entry == {"reference": BASE_LABEL, **direct.as_dict()}
+
+    with pytest.raises(ValueError, match="--ema and --window are mutually exclusive"):
+        build_report(dirs, tmp_path / "x", ema=0.5, window=64.0)
+    for bad in (0.0, -3.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="--window must be a positive number of completions"):
+            build_report(dirs, tmp_path / "x", window=bad)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(dirs[0]), "--out", str(tmp_path / "x"), "--ema", "0.5", "--window", "64"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(dirs[0]), "--out", str(tmp_path / "x"), "--window", "-1"])
+    assert exit_info.value.code == 2 and "--window must be a positive number" in capsys.readouterr().err
