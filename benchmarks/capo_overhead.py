@@ -91,7 +91,7 @@ def make_batch(model: str, prompts: int, samples: int, new_tokens: int, seed: in
         reward_fn=_length_reward if model.startswith("tiny") else math_reward,
         max_prompt_tokens=128,
     )
-    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
+    dm.connect(gen.engine, gen.tokenizer)
     t0 = time.perf_counter()
     batch = dm.rollout([dm.train_source.item(i) for i in range(prompts)], samples, replace(sampling, seed=seed), 0, 0)
     gen_s = time.perf_counter() - t0
@@ -143,7 +143,8 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
     from capo_lightning.objectives import GRPO
     from capo_lightning.policy import PolicySpec
     from capo_lightning.selection import KeepAll
-    from capo_lightning.training import pipeline
+    from capo_lightning.training import parts as step_parts
+    from capo_lightning.training import schedules
 
     print(f"\n=== step ratio: {model} ({prompts} prompts x {samples} samples, {new_tokens} new tokens) ===", flush=True)
     batch, gen_s = make_batch(model, prompts, samples, new_tokens)
@@ -207,12 +208,13 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
             parts["select_faults"].append(_minor_faults() - f0)
 
     module.training_step = timed_step
-    # the step's parts are functions of capo_lightning.training.pipeline, looked up at call time
-    originals = {name: getattr(pipeline, name) for name in ("policy_forward", "select_tokens", "backward_and_step")}
-    pipeline.policy_forward = _timed(parts, "forward", originals["policy_forward"], parts_cpu)
-    timed_select = _timed(parts, "select", originals["select_tokens"], parts_cpu)
-    pipeline.select_tokens = faults_of_select
-    pipeline.backward_and_step = _timed(parts, "backward_step", originals["backward_and_step"], parts_cpu)
+    # the step's parts are functions of capo_lightning.training.schedules / .parts, looked up at call time
+    originals = {"policy_forward": schedules.policy_forward, "decide": schedules.decide}
+    originals["optimizer_step"] = step_parts.optimizer_step
+    schedules.policy_forward = _timed(parts, "forward", originals["policy_forward"], parts_cpu)
+    timed_select = _timed(parts, "select", originals["decide"], parts_cpu)
+    schedules.decide = faults_of_select
+    step_parts.optimizer_step = _timed(parts, "backward_step", originals["optimizer_step"], parts_cpu)
     capo.register_forward_pre_hook(lambda mod, args: views.__setitem__(slice(None), [args[0]]))
 
     trainer = Trainer(
@@ -232,7 +234,7 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
             trainer.fit(module, train_dataloaders=_FixedBatches([batch] * len(schedule)))
     finally:
         for name, fn in originals.items():
-            setattr(pipeline, name, fn)
+            setattr(step_parts if name == "optimizer_step" else schedules, name, fn)
     print(
         f"{len(schedule)} training steps in {time.perf_counter() - t0:.1f} s wall (incl. setup); "
         f"1-min load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)",

@@ -28,10 +28,11 @@ from capo_lightning.parallel import prepare_models
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
 from capo_lightning.selection import Selector, keep_out_of_ddp_broadcasts
+from capo_lightning.training import schedules
 from capo_lightning.training.context import NonFiniteGuard, StepContext
 from capo_lightning.training.passes import reference_logprobs
-from capo_lightning.training.pipeline import multi_pass_step, single_update_step
 from capo_lightning.training.plan import plan_step
+from capo_lightning.training.result import STEP_KEY, SelectionStats, StepResult
 from capo_lightning.training.step_metrics import rollout_metrics, sample_text
 
 
@@ -120,11 +121,9 @@ class CAPOModule(LightningModule):
             if self.selector is not None:
                 self.selector.build(*lm_head_weight(self.policy).shape)  # state exists before a restore
                 keep_out_of_ddp_broadcasts(self, "selector")  # the same on every rank; 2 x 2.2 GB at 7B
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if isinstance(datamodule, RolloutDataModule):
+        if isinstance(datamodule := self._trainer and self._trainer.datamodule, RolloutDataModule):
             context = getattr(self.policy.config, "max_position_embeddings", None)
-            position = lambda: (self.global_step, self.rollout_step)  # noqa: E731 (the data position, read per batch)
-            self.eval_spec = datamodule.connect(self.engine, self.tokenizer, position, context_len=context)
+            self.eval_spec = datamodule.connect(self.engine, self.tokenizer, context_len=context)
 
     @property
     def skipped_steps(self) -> int:
@@ -168,8 +167,10 @@ class CAPOModule(LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ---- the step -----------------------------------------------------------------------------
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, Any]:
-        """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps (:mod:`capo_lightning.training`)."""
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, StepResult]:
+        """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps under the schedule
+        :func:`~capo_lightning.training.schedules.choose` names; the :class:`StepResult` rides under ``STEP_KEY``
+        (Lightning's manual optimisation takes a Mapping), for the callbacks."""
         t0 = time.perf_counter()
         staleness = torch.tensor(float(self.global_step - batch.policy_version), dtype=torch.float32)
         if self.mask_truncated:
@@ -179,21 +180,19 @@ class CAPOModule(LightningModule):
         if self.objective.needs_reference:  # bounded like the policy's forwards
             ref = reference_logprobs(self._reference, batch, self.micro_batch_size)
         plan = plan_step(batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size)
-        metrics: dict[str, Tensor] = {}
         context = self._step_context()
-        if plan.single_update:
-            selection = single_update_step(context, batch, advantages, ref, plan, metrics)
-        else:
-            selection = multi_pass_step(context, batch, advantages, ref, plan, metrics)
-        metrics.update(rollout_metrics(batch))
-        metrics["rollout/staleness"] = staleness
+        schedule = schedules.choose(plan, self.selector)
+        update = schedules.run(schedule, context, batch, advantages, ref, plan)
+        metrics = {**update.metrics, **rollout_metrics(batch), "rollout/staleness": staleness}
         metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0, dtype=torch.float32)
         self.rollout_step += 1
         self.completions_total += batch.num_completions * self.trainer.world_size
         metrics["train/completions_total"] = torch.tensor(float(self.completions_total), dtype=torch.float32)
         metrics["objective/skipped_steps"] = torch.tensor(float(self.skipped_steps), dtype=torch.float32)
         self._log_metrics(metrics, batch.num_completions)
-        return {"selection": selection, "advantages": advantages.detach()}
+        stats = SelectionStats.count(update.selection, advantages, context.sum_over_ranks)
+        advantages = advantages.detach()
+        return {STEP_KEY: StepResult(schedule.value, update.selection, advantages, update.loss, metrics, stats)}
 
     def _step_context(self) -> StepContext:
         world = self.trainer.world_size
@@ -284,7 +283,7 @@ class CAPOModule(LightningModule):
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the data position, counters and the policy's spec next to the weights."""
+        """Store the counters and the policy's spec next to the weights (the data position is the DataModule's)."""
         drop_frozen(checkpoint["state_dict"], self.policy)  # LoRA: adapters (and a trained head) only
         checkpoint["capo_state"] = {
             "rollout_step": self.rollout_step, "completions_total": self.completions_total,
@@ -292,8 +291,10 @@ class CAPOModule(LightningModule):
         }  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the data position, so the next batch is the one the interrupted run would have seen."""
+        """Restore the counters; a checkpoint from before the DataModule kept the data position hands it ours."""
         state = checkpoint.get("capo_state", {})
         self.rollout_step = int(state.get("rollout_step", 0))
         self.completions_total = int(state.get("completions_total", 0))
         self.guard.skipped_steps = int(state.get("skipped_steps", 0))
+        if isinstance(datamodule := self._trainer and self._trainer.datamodule, RolloutDataModule):
+            datamodule.restore_legacy_position(checkpoint, trained_batches=self.rollout_step)

@@ -145,7 +145,7 @@ def tiny_rollout(
     )
     gen = CAPOModule(policy=PolicySpec(str(model_dir)))
     gen.configure_model()
-    dm.connect(gen.engine, gen.tokenizer, lambda: (0, 0))
+    dm.connect(gen.engine, gen.tokenizer)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     return dm.rollout([dm.train_source.item(i) for i in range(num_prompts)], group_size, sampling, 0, 0)
 
@@ -164,14 +164,17 @@ class SelectionRecorder(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         import torch
 
-        selection = outputs["selection"]
+        from capo_lightning.training.result import step_result
+
+        step = step_result(outputs)
+        selection = step.selection
         record = {
             "judged": selection.judged.cpu() if selection.judged is not None else None,
             "failed": {k: v.cpu() for k, v in selection.failed.items()},
             "token_mask": selection.token_mask.cpu(),
             "shifts": {k: v.detach().cpu() for k, v in selection.shifts.items()},
             "rewards": batch.rewards.cpu(),
-            "advantages": outputs["advantages"].cpu(),
+            "advantages": step.advantages.cpu(),
             "completions": list(batch.texts.completions) if batch.texts is not None else None,
         }
         self.folder.mkdir(parents=True, exist_ok=True)

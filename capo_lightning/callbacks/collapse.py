@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from capo_lightning.callbacks.collapse_signals import METRICS, Reading, Signals, Streaks, Thresholds
-from capo_lightning.callbacks.rejection import rejection_counts
+from capo_lightning.training.result import step_result
 
 ACTIONS = ("warn", "stop", "rollback")
 
@@ -130,10 +130,9 @@ class CollapseDetector(Callback):
     def _values(self, trainer: Trainer, outputs: Any) -> dict[str, float]:
         logged = trainer.callback_metrics
         values = {name: float(logged[key]) for name, key in METRICS.items() if key in logged and name != "reject"}
-        selection = outputs.get("selection") if isinstance(outputs, dict) else None
-        counts = rejection_counts(trainer, selection) if selection is not None else None
-        if counts is not None:
-            values["reject"] = counts["rejected"] / max(counts["judged"], 1.0)
+        result = step_result(outputs)
+        if result is not None and result.stats is not None:  # counted over all ranks once, by the step
+            values["reject"] = result.stats.reject_rate
         return values
 
     # ---- decisions ----------------------------------------------------------------------------

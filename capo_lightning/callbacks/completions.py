@@ -10,7 +10,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
-from capo_lightning.callbacks.rejection import rejected_tokens
+from capo_lightning.training.result import StepResult, rejected_tokens, step_result
 
 COLUMNS = ["step", "prompt", "completion", "answer", "reward", "advantage", "tokens", "rejected_share"]
 
@@ -44,7 +44,7 @@ class CompletionsLog(Callback):
             return
         if getattr(batch, "texts", None) is None:
             return
-        table = self.table(step, batch, outputs if isinstance(outputs, dict) else {})
+        table = self.table(step, batch, step_result(outputs))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 data = [[row[c] for c in COLUMNS] for row in table]
@@ -54,12 +54,12 @@ class CompletionsLog(Callback):
                 with (Path(logger.log_dir) / "completions.jsonl").open("a") as f:
                     f.writelines(json.dumps(row) + "\n" for row in table)
 
-    def table(self, step: int, batch: Any, outputs: dict[str, Any]) -> list[dict[str, Any]]:
+    def table(self, step: int, batch: Any, result: StepResult | None) -> list[dict[str, Any]]:
         """The rows of one sample, as dicts keyed by :data:`COLUMNS`."""
         n = min(self.rows, batch.num_completions)
         texts = batch.texts
-        advantages = outputs.get("advantages")
-        selection = outputs.get("selection")
+        advantages = result.advantages if result is not None else None
+        selection = result.selection if result is not None else None
         shares = [None] * n
         if selection is not None and selection.judged is not None:
             judged = selection.judged[:n].sum(dim=1).float()  # [n]

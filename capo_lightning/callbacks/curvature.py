@@ -10,14 +10,18 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from capo_lightning.callbacks.ranks import gather_over_ranks
-from capo_lightning.selection.capo import shift_stats
+from capo_lightning.selection.rows import shift_stats
+from capo_lightning.training.result import step_result
 
 STATS = ("mean", "max", "p50", "p95")
-GLOBAL_KEYS = ("global_fisher", "global_hessian", "masked_global_fisher", "masked_global_hessian")
 
 
 class CurvatureMonitor(Callback):
-    """Logs ``curvature/*``: token- and batch-level m_F and m_H, before and after the selector's mask.
+    """Logs ``curvature/*``: the shifts a selector reports (``Selection.shifts``), before and after its mask.
+
+    Whatever the selector names them: an [N, L] entry ``<name>`` is a per-token shift and gives
+    ``curvature/<name>_{mean,max,p50,p95}`` and ``curvature/masked_<name>_*``; a scalar entry is a step-level
+    shift, logged as ``curvature/<name>``. For CAPO:
 
     * ``curvature/token_{fisher,hessian}_{mean,max,p50,p95}``: over every judged response token of the step,
       gathered from all ranks (percentiles of the whole step, not means of per-rank percentiles);
@@ -45,22 +49,24 @@ class CurvatureMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Gather the step's token shifts from all ranks and log their statistics."""
-        selection = outputs.get("selection") if isinstance(outputs, dict) else None
-        if selection is None or "token_fisher" not in selection.shifts or selection.judged is None:
+        result = step_result(outputs)
+        selection = result.selection if result is not None else None
+        if selection is None or selection.judged is None or not selection.shifts:
             return
+        per_token = [name for name, value in selection.shifts.items() if value.dim() == 2]  # [N, L] shifts
         metrics: dict[str, float] = {}
         histograms: dict[str, Tensor] = {}
-        for prefix, tokens in (("token", selection.judged), ("masked_token", selection.judged & selection.token_mask)):
-            for name in ("fisher", "hessian"):
-                values = gather_over_ranks(trainer, selection.shifts[f"token_{name}"][tokens].float())
-                key = f"curvature/{prefix}_{name}"
+        for prefix, tokens in (("", selection.judged), ("masked_", selection.judged & selection.token_mask)):
+            for name in per_token:
+                values = gather_over_ranks(trainer, selection.shifts[name][tokens].float())
+                key = f"curvature/{prefix}{name}"
                 stats = {f"{key}_{stat}": math.nan for stat in STATS}  # none kept: NaN, not a stale or 0 value
                 stats.update({k: float(v) for k, v in shift_stats(key, values).items()})
                 metrics.update(stats)
-                histograms[f"curvature/{prefix}_{name}"] = values
-        for key in GLOBAL_KEYS:
-            if key in selection.shifts:
-                metrics[f"curvature/{key}"] = float(selection.shifts[key])
+                histograms[key] = values
+        for name, value in selection.shifts.items():
+            if value.dim() == 0:  # a step-level shift (CAPO's batch shifts), already over all ranks
+                metrics[f"curvature/{name}"] = float(value)
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=1)
         step = trainer.global_step

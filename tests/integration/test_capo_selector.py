@@ -31,6 +31,7 @@ from capo_lightning.objectives import GRPO
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.selection import CAPOSelector, Selection, Selector, TokenView
 from capo_lightning.selection import curvature as C
+from capo_lightning.training.result import step_result
 from tests.helpers import SGD, FixedBatches, make_trainer, tiny_rollout
 
 LR = 0.1  # SGD learning rate of the module runs, hence also the TokenView.lr the selector sees
@@ -59,7 +60,7 @@ class Record(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps.append((trainer.global_step, int(pl_module.selector.adam_step)))
-        self.masks.append(outputs["selection"].token_mask.detach().clone())
+        self.masks.append(step_result(outputs).selection.token_mask.detach().clone())
 
 
 # ---- data: real rollouts and real LM-head inputs of the tiny model --------------------------------

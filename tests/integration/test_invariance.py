@@ -20,6 +20,7 @@ from capo_lightning.lora import LoraSpec
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import DAPO, GRPO, REINFORCE, DrGRPO
 from capo_lightning.policy import PolicySpec
+from capo_lightning.training.result import step_result
 from tests.helpers import SGD, FixedBatches, RankBatches, make_trainer, tiny_rollout
 
 OBJECTIVES = {"GRPO": GRPO, "DrGRPO": DrGRPO, "DAPO": DAPO, "REINFORCE": REINFORCE}
@@ -270,8 +271,9 @@ class _Masks(L.Callback):
         self.fisher: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.masks.append(outputs["selection"].token_mask & batch.response_mask)
-        self.fisher.append(outputs["selection"].shifts["token_fisher"][batch.response_mask])
+        selection = step_result(outputs).selection
+        self.masks.append(selection.token_mask & batch.response_mask)
+        self.fisher.append(selection.shifts["token_fisher"][batch.response_mask])
 
 
 @pytest.mark.parametrize("objective", ["DAPO", "GRPO"])

@@ -19,6 +19,7 @@ from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
 from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.selection import CAPOSelector, TokenView
+from capo_lightning.training.result import step_result
 from tests.helpers import SGD, make_trainer, tiny_datamodule, tiny_rollout
 
 
@@ -40,7 +41,7 @@ class Dtypes(L.Callback):
                 weights=next(pl_module.policy.parameters()).dtype,
                 adam=(selector.adam_m.dtype, selector.adam_v.dtype) if isinstance(selector, CAPOSelector) else None,
                 adam_rows=int((selector.adam_m.abs().sum(1) > 0).sum()) if isinstance(selector, CAPOSelector) else 0,
-                shifts=outputs["selection"].shifts.get("token_fisher"),
+                shifts=step_result(outputs).selection.shifts.get("token_fisher"),
                 metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
             )
         )
