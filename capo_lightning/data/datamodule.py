@@ -3,31 +3,31 @@
 It owns the data settings, the prompt order, the rank arithmetic and the dataloaders; the work of
 turning prompts into a batch is :mod:`capo_lightning.data.rollout`'s. The module talks to it
 through one call, :meth:`RolloutDataModule.connect`, which returns the :class:`EvalSpec` that
-evaluation needs; the step's own data (its token budget, stats) travels on the RolloutBatch.
+evaluation needs; the step's own data (its token budget, stats) travels on the RolloutBatch. The data
+position (which batch comes next) is the DataModule's own and lives in its checkpoint entry
+(:class:`~capo_lightning.data.position.TrainPosition`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from lightning import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
 
 from capo_lightning.batch import RolloutBatch
-from capo_lightning.data.eval_sets import EvalSpec, set_names, shard
+from capo_lightning.data.eval_sets import EvalSpec, default_val_sampling, set_names, shard, warn_if_greedy_with_samples
 from capo_lightning.data.order import PromptOrder
+from capo_lightning.data.position import TrainPosition
 from capo_lightning.data.prompts import ArithmeticSource, PromptItem, PromptSource
-from capo_lightning.data.rollout import RolloutMaker, Sampled, ScoredGroup, keep_varied_groups
+from capo_lightning.data.rollout import RolloutMaker, RolloutStream, Sampled, ScoredGroup, keep_varied_groups
 from capo_lightning.data.templates import PromptTemplate, get_template
 from capo_lightning.rewards.base import RewardFn, pop_stats
 from capo_lightning.rewards.math import math_reward
 from capo_lightning.rollout.engine import RolloutEngine, SamplingConfig
 
-StateFn = Callable[[], tuple[int, int]]
-"""Returns (policy_version, rollout_step) at generation time: the module's own counters."""
+__all__ = ["RolloutDataModule", "RolloutStream"]
 
 
 class RolloutDataModule(LightningDataModule):
@@ -39,6 +39,11 @@ class RolloutDataModule(LightningDataModule):
     have seen (:class:`~capo_lightning.data.order.PromptOrder`). Generation and scoring happen in
     :class:`~capo_lightning.data.rollout.RolloutMaker`, with the engine and tokenizer that the module
     attaches through :meth:`connect`.
+
+    Which batch comes next is this DataModule's: it counts the training batches it hands out
+    (:attr:`position`) and Lightning saves the count with :meth:`state_dict` under the class's name in
+    the checkpoint. The policy version a batch is sampled with is the Trainer's ``global_step`` (optimizer
+    steps done, restored by Lightning's loop state), read when the batch is made.
 
     Args:
         train_source: where training prompts come from.
@@ -106,9 +111,9 @@ class RolloutDataModule(LightningDataModule):
         self.eval_template = self.template if eval_template is None else get_template(eval_template)
         self.prompts_per_step, self.group_size = prompts_per_step, group_size
         self.sampling = sampling if sampling is not None else SamplingConfig()
-        self.val_sampling = val_sampling if val_sampling is not None else _default_val_sampling(self.sampling)
+        self.val_sampling = val_sampling if val_sampling is not None else default_val_sampling(self.sampling)
         self.val_samples, self.val_prompts, self.val_batch_size = val_samples, val_prompts, val_batch_size
-        _warn_if_greedy_with_samples(self.val_sampling, val_samples)
+        warn_if_greedy_with_samples(self.val_sampling, val_samples)
         self.reward_fn, self.eval_reward_fn = reward_fn, eval_reward_fn
         self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
         self.steps_per_epoch, self.seed = steps_per_epoch, seed
@@ -116,18 +121,15 @@ class RolloutDataModule(LightningDataModule):
         self.order = PromptOrder(self.train_source, seed, prompts_per_step, max_sampling_rounds)
         self.engine: RolloutEngine | None = None  # attached by connect()
         self.tokenizer: Any = None
-        self._state_fn: StateFn = _initial_state  # a function, not a lambda: spawn pickles us
+        self.position = TrainPosition()  # the data position: training batches handed out (checkpointed)
 
     # ---- wiring -------------------------------------------------------------------------------
-    def connect(
-        self, engine: RolloutEngine, tokenizer: Any, state_fn: StateFn, context_len: int | None = None
-    ) -> EvalSpec:
+    def connect(self, engine: RolloutEngine, tokenizer: Any, context_len: int | None = None) -> EvalSpec:
         """Attach what exists only once the policy is built; CAPOModule calls it in ``configure_model``.
 
         Args:
             engine: the module's rollout engine (already bound to the policy).
             tokenizer: the policy's tokenizer.
-            state_fn: returns (policy_version, rollout_step) at generation time.
             context_len: the model's maximum sequence length, checked against prompt + response budget.
 
         Returns:
@@ -141,7 +143,7 @@ class RolloutDataModule(LightningDataModule):
                     f"({sampling.max_new_tokens}) = {budget} exceeds the model's context of {context_len} tokens; "
                     "lower one of them"
                 )
-        self.engine, self.tokenizer, self._state_fn = engine, tokenizer, state_fn
+        self.engine, self.tokenizer = engine, tokenizer
         return EvalSpec(tuple(self.eval_names("val")), tuple(self.eval_names("test")), self.val_samples)
 
     # ---- dataloaders --------------------------------------------------------------------------
@@ -178,7 +180,7 @@ class RolloutDataModule(LightningDataModule):
 
     # ---- batches ------------------------------------------------------------------------------
     def _next_train_batch(self, _: int) -> RolloutBatch:
-        version, step = self._state_fn()
+        version, step = self._policy_version(), self.position.batches
         maker = self._maker()
         items = [self._train_item(step, j) for j in range(self.prompts_per_step)]
         sampling = replace(self.sampling, seed=self.seed * 1_000_003 + step * 7919 + self._rank())
@@ -188,7 +190,9 @@ class RolloutDataModule(LightningDataModule):
             kept = keep_varied_groups(sampled.groups, self.prompts_per_step, self.max_sampling_rounds, more)
             sampled = Sampled(kept.groups, sampled.stats | kept.stats)
         stats = sampled.stats | pop_stats(self.reward_fn) | pop_stats(maker.engine)
-        return maker.collate(sampled.groups, version, step, stats, sampling.max_new_tokens)
+        batch = maker.collate(sampled.groups, version, step, stats, sampling.max_new_tokens)
+        self.position.handed_out(self._processed())
+        return batch
 
     def _refill_groups(
         self, maker: RolloutMaker, step: int, sampling: SamplingConfig, round_: int
@@ -199,7 +203,7 @@ class RolloutDataModule(LightningDataModule):
         return maker.sample(items, self.group_size, extra, self.reward_fn).groups
 
     def _eval_batch(self, source: PromptSource, indices: list[int], count: int) -> RolloutBatch:
-        version, step = self._state_fn()
+        version, step = self._policy_version(), self.position.batches
         maker = self._maker()
         items = [source.item(i % count) for i in indices]
         sampling = replace(self.val_sampling, seed=self.seed + 17 * indices[0])
@@ -229,7 +233,40 @@ class RolloutDataModule(LightningDataModule):
             )
         return RolloutMaker(self.engine, self.tokenizer, self.template, self.system_prompt, self.max_prompt_tokens)
 
-    # ---- position and ranks -------------------------------------------------------------------
+    # ---- the data position in checkpoints ------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning saves under this class's name: the training batches trained on (:class:`TrainPosition`)."""
+        return {"train_batches": self.position.trained(self._processed())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the stream after the ``train_batches`` a checkpoint counted."""
+        self.position.restart(int(state_dict["train_batches"]))
+
+    def restore_legacy_position(self, checkpoint: dict[str, Any], trained_batches: int) -> None:
+        """Take the position of a checkpoint written before this DataModule kept its own.
+
+        Such a checkpoint has no entry under this class's name, only the module's count of the batches trained
+        on (``capo_state["rollout_step"]``), which the module hands over as ``trained_batches`` from its
+        ``on_load_checkpoint``. A checkpoint with the entry is left alone: Lightning restores it through
+        :meth:`load_state_dict`, after the module's hook in ``fit``/``validate``/``test`` and before it in
+        ``_CheckpointConnector.restore``, so acting only on its absence makes that order irrelevant.
+        """
+        if type(self).__qualname__ not in checkpoint:
+            self.load_state_dict({"train_batches": trained_batches})
+
+    def setup(self, stage: str) -> None:
+        """A Trainer run starts: its progress counts start afresh; the batches handed out so far stand."""
+        self.position.new_run()
+
+    def _processed(self) -> int | None:
+        """The Trainer's count of processed training batches (Lightning's own restart record); None without one."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed if self._has_trainer() else None
+
+    def _policy_version(self) -> int:
+        """Optimizer steps done (the Trainer's ``global_step``): the weights a batch made now is sampled with."""
+        return self.trainer.global_step if self._has_trainer() else 0
+
+    # ---- prompts and ranks --------------------------------------------------------------------
     def _train_item(self, step: int, j: int) -> PromptItem:
         """Prompt j of rollout step ``step`` on this rank: a pure function of (seed, step, rank, j)."""
         return self.order.train_item(step, j, self._rank(), self._world())
@@ -252,35 +289,3 @@ def _require_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"data.{name} must be >= 1, got {value}")
-
-
-def _default_val_sampling(sampling: SamplingConfig) -> SamplingConfig:
-    """Validation samples at temperature 0.6, top_p 0.95 with the training budget."""
-    return SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=0.6, top_p=0.95, top_k=0)
-
-
-def _warn_if_greedy_with_samples(val_sampling: SamplingConfig, val_samples: int) -> None:
-    if val_sampling.temperature == 0 and val_samples > 1:
-        rank_zero_warn(
-            f"capo: data.val_sampling is greedy (temperature 0) but data.val_samples={val_samples}: the samples "
-            "are identical, so pass@k equals pass@1; set data.val_samples=1 or a temperature > 0"
-        )
-
-
-def _initial_state() -> tuple[int, int]:
-    """(policy_version, rollout_step) before the module connects its own state."""
-    return 0, 0
-
-
-class RolloutStream:
-    """A sized iterable whose batches are made on demand, when Lightning asks for the next one."""
-
-    def __init__(self, length: int, make: Callable[[int], RolloutBatch]) -> None:
-        self.length, self.make = length, make
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[RolloutBatch]:
-        for i in range(self.length):
-            yield self.make(i)

@@ -1,4 +1,4 @@
-"""Evaluation data: the sets' metric names, each rank's share of a set, and what the module is told."""
+"""Evaluation data: the sets' metric names, each rank's share of a set, what the module is told, validation sampling."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import math
 import re
 from dataclasses import dataclass
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from capo_lightning.data.prompts import PromptSource
+from capo_lightning.rollout.engine import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -47,3 +50,17 @@ def shard(count: int, rank: int, world: int, batch_size: int) -> list[list[int]]
     per_rank = math.ceil(count / world)
     indices = [rank + j * world for j in range(per_rank)]
     return [indices[s : s + batch_size] for s in range(0, per_rank, batch_size)]
+
+
+def default_val_sampling(sampling: SamplingConfig) -> SamplingConfig:
+    """Validation samples at temperature 0.6, top_p 0.95 with the training budget."""
+    return SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=0.6, top_p=0.95, top_k=0)
+
+
+def warn_if_greedy_with_samples(val_sampling: SamplingConfig, val_samples: int) -> None:
+    """Warn when several validation samples per problem are drawn greedily (they are identical)."""
+    if val_sampling.temperature == 0 and val_samples > 1:
+        rank_zero_warn(
+            f"capo: data.val_sampling is greedy (temperature 0) but data.val_samples={val_samples}: the samples "
+            "are identical, so pass@k equals pass@1; set data.val_samples=1 or a temperature > 0"
+        )

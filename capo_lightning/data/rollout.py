@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,3 +174,17 @@ def keep_varied_groups(
         "rollout/groups_filled": float(filled),
     }
     return Sampled((kept + dropped[:filled])[:wanted], stats)
+
+
+class RolloutStream:
+    """A sized iterable whose batches are made on demand, when Lightning asks for the next one."""
+
+    def __init__(self, length: int, make: Callable[[int], RolloutBatch]) -> None:
+        self.length, self.make = length, make
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[RolloutBatch]:
+        for i in range(self.length):
+            yield self.make(i)

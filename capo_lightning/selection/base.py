@@ -63,6 +63,13 @@ class Selector(nn.Module, ABC):
         """(``streams`` selectors) The step's Selection, [N, L], once every micro-batch has been judged."""
         raise NotImplementedError(f"{type(self).__name__} does not stream (streams = False)")
 
+    def abandon(self) -> None:  # noqa: B027 (optional hook)
+        """Forget the step in progress. The step calls it when it fails after a :meth:`judge` and before
+        :meth:`close` (an exception in a forward, a backward or a judge), so nothing judged in the failed step
+        reaches the next one; state that only :meth:`close` changes stays as it was before the failed step.
+        Safe to call at any time, also with no step in progress. A no-op by default (nothing is kept between
+        ``judge`` and ``close``)."""
+
 
 def keep_out_of_ddp_broadcasts(owner: nn.Module, name: str = "selector") -> None:
     """Keep the buffers of ``owner.<name>`` (a selector's state) out of DDP's buffer broadcasts: the initial

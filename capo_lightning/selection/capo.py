@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 import torch
 from torch import Tensor
 
 from capo_lightning.selection import calibration, curvature
 from capo_lightning.selection.base import Selection, Selector, TokenView
+from capo_lightning.selection.capo_step import JudgedPart, StepInProgress, continuing
 from capo_lightning.selection.rows import StepRows, shift_stats, step_metrics
 
 __all__ = ["CAPOSelector", "shift_stats"]
@@ -118,7 +118,7 @@ class CAPOSelector(Selector):
         self.register_buffer("calibration_seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("calibrated", torch.zeros(2, dtype=torch.float64))  # delta_F, tau_H once set
         self.register_buffer("calibration_done", torch.zeros((), dtype=torch.bool))
-        self._pending: dict | None = None  # the judged parts of the step in progress (see judge / close)
+        self._step: StepInProgress | None = None  # the step being judged (see judge, close, abandon)
 
     def build(self, num_vocab: int, hidden_size: int) -> None:
         """Allocate the shadow-Adam state for a [V, d] LM head (before a checkpoint is restored)."""
@@ -166,23 +166,25 @@ class CAPOSelector(Selector):
 
         A token's decision depends only on its own gradient and the shadow-Adam state, which changes only in
         :meth:`close`, so micro-batches can be judged one by one inside their training forwards; what needs the
-        whole step (the batch shifts, the shadow-Adam advance) waits for :meth:`close`.
+        whole step (the batch shifts, the shadow-Adam advance) waits for :meth:`close`. The part joins the step's
+        record only once judged, so a judge() that raises leaves the record as it was; a record left by an earlier
+        step that failed without :meth:`abandon` is not joined (:func:`~.capo_step.continuing`).
         """
         valid = view.response_mask  # [n, L]
         lm_head = view.lm_head.float()
         self.build(*lm_head.shape)
-        if self._pending is None:  # the first part of a step fixes what every part shares
-            self._pending = self._start_step(view, lm_head.shape[0])
+        self._step = continuing(self._step, view.response_mask.shape[1], view.lr, rows)  # None: a new step begins
+        step = self._step if self._step is not None else self._start_step(view, lm_head.shape[0])
         hidden = view.hidden[valid].float()  # [T, d]
         adv = view.advantages[valid].float()  # [T]
         known = view.topk_ids[valid] if view.topk_ids is not None else None  # [T, k] from the forward
         top = curvature.topk_policy(hidden, lm_head, view.actions[valid], self.top_k, self.token_chunk, known)
-        shifts = curvature.token_shifts(top, hidden, adv, view.lr, self._pending["direction"])
-        ok_f, ok_h = self._tests(shifts, self._pending["thresholds"])
+        shifts = curvature.token_shifts(top, hidden, adv, view.lr, step.direction)
+        ok_f, ok_h = self._tests(shifts, step.thresholds)
         keep = ok_f & ok_h if self.enforce else torch.ones_like(ok_f)
         seq = rows.to(valid.device)[valid.nonzero()[:, 0]]  # [T] the step row of each token
-        self._pending["parts"].append(dict(rows=rows, valid=valid, top=top, hidden=hidden, adv=adv, seq=seq,
-                                           shifts=shifts, ok_f=ok_f, ok_h=ok_h, keep=keep))  # fmt: skip
+        step.parts.append(JudgedPart(rows, valid, top, hidden, adv, seq, shifts, ok_f, ok_h, keep))
+        self._step = step
         mask = torch.zeros_like(valid)
         mask[valid] = keep
         return mask | ~valid  # padding positions are the response mask's business, not ours
@@ -190,22 +192,21 @@ class CAPOSelector(Selector):
     @torch.no_grad()
     def close(self) -> Selection:
         """The step's batch shifts over every judged token (all ranks), the shadow-Adam advance, and the Selection."""
-        pending, self._pending = self._pending, None
-        parts = pending["parts"]
-        top = curvature.TopK(*(torch.cat([getattr(p["top"], f) for p in parts]) for f in ("ids", "probs", "onehot")))
-        flat = {k: torch.cat([p[k] for p in parts]) for k in ("hidden", "adv", "seq", "ok_f", "ok_h", "keep")}
-        shifts = curvature.Shifts(*(torch.cat([getattr(p["shifts"], f.name) for p in parts])
-                                    for f in fields(curvature.Shifts)))  # fmt: skip
-        keep = flat["keep"]
+        step, self._step = self._step, None  # taken first: a close() that raises leaves no record behind
+        if step is None:
+            raise RuntimeError("CAPOSelector.close() with no judged micro-batch: judge() each micro-batch first")
+        step.check_complete()
+        flat = {k: step.tokens(k) for k in ("hidden", "adv", "seq", "ok_f", "ok_h", "keep")}
+        shifts, keep = step.shifts(), flat["keep"]
         pre, post = curvature.batch_shifts(  # every token, the kept tokens
-            top, flat["hidden"], flat["adv"], flat["seq"], [torch.ones_like(keep), keep], pending["lr"],
-            pending["vocab"], pending["direction"], pending["all_reduce"],
+            step.top(), flat["hidden"], flat["adv"], flat["seq"], [torch.ones_like(keep), keep], step.lr,
+            step.vocab, step.direction, step.all_reduce,
         )  # fmt: skip
-        if self.optimizer_model == "adam" and (self.enforce or self.advance_when_monitoring or pending["calibrating"]):
+        if self.optimizer_model == "adam" and (self.enforce or self.advance_when_monitoring or step.calibrating):
             self._advance(post.rows[post.touched], post.row_gradients[post.touched])
-        if pending["calibrating"]:
-            self._calibration_step(shifts, flat["adv"], pending)
-        steps = StepRows(parts)
+        if step.calibrating:
+            self._calibration_step(shifts, flat["adv"], step)
+        steps = StepRows(step.parts)
         token_mask = steps.scatter(keep, fill=True)
         out_shifts = {
             "token_fisher": steps.scatter(shifts.fisher), "token_hessian": steps.scatter(shifts.hessian),
@@ -214,24 +215,29 @@ class CAPOSelector(Selector):
         }  # fmt: skip
         failed = {"fisher": steps.scatter(~flat["ok_f"]), "hessian": steps.scatter(~flat["ok_h"])}
         metrics = step_metrics(shifts, flat["ok_f"], flat["ok_h"], keep, pre, post)
-        delta_f, tau_h = pending["thresholds"] or (math.nan, math.nan)
+        delta_f, tau_h = step.thresholds or (math.nan, math.nan)
         metrics["select/delta_f"], metrics["select/tau_h"] = torch.tensor(delta_f), torch.tensor(tau_h)
-        metrics["select/calibrating"] = torch.tensor(float(pending["calibrating"]))
+        metrics["select/calibrating"] = torch.tensor(float(step.calibrating))
         return Selection(token_mask=token_mask, judged=steps.valid, failed=failed, shifts=out_shifts, metrics=metrics)
 
-    def _start_step(self, view: TokenView, vocab: int) -> dict:
+    def abandon(self) -> None:
+        """Forget the step in progress (its judged parts); the shadow Adam and calibration, which only
+        :meth:`close` changes, stay as they were before the step."""
+        self._step = None
+
+    def _start_step(self, view: TokenView, vocab: int) -> StepInProgress:
         """What every judged part of a step shares: the optimizer model, the thresholds, the calibration phase."""
         calibrating = self.calibration_steps > 0 and not bool(self.calibration_done)
-        return dict(
+        return StepInProgress(
             direction=self._direction(),
             lr=view.lr,
+            base_lr=view.base_lr if view.base_lr is not None else view.lr,
             vocab=vocab,
+            length=view.response_mask.shape[1],
             all_reduce=view.all_reduce,
-            parts=[],
             calibrating=calibrating,
             thresholds=None if calibrating else self.thresholds(),
             recordable=self.optimizer_model == "sgd" or bool(self.adam_has_rows),  # an Adam (not raw) direction
-            base_lr=view.base_lr if view.base_lr is not None else view.lr,
         )
 
     def thresholds(self) -> tuple[float, float]:
@@ -250,16 +256,16 @@ class CAPOSelector(Selector):
         low = -tau_h < shifts.hessian if self.symmetric else shifts.hessian >= 0
         return ok_f, low & (shifts.hessian < tau_h)
 
-    def _calibration_step(self, shifts: curvature.Shifts, adv: Tensor, pending: dict) -> None:
+    def _calibration_step(self, shifts: curvature.Shifts, adv: Tensor, step: StepInProgress) -> None:
         """Record a warm-up step's tokens (non-zero advantage, Adam directions, all ranks); after the last warm-up
         step that recorded any, set the thresholds (:mod:`~capo_lightning.selection.calibration`)."""
-        if pending["recordable"]:
+        if step.recordable:
             parts = calibration.lr_free_parts(shifts, adv)[:, adv != 0]
-            parts = calibration.gather_by_sum(parts, pending["all_reduce"]).to(self.calibration_parts)
+            parts = calibration.gather_by_sum(parts, step.all_reduce).to(self.calibration_parts)
             self.calibration_parts = torch.cat([self.calibration_parts, parts], dim=1)
         self.calibration_seen += 1
         if int(self.calibration_seen) >= self.calibration_steps and self.calibration_parts.shape[1] > 0:
-            lr_ref = self.calibration_lr or pending["base_lr"]
+            lr_ref = self.calibration_lr or step.base_lr
             found = calibration.thresholds(self.calibration_parts, lr_ref, self.calibration_percentile)
             self.calibrated = torch.tensor(found, dtype=torch.float64, device=self.calibrated.device)
             self.calibration_done.fill_(True)

@@ -39,7 +39,7 @@ def connected(tiny_model_dir: Path, **kwargs) -> RolloutDataModule:
         max_prompt_tokens=96,
         **kwargs,
     )
-    dm.connect(module.engine, module.tokenizer, lambda: (0, 0))
+    dm.connect(module.engine, module.tokenizer)
     return dm
 
 
@@ -122,7 +122,7 @@ def test_eval_prompts_are_sharded_across_ranks_with_equal_batch_counts(tiny_mode
         dm = _Ranked(rank, 3, val_source=source, val_prompts=7, val_batch_size=2, val_samples=2, max_prompt_tokens=96)
         module = CAPOModule(policy=PolicySpec(str(tiny_model_dir)))
         module.configure_model()
-        dm.connect(module.engine, module.tokenizer, lambda: (0, 0))
+        dm.connect(module.engine, module.tokenizer)
         stream = list(dm.val_dataloader())
         batches.append(len(stream))
         for batch in stream:

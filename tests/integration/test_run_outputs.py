@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 
 from capo_lightning.callbacks import (
@@ -187,3 +188,39 @@ def test_baseline_validation_and_monitors_run_under_two_process_ddp(tmp_path: Pa
     assert [int(r["step"]) for r in rows if "select/tokens_judged" in r] == [1, 2]
     lines = (tmp_path / "logs/version_0/completions.jsonl").read_text().splitlines()
     assert len(lines) == 4  # rank zero's sample only, 2 rows x 2 steps
+
+
+class _EpochMetrics(BoringModel):
+    """Lightning's demo model, logging a training metric per step and per epoch and a validation metric."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.log("train_loss", out["loss"], on_step=True, on_epoch=True)
+        return out
+
+    def validation_step(self, batch, batch_idx):
+        out = super().validation_step(batch, batch_idx)
+        self.log("val_loss", out["x"])
+        return out
+
+
+def _boring_rows(root: Path, callbacks: list) -> list[dict[str, float]]:
+    L.seed_everything(0)
+    trainer = make_trainer(
+        -1, callbacks, max_epochs=2, limit_train_batches=4, limit_val_batches=2, val_check_interval=2,
+        num_sanity_val_steps=0, logger=CSVLogger(str(root), name="logs"), log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(_EpochMetrics())
+    return read_csv_metrics(root / "logs")
+
+
+def test_baseline_validation_leaves_training_step_and_epoch_metrics_unchanged(tmp_path: Path) -> None:
+    """The baseline runs before any training batch, so the epoch accumulators it could disturb (what Lightning's
+    ``_first_loop_iter`` restore guards in a mid-epoch validation) are untouched: the training rows, per step and
+    per epoch, equal a run without it, also around the mid-epoch validations."""
+    plain = _boring_rows(tmp_path / "plain", [])
+    with_base = _boring_rows(tmp_path / "base", [ValidateBeforeTraining()])
+    assert [r["step"] for r in with_base if "val_loss" in r] == [0] + [r["step"] for r in plain if "val_loss" in r]
+    assert [r for r in with_base if "val_loss" not in r] == [r for r in plain if "val_loss" not in r]
+    assert len([r for r in plain if "train_loss_step" in r]) == 8
+    assert len([r for r in plain if "train_loss_epoch" in r]) == 2
