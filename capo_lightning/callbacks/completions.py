@@ -10,7 +10,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
-from capo_lightning.training.result import StepResult, rejected_tokens, step_result
+from capo_lightning.training.result import StepResult, step_result
 
 COLUMNS = ["step", "prompt", "completion", "answer", "reward", "advantage", "tokens", "rejected_share"]
 
@@ -63,7 +63,7 @@ class CompletionsLog(Callback):
         shares = [None] * n
         if selection is not None and selection.judged is not None:
             judged = selection.judged[:n].sum(dim=1).float()  # [n]
-            rejected = rejected_tokens(selection)[:n].sum(dim=1).float()
+            rejected = selection.rejected()[:n].sum(dim=1).float()
             shares = [r / j if j else None for r, j in zip(rejected.tolist(), judged.tolist())]  # None: none judged
         tokens = batch.response_mask[:n].sum(dim=1).tolist()
         return [

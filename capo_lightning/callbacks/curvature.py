@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 from capo_lightning.callbacks.ranks import gather_over_ranks
-from capo_lightning.selection.rows import shift_stats
+from capo_lightning.selection.stats import shift_stats
 from capo_lightning.training.result import step_result
 
 STATS = ("mean", "max", "p50", "p95")

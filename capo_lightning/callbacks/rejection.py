@@ -6,9 +6,8 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
+from capo_lightning import keys
 from capo_lightning.training.result import step_result
-
-THRESHOLD_KEYS = ("select/delta_f", "select/tau_h", "select/calibrating")  # logged as the selector reports them
 
 
 class RejectionMonitor(Callback):
@@ -26,8 +25,8 @@ class RejectionMonitor(Callback):
       negative advantage, and ``select/rejected_pos_adv_share``: the share of rejected tokens whose advantage
       is positive (does the selector drop what the update would reinforce, or what it would suppress?);
     * ``select/token_reject_rate_cum`` (and the per-test splits): over the run so far;
-    * ``select/delta_f``, ``select/tau_h``, ``select/calibrating``: the thresholds in force and whether a
-      calibration warm-up is measuring them (CAPO; NaN thresholds during the warm-up).
+    * ``select/<setting>`` for each setting the selector reports (``Selection.settings``): CAPO's
+      ``select/delta_f``, ``select/tau_h`` in force (NaN during a calibration warm-up) and ``select/calibrating``.
 
     Cumulative counts are kept in the checkpoint, so a resumed run continues them. Nothing is logged in a
     run without a selector. Reads the step's :class:`~capo_lightning.training.result.StepResult`: its counts
@@ -62,9 +61,8 @@ class RejectionMonitor(Callback):
         metrics["select/rejected_pos_adv_share"] = stats.rejected_pos / max(stats.rejected, 1.0)
         metrics["select/tokens_judged"] = stats.judged
         metrics["select/tokens_rejected"] = stats.rejected
-        for key in THRESHOLD_KEYS:  # the thresholds in force (the same on every rank); NaN while calibrating
-            if key in result.selection.metrics:
-                metrics[key] = float(result.selection.metrics[key])
+        for name, value in result.selection.settings.items():  # e.g. CAPO's thresholds (the same on every rank)
+            metrics[keys.threshold(name)] = value
         for key, value in metrics.items():
             pl_module.log(key, float(value), on_step=True, on_epoch=False, batch_size=1)
         if self.prog_bar:

@@ -6,8 +6,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from capo_lightning import keys
+from capo_lightning.selection.stats import shift_stats
 
 
 @dataclass
@@ -28,13 +32,45 @@ class TokenView:
 
 @dataclass
 class Selection:
-    """A selector's decision: the token mask plus what it measured on the way."""
+    """A selector's decision: the token mask plus what it measured on the way.
+
+    The names are the selector's own: ``failed`` declares its tests, ``shifts`` its measured shifts, ``settings``
+    what it runs with; the monitors log whatever is declared (``select/reject_rate_<test>``,
+    ``curvature/<shift>_*``, ``select/<setting>``), so a new selector is monitored without touching them.
+    """
 
     token_mask: Tensor  # [N, L] bool, True = keep
     judged: Tensor | None = None  # [N, L] bool, the tokens the selector tested (None: no selector ran)
     failed: dict[str, Tensor] = field(default_factory=dict)  # test name -> [N, L] bool, True = failed it
-    shifts: dict[str, Tensor] = field(default_factory=dict)  # per-token [N, L] or scalar shifts, for monitors
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # "select/..." -> scalar
+    shifts: dict[str, Tensor] = field(default_factory=dict)  # per-token [N, L] or step-level scalar shifts
+    settings: dict[str, float] = field(default_factory=dict)  # e.g. CAPO's thresholds in force (NaN: not yet set)
+
+    def rejected(self) -> Tensor:
+        """[N, L] bool: the judged tokens that failed any declared test (also when the selector only measures);
+        a selector that declares no tests rejects what its mask drops."""
+        if self.failed:
+            return self.judged & torch.stack(list(self.failed.values())).any(dim=0)
+        return self.judged & ~self.token_mask
+
+    @property
+    def metrics(self) -> dict[str, Tensor]:
+        """One rank's view of the decision, computed when read (for inspection and tests; the monitors log the
+        step's counts over all ranks instead): the rejection rates, the settings, and each shift's statistics
+        over this rank's judged and kept tokens (step-level shifts as they are)."""
+        if self.judged is None:
+            return {}
+        judged = max(int(self.judged.sum()), 1)
+        out = {keys.TOKEN_REJECT_RATE: self.rejected().sum().float() / judged}
+        out.update({keys.reject_rate(t): (self.judged & f).sum().float() / judged for t, f in self.failed.items()})
+        out.update({keys.threshold(name): torch.tensor(value) for name, value in self.settings.items()})
+        kept = self.judged & self.token_mask
+        for name, value in self.shifts.items():
+            if value.dim() == 0:
+                out[keys.shift(name)] = value
+                continue
+            out.update(shift_stats(keys.shift(name), value[self.judged]))
+            out.update(shift_stats(keys.shift(name, masked=True), value[kept]))
+        return out
 
 
 class Selector(nn.Module, ABC):

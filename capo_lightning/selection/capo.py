@@ -10,7 +10,8 @@ from torch import Tensor
 from capo_lightning.selection import calibration, curvature
 from capo_lightning.selection.base import Selection, Selector, TokenView
 from capo_lightning.selection.capo_step import JudgedPart, StepInProgress, continuing
-from capo_lightning.selection.rows import StepRows, shift_stats, step_metrics
+from capo_lightning.selection.rows import StepRows
+from capo_lightning.selection.stats import shift_stats
 
 __all__ = ["CAPOSelector", "shift_stats"]
 
@@ -214,11 +215,9 @@ class CAPOSelector(Selector):
             "masked_global_fisher": post.fisher, "masked_global_hessian": post.hessian,
         }  # fmt: skip
         failed = {"fisher": steps.scatter(~flat["ok_f"]), "hessian": steps.scatter(~flat["ok_h"])}
-        metrics = step_metrics(shifts, flat["ok_f"], flat["ok_h"], keep, pre, post)
         delta_f, tau_h = step.thresholds or (math.nan, math.nan)
-        metrics["select/delta_f"], metrics["select/tau_h"] = torch.tensor(delta_f), torch.tensor(tau_h)
-        metrics["select/calibrating"] = torch.tensor(float(step.calibrating))
-        return Selection(token_mask=token_mask, judged=steps.valid, failed=failed, shifts=out_shifts, metrics=metrics)
+        settings = {"delta_f": delta_f, "tau_h": tau_h, "calibrating": float(step.calibrating)}
+        return Selection(token_mask, judged=steps.valid, failed=failed, shifts=out_shifts, settings=settings)
 
     def abandon(self) -> None:
         """Forget the step in progress (its judged parts); the shadow Adam and calibration, which only

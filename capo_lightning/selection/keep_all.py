@@ -11,7 +11,6 @@ class KeepAll(Selector):
     """Keeps every token: the loss with it is bit-identical to the loss with no selector."""
 
     def forward(self, view: TokenView) -> Selection:
-        """All-True mask of the response shape; reports a rejection rate of 0."""
+        """All-True mask of the response shape; it judges every response token and rejects none."""
         mask = torch.ones_like(view.response_mask, dtype=torch.bool)  # [N, L]
-        metrics = {"select/token_reject_rate": torch.zeros((), dtype=torch.float32)}
-        return Selection(token_mask=mask, judged=view.response_mask, metrics=metrics)
+        return Selection(token_mask=mask, judged=view.response_mask)

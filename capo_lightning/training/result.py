@@ -51,7 +51,7 @@ class SelectionStats:
         """Count ``selection`` over all ranks (one all-reduce of one int64 vector); None when no selector ran."""
         if selection.judged is None:
             return None
-        judged, rejected = selection.judged, rejected_tokens(selection)
+        judged, rejected = selection.judged, selection.rejected()
         adv = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).expand_as(judged)
         positive, negative = adv > 0, adv < 0
         tests = list(selection.failed)
@@ -62,15 +62,6 @@ class SelectionStats:
         values = [float(v) for v in (all_reduce(total) if all_reduce is not None else total).tolist()]
         n = len(tests)
         return cls(values[0], values[1], dict(zip(tests, values[2 : 2 + n])), *values[2 + n :])
-
-
-def rejected_tokens(selection: Selection) -> Tensor:
-    """[N, L] bool: the judged tokens that failed any declared test of the selector (also when it only measures);
-    a selector that declares no tests rejects what its mask drops."""
-    judged = selection.judged
-    if selection.failed:
-        return judged & torch.stack(list(selection.failed.values())).any(dim=0)
-    return judged & ~selection.token_mask
 
 
 @dataclass
