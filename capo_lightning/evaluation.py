@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.metrics import EvalMetrics
 from capo_lightning.rewards.math import answer_key
@@ -40,31 +41,32 @@ class Evaluator:
     def update(self, batch: RolloutBatch, dataloader_idx: int = 0) -> None:
         """Add the batch's problems; padding problems (``stats["eval/valid_prompts"]``) are left out."""
         groups = batch.num_completions // self.n
-        valid = int(batch.stats.get("eval/valid_prompts", groups))
+        valid = int(batch.stats.get(keys.VALID_PROMPTS, groups))
         correct = (batch.rewards > 0.5).view(groups, self.n)[:valid]  # [P, n]
         texts = batch.texts.completions if batch.texts is not None else [""] * batch.num_completions
-        keys = [[answer_key(texts[p * self.n + j]) for j in range(self.n)] for p in range(valid)]
-        self.metrics[self.names[dataloader_idx]].update(correct, keys)
+        answers = [[answer_key(texts[p * self.n + j]) for j in range(self.n)] for p in range(valid)]
+        self.metrics[self.names[dataloader_idx]].update(correct, answers)
 
     def batch_metrics(self, batch: RolloutBatch, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """Response length, truncation and the grader's ``verifier/*`` stats of one batch."""
-        prefix = f"{self.stage}/{self.names[dataloader_idx]}"
+        name = self.names[dataloader_idx]
         out = {
-            f"{prefix}/response_length_mean": batch.response_mask.sum(1).float().mean(),
-            f"{prefix}/truncated_frac": batch.truncated.float().mean(),
+            keys.evaluation(self.stage, "response_length_mean", name): batch.response_mask.sum(1).float().mean(),
+            keys.evaluation(self.stage, "truncated_frac", name): batch.truncated.float().mean(),
         }
         for key, value in batch.stats.items():
-            if key.startswith("verifier/"):
-                out[f"{prefix}/{key.removeprefix('verifier/')}"] = torch.tensor(float(value), dtype=torch.float32)
+            if key.startswith(keys.VERIFIER):
+                metric = key.removeprefix(keys.VERIFIER)
+                out[keys.evaluation(self.stage, metric, name)] = torch.tensor(float(value), dtype=torch.float32)
         return out
 
     def compute(self) -> dict[str, Tensor]:
         """Every dataset's metrics (synchronised across ranks) and the mean accuracy."""
         out: dict[str, Tensor] = {}
         for name, metrics in self.metrics.items():
-            out.update({f"{self.stage}/{name}/{key}": value for key, value in metrics.compute().items()})
-        accuracies = [out[f"{self.stage}/{name}/accuracy"] for name in self.names]
-        out[f"{self.stage}/accuracy"] = torch.stack([a.float() for a in accuracies]).mean()
+            out.update({keys.evaluation(self.stage, key, name): value for key, value in metrics.compute().items()})
+        accuracies = [out[keys.evaluation(self.stage, "accuracy", name)] for name in self.names]
+        out[keys.evaluation(self.stage, "accuracy")] = torch.stack([a.float() for a in accuracies]).mean()
         return out
 
     def summary(self, results: dict[str, Tensor], step: int) -> str:

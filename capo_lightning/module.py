@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.eval_sets import EvalSpec
@@ -166,7 +167,6 @@ class CAPOModule(LightningModule):
             return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    # ---- the step -----------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, StepResult]:
         """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps under the schedule
         :func:`~capo_lightning.training.schedules.choose` names; the :class:`StepResult` rides under ``STEP_KEY``
@@ -183,12 +183,12 @@ class CAPOModule(LightningModule):
         context = self._step_context()
         schedule = schedules.choose(plan, self.selector)
         update = schedules.run(schedule, context, batch, advantages, ref, plan)
-        metrics = {**update.metrics, **rollout_metrics(batch), "rollout/staleness": staleness}
-        metrics["time/train_s"] = torch.tensor(time.perf_counter() - t0, dtype=torch.float32)
+        metrics = {**update.metrics, **rollout_metrics(batch), keys.STALENESS: staleness}
+        metrics[keys.TIME_TRAIN] = torch.tensor(time.perf_counter() - t0, dtype=torch.float32)
         self.rollout_step += 1
         self.completions_total += batch.num_completions * self.trainer.world_size
-        metrics["train/completions_total"] = torch.tensor(float(self.completions_total), dtype=torch.float32)
-        metrics["objective/skipped_steps"] = torch.tensor(float(self.skipped_steps), dtype=torch.float32)
+        metrics[keys.COMPLETIONS] = torch.tensor(float(self.completions_total), dtype=torch.float32)
+        metrics[keys.SKIPPED_STEPS] = torch.tensor(float(self.skipped_steps), dtype=torch.float32)
         self._log_metrics(metrics, batch.num_completions)
         stats = SelectionStats.count(update.selection, advantages, context.sum_over_ranks)
         advantages = advantages.detach()
@@ -220,14 +220,14 @@ class CAPOModule(LightningModule):
         excludes validation (``time/val_s``). Selection and health are the callbacks' (:mod:`.callbacks`)."""
         now = time.perf_counter()
         if self._last_step_end is not None:
-            metrics["time/step_s"] = torch.tensor(now - self._last_step_end - self._val_seconds, dtype=torch.float32)
+            metrics[keys.TIME_STEP] = torch.tensor(now - self._last_step_end - self._val_seconds, dtype=torch.float32)
         self._last_step_end, self._val_seconds = now, 0.0
         values = {k: v.float() for k, v in metrics.items()}
         values["step"] = torch.tensor(float(self.global_step), dtype=torch.float32)
         self.log_dict(
             values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=self.trainer.world_size > 1
         )
-        self.log("reward", metrics["train/reward_mean"].float(), prog_bar=True, logger=False, batch_size=batch_size)
+        self.log("reward", metrics[keys.REWARD_MEAN].float(), prog_bar=True, logger=False, batch_size=batch_size)
 
     def on_train_batch_end(self, outputs: Any, batch: RolloutBatch, batch_idx: int) -> None:
         """Push the new weights to the engine (a no-op for engines that share the policy)."""
@@ -253,7 +253,7 @@ class CAPOModule(LightningModule):
     def on_validation_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._val_start
         self._val_seconds += seconds
-        self.log("time/val_s", seconds, sync_dist=self.trainer.world_size > 1)
+        self.log(keys.TIME_VAL, seconds, sync_dist=self.trainer.world_size > 1)
         self._end_eval()
 
     def on_test_epoch_end(self) -> None:

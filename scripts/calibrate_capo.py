@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
+from capo_lightning import keys
 from capo_lightning.report.runs import load_run
 
 
@@ -29,7 +30,7 @@ def calibrate(run_dirs: list[str] | str, steps: int = 5) -> dict[str, float]:
         if run.enforces:
             raise ValueError(f"{run_dir}: its selector masks tokens; calibrate from a measuring run (enforce: false)")
         skip = 1 if run.advance_when_monitoring else 0
-        for name, key in (("delta_f", "curvature/token_fisher_p95"), ("tau_h", "curvature/token_hessian_p95")):
+        for name, key in (("delta_f", keys.TOKEN_FISHER_P95), ("tau_h", keys.TOKEN_HESSIAN_P95)):
             _, values = run.series(key)
             if len(values) <= skip:
                 raise ValueError(f"{run_dir} logged no {key}: run it with CurvatureMonitor and a measuring selector")

@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from capo_lightning import keys
 from capo_lightning.callbacks.collapse_signals import replay
 from capo_lightning.report.runs import Run, load_run
 
@@ -40,7 +41,7 @@ def mean_sem(values: list[float]) -> str:
 
 def held_out(run: Run) -> tuple[list[float], list[float]]:
     """(completions, val/accuracy) at each validation of the run."""
-    x, y = run.series("val/accuracy")
+    x, y = run.series(keys.VAL_ACCURACY)
     return list(map(float, x)), list(map(float, y))
 
 
@@ -54,7 +55,7 @@ def completions_to(run: Run, target: float) -> float | None:
 
 def alarms(run: Run) -> list[str]:
     """The signals the default collapse detector raises over the run's training steps, in order."""
-    return [reading.signal for _, reading in replay([row for row in run.rows if "train/reward_mean" in row])]
+    return [reading.signal for _, reading in replay([row for row in run.rows if keys.REWARD_MEAN in row])]
 
 
 def rows_for(runs_by_arm: dict[str, list[Run]], target: float | None) -> list[str]:
@@ -71,9 +72,7 @@ def rows_for(runs_by_arm: dict[str, list[Run]], target: float | None) -> list[st
         flagged = [alarms(r) for r in runs]
         signals = sorted({signal for found in flagged for signal in found})
         collapsed = f"{sum(map(bool, flagged))}/{len(runs)}" + (f" ({', '.join(signals)})" if signals else "")
-        rates = [
-            statistics.fmean(r.series("select/token_reject_rate")[1]) for r in runs if r.has("select/token_reject_rate")
-        ]
+        rates = [statistics.fmean(r.series(keys.TOKEN_REJECT_RATE)[1]) for r in runs if r.has(keys.TOKEN_REJECT_RATE)]
         seeds = ",".join(str(r.seed) for r in runs)
         lines.append(
             f"| {arm} | {seeds} | {mean_sem(finals)} | {mean_sem(peaks)} | {to_target} | {collapsed} "

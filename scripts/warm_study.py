@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from capo_lightning import keys
+
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 WARM = ROOT / "runs" / "warm_start"
@@ -121,7 +123,7 @@ def measure(kind: str, out: Path) -> dict:
         base += ["--data.val_sampling.max_new_tokens", "48"]
     subprocess.run(capo("validate", *base), cwd=ROOT, check=True)
     rows = read_csv(sorted(out.rglob("metrics.csv"))[-1])
-    accuracy = next(row["val/accuracy"] for row in rows if "val/accuracy" in row)
+    accuracy = next(row[keys.VAL_ACCURACY] for row in rows if keys.VAL_ACCURACY in row)
     samples = 512 if kind == "train" else 320
     return {"accuracy": accuracy, "se": (accuracy * (1 - accuracy) / samples) ** 0.5, "samples": samples}
 
@@ -156,8 +158,8 @@ def warm_start(results: Path) -> None:
         "wall_s_measure_and_export": round(time.time() - start),
     }
     fit_rows = read_csv(sorted((WARM / "logs").rglob("metrics.csv"))[-1])
-    record["fit_reward_by_step"] = [row["train/reward_mean"] for row in fit_rows if "train/reward_mean" in row]
-    record["fit_heldout_by_step"] = {int(r["step"]): r["val/accuracy"] for r in fit_rows if "val/accuracy" in r}
+    record["fit_reward_by_step"] = [row[keys.REWARD_MEAN] for row in fit_rows if keys.REWARD_MEAN in row]
+    record["fit_heldout_by_step"] = {int(r["step"]): r[keys.VAL_ACCURACY] for r in fit_rows if keys.VAL_ACCURACY in r}
     results.mkdir(parents=True, exist_ok=True)
     (results / "warm_start.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.copy(sorted((WARM / "logs").rglob("metrics.csv"))[-1], results / "warm_start_metrics.csv")

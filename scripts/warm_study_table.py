@@ -37,13 +37,14 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from capo_lightning import keys
 from capo_lightning.callbacks.collapse_signals import replay
 from capo_lightning.report.curves import Window
 from capo_lightning.report.efficiency import sample_efficiency
 from capo_lightning.report.groups import group_runs
 from capo_lightning.report.runs import Run, load_run
 
-ACCURACY = "train/accuracy"
+ACCURACY = keys.ACCURACY
 WINDOW, SUSTAIN = Window(64), 64.0
 REGIME_LR = {"aggressive_lr2x": 2, "aggressive_lr3x": 3, "aggressive": 5}
 NOT_COLLAPSE = ("reject_spike",)  # an alarm about the selector, not the policy
@@ -68,7 +69,7 @@ def smoothed(run: Run) -> list[float]:
 
 def alarms(run: Run) -> list[str]:
     """The signals the default collapse detector raises over the run's training steps, in order."""
-    return [reading.signal for _, reading in replay([row for row in run.rows if "train/reward_mean" in row])]
+    return [reading.signal for _, reading in replay([row for row in run.rows if keys.REWARD_MEAN in row])]
 
 
 def rejection(run: Run, key: str) -> list[float]:
@@ -76,7 +77,7 @@ def rejection(run: Run, key: str) -> list[float]:
     return [
         row[key]
         for row in run.rows
-        if key in row and row.get("select/calibrating", 0.0) == 0.0 and not math.isnan(row[key])
+        if key in row and row.get(keys.CALIBRATING, 0.0) == 0.0 and not math.isnan(row[key])
     ]
 
 
@@ -87,7 +88,7 @@ def is_reference(label: str) -> bool:
 
 
 def held_out(run: Run) -> list[float]:
-    return list(run.series("val/accuracy")[1])
+    return list(run.series(keys.VAL_ACCURACY)[1])
 
 
 def efficiency_cell(runs: list[Run], reference: list[Run]) -> str:
@@ -105,11 +106,11 @@ def arm_row(label: str, runs: list[Run], reference: list[Run]) -> str:
     flagged = [alarms(r) for r in runs]
     signals = sorted({signal for found in flagged for signal in found})
     collapsed = f"{sum(map(bool, flagged))}/{len(runs)}" + (f" ({', '.join(signals)})" if signals else "")
-    rates = [rejection(r, "select/token_reject_rate") for r in runs]
+    rates = [rejection(r, keys.TOKEN_REJECT_RATE) for r in runs]
     mean_rate = mean_sem([statistics.fmean(r) for r in rates if r])
     peak_rate = mean_sem([max(r) for r in rates if r])
     split = [mean_sem([statistics.fmean(v) for v in (rejection(r, key) for r in runs) if v]) for key in (
-        "select/reject_rate_pos_adv", "select/reject_rate_neg_adv")]  # fmt: skip
+        keys.REJECT_RATE_POS_ADV, keys.REJECT_RATE_NEG_ADV)]  # fmt: skip
     cells = [
         label, ",".join(str(r.seed) for r in runs),
         mean_sem([c[0] for c in curves if c]), mean_sem([c[-1] for c in curves if c]),

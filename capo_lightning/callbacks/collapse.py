@@ -11,6 +11,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from capo_lightning import keys
 from capo_lightning.callbacks.collapse_signals import METRICS, Reading, Signals, Streaks, Thresholds
 from capo_lightning.training.result import step_result
 
@@ -117,8 +118,8 @@ class CollapseDetector(Callback):
         fired = {r.signal for r in readings}
         alarms = self.streaks.update(readings)
         for name in _SIGNALS:
-            pl_module.log(f"collapse/{name}", float(name in fired), on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log("collapse/alarm", float(bool(alarms)), on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log(keys.collapse(name), float(name in fired), on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log(keys.COLLAPSE_ALARM, float(bool(alarms)), on_step=True, on_epoch=False, batch_size=1)
         if fired:
             self._drop_candidate()
         if alarms:

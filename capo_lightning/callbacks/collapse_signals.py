@@ -8,14 +8,16 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from capo_lightning import keys
+
 METRICS = {
-    "reward": "train/reward_mean",
-    "entropy": "objective/entropy",
-    "truncated": "rollout/truncated_frac",
-    "length": "rollout/response_length_mean",
-    "grad_norm": "objective/grad_norm",
-    "kl": "objective/kl",
-    "reject": "select/token_reject_rate",
+    "reward": keys.REWARD_MEAN,
+    "entropy": keys.ENTROPY,
+    "truncated": keys.TRUNCATED_FRAC,
+    "length": keys.RESPONSE_LENGTH_MEAN,
+    "grad_norm": keys.GRAD_NORM,
+    "kl": keys.KL,
+    "reject": keys.TOKEN_REJECT_RATE,
 }  # signal input -> logged key
 
 

@@ -9,11 +9,10 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
+from capo_lightning import keys
 from capo_lightning.callbacks.ranks import gather_over_ranks
 from capo_lightning.selection.stats import shift_stats
 from capo_lightning.training.result import step_result
-
-STATS = ("mean", "max", "p50", "p95")
 
 
 class CurvatureMonitor(Callback):
@@ -56,17 +55,19 @@ class CurvatureMonitor(Callback):
         per_token = [name for name, value in selection.shifts.items() if value.dim() == 2]  # [N, L] shifts
         metrics: dict[str, float] = {}
         histograms: dict[str, Tensor] = {}
-        for prefix, tokens in (("", selection.judged), ("masked_", selection.judged & selection.token_mask)):
+        for masked, tokens in ((False, selection.judged), (True, selection.judged & selection.token_mask)):
             for name in per_token:
                 values = gather_over_ranks(trainer, selection.shifts[name][tokens].float())
-                key = f"curvature/{prefix}{name}"
-                stats = {f"{key}_{stat}": math.nan for stat in STATS}  # none kept: NaN, not a stale or 0 value
+                key = keys.shift(name, masked=masked)
+                stats = {
+                    f"{key}_{stat}": math.nan for stat in keys.SHIFT_STATS
+                }  # none kept: NaN, not a stale or 0 value
                 stats.update({k: float(v) for k, v in shift_stats(key, values).items()})
                 metrics.update(stats)
                 histograms[key] = values
         for name, value in selection.shifts.items():
             if value.dim() == 0:  # a step-level shift (CAPO's batch shifts), already over all ranks
-                metrics[f"curvature/{name}"] = float(value)
+                metrics[keys.shift(name)] = float(value)
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=1)
         step = trainer.global_step

@@ -55,18 +55,18 @@ class RejectionMonitor(Callback):
         }
         for key, value in counts.items():
             self.totals[key] = self.totals.get(key, 0.0) + value
-        metrics = {**_rates(counts, stats.by_test, ""), **_rates(self.totals, stats.by_test, "_cum")}
-        metrics["select/reject_rate_pos_adv"] = stats.rejected_pos / max(stats.judged_pos, 1.0)
-        metrics["select/reject_rate_neg_adv"] = stats.rejected_neg / max(stats.judged_neg, 1.0)
-        metrics["select/rejected_pos_adv_share"] = stats.rejected_pos / max(stats.rejected, 1.0)
-        metrics["select/tokens_judged"] = stats.judged
-        metrics["select/tokens_rejected"] = stats.rejected
+        metrics = {**_rates(counts, stats.by_test, False), **_rates(self.totals, stats.by_test, True)}
+        metrics[keys.REJECT_RATE_POS_ADV] = stats.rejected_pos / max(stats.judged_pos, 1.0)
+        metrics[keys.REJECT_RATE_NEG_ADV] = stats.rejected_neg / max(stats.judged_neg, 1.0)
+        metrics[keys.REJECTED_POS_ADV_SHARE] = stats.rejected_pos / max(stats.rejected, 1.0)
+        metrics[keys.TOKENS_JUDGED] = stats.judged
+        metrics[keys.TOKENS_REJECTED] = stats.rejected
         for name, value in result.selection.settings.items():  # e.g. CAPO's thresholds (the same on every rank)
             metrics[keys.threshold(name)] = value
         for key, value in metrics.items():
             pl_module.log(key, float(value), on_step=True, on_epoch=False, batch_size=1)
         if self.prog_bar:
-            pl_module.log("rej", metrics["select/token_reject_rate"], prog_bar=True, logger=False, batch_size=1)
+            pl_module.log("rej", metrics[keys.TOKEN_REJECT_RATE], prog_bar=True, logger=False, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
         """The run's cumulative counts."""
@@ -77,9 +77,9 @@ class RejectionMonitor(Callback):
         self.totals.update(state_dict.get("totals", {}))
 
 
-def _rates(counts: dict[str, float], tests: dict[str, float], suffix: str) -> dict[str, float]:
+def _rates(counts: dict[str, float], tests: dict[str, float], total: bool) -> dict[str, float]:
     """Rejected over judged tokens, overall and for each test the selector declares."""
     judged = max(counts["judged"], 1.0)
-    out = {f"select/token_reject_rate{suffix}": counts["rejected"] / judged}
-    out.update({f"select/reject_rate_{t}{suffix}": counts.get(f"rejected_{t}", 0.0) / judged for t in tests})
+    out = {keys.cumulative(keys.TOKEN_REJECT_RATE) if total else keys.TOKEN_REJECT_RATE: counts["rejected"] / judged}
+    out.update({keys.reject_rate(t, total): counts.get(f"rejected_{t}", 0.0) / judged for t in tests})
     return out

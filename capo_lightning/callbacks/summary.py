@@ -10,7 +10,9 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-TRACKED = {"train/reward_mean": "reward", "val/accuracy": "held-out accuracy"}
+from capo_lightning import keys
+
+TRACKED = {keys.REWARD_MEAN: "reward", keys.VAL_ACCURACY: "held-out accuracy"}
 
 
 class RunSummary(Callback):
@@ -35,12 +37,12 @@ class RunSummary(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Record the step's reward."""
-        self._record(trainer, "train/reward_mean")
+        self._record(trainer, keys.REWARD_MEAN)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Record the held-out accuracy (not during the sanity check)."""
         if not trainer.sanity_checking:
-            self._record(trainer, "val/accuracy")
+            self._record(trainer, keys.VAL_ACCURACY)
 
     def _record(self, trainer: Trainer, key: str) -> None:
         value = trainer.callback_metrics.get(key)

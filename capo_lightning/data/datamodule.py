@@ -16,6 +16,7 @@ from typing import Any
 
 from lightning import LightningDataModule
 
+from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.eval_sets import EvalSpec, default_val_sampling, set_names, shard, warn_if_greedy_with_samples
 from capo_lightning.data.order import PromptOrder
@@ -208,7 +209,7 @@ class RolloutDataModule(LightningDataModule):
         items = [source.item(i % count) for i in indices]
         sampling = replace(self.val_sampling, seed=self.seed + 17 * indices[0])
         sampled = maker.sample(items, self.val_samples, sampling, self.eval_reward_fn, self.eval_template)
-        stats = sampled.stats | {"eval/valid_prompts": float(sum(i < count for i in indices))}
+        stats = sampled.stats | {keys.VALID_PROMPTS: float(sum(i < count for i in indices))}
         return maker.collate(
             sampled.groups, version, step, stats | pop_stats(self.eval_reward_fn), sampling.max_new_tokens
         )

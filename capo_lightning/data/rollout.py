@@ -14,6 +14,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.collate import collate_completions
 from capo_lightning.data.prompts import PromptItem
@@ -100,7 +101,7 @@ class RolloutMaker:
             for j, (item, prompt) in enumerate(zip(items, prompts))
         ]
         tokens = sum(len(c.token_ids) for c in completions)
-        stats = {"time/generate_s": gen_s, "time/reward_s": reward_s, "rollout/tokens_per_s": tokens / max(gen_s, 1e-9)}
+        stats = {keys.TIME_GENERATE: gen_s, keys.TIME_REWARD: reward_s, keys.TOKENS_PER_S: tokens / max(gen_s, 1e-9)}
         return Sampled(groups, stats)
 
     def collate(
@@ -168,10 +169,10 @@ def keep_varied_groups(
             f"{rounds} rounds (data.max_sampling_rounds); {filled} zero-variance groups fill the batch"
         )
     stats = {
-        "rollout/sampling_rounds": float(rounds),
-        "rollout/groups_generated": float(generated),
-        "rollout/groups_kept_frac": len(kept) / generated,
-        "rollout/groups_filled": float(filled),
+        keys.SAMPLING_ROUNDS: float(rounds),
+        keys.GROUPS_GENERATED: float(generated),
+        keys.GROUPS_KEPT_FRAC: len(kept) / generated,
+        keys.GROUPS_FILLED: float(filled),
     }
     return Sampled((kept + dropped[:filled])[:wanted], stats)
 

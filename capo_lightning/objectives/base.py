@@ -17,7 +17,7 @@ class LossOutput:
     """What an objective returns: the loss to backpropagate and detached metrics for logging."""
 
     loss: Tensor  # scalar, this micro-batch's share of the step loss
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # "objective/..." -> detached scalar
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # objective/* key (capo_lightning.keys) -> detached scalar
 
 
 class Objective(nn.Module, ABC):

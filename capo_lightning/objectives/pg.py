@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from capo_lightning import keys
 from capo_lightning.objectives import functional
 from capo_lightning.objectives.base import LossOutput, Normalizer, Objective
 
@@ -62,10 +63,10 @@ class ClippedPolicyGradient(Objective):
                 )
             kl = functional.k3_kl(logprobs, ref_logprobs)  # [n, L]
             per_token = per_token + self.beta * kl
-            metrics["objective/kl"] = functional.masked_mean(kl.detach(), mask)
+            metrics[keys.KL] = functional.masked_mean(kl.detach(), mask)
         loss = functional.aggregate(per_token, mask, self.aggregation, norm)
         with torch.no_grad():
-            metrics["objective/clip_frac_low"] = functional.masked_mean(surrogate.clipped_low.float(), mask)
-            metrics["objective/clip_frac_high"] = functional.masked_mean(surrogate.clipped_high.float(), mask)
-            metrics["objective/ratio_mean"] = functional.masked_mean(surrogate.ratio, mask)
+            metrics[keys.CLIP_FRAC_LOW] = functional.masked_mean(surrogate.clipped_low.float(), mask)
+            metrics[keys.CLIP_FRAC_HIGH] = functional.masked_mean(surrogate.clipped_high.float(), mask)
+            metrics[keys.RATIO_MEAN] = functional.masked_mean(surrogate.ratio, mask)
         return LossOutput(loss=loss, metrics=metrics)

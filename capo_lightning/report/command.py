@@ -9,13 +9,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from capo_lightning import keys
 from capo_lightning.report.curves import EMA, Rule, Window
 from capo_lightning.report.efficiency import SUSTAIN, sample_efficiency
 from capo_lightning.report.figures import draw_figures, reference_group
 from capo_lightning.report.groups import Group, group_runs, plain, summarize_group
 from capo_lightning.report.runs import Run, find_metrics, load_run
 
-EFFICIENCY_KEY = "train/accuracy"  # the metric whose sample efficiency summary.json reports (Fig. 1's)
+EFFICIENCY_KEY = keys.ACCURACY  # the metric whose sample efficiency summary.json reports (Fig. 1's)
 
 
 def _label_overrides(labels: Mapping[str, str], runs: list[Run]) -> dict[int, str]:

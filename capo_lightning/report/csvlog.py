@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from capo_lightning import keys
 from capo_lightning.report.versions import version
 
-X_KEY = "train/completions_total"  # the x axis of every figure: cumulative completions, all ranks
+X_KEY = keys.COMPLETIONS  # the x axis of every figure: cumulative completions, all ranks
 
 _EXPECTED = (
     "pass the run's trainer.default_root_dir (it holds logs/version_N/metrics.csv), a version_N folder, "

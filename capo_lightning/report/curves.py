@@ -9,20 +9,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from capo_lightning import keys
+
 SHIFT_KEYS = (  # unmasked curvature shifts; CAPO runs log the post-mask ones under masked_key(key)
-    "curvature/token_fisher_mean",
-    "curvature/global_fisher",
-    "curvature/token_hessian_mean",
-    "curvature/global_hessian",
+    keys.TOKEN_FISHER_MEAN,
+    keys.GLOBAL_FISHER,
+    keys.TOKEN_HESSIAN_MEAN,
+    keys.GLOBAL_HESSIAN,
 )
-REJECT_KEY = "select/token_reject_rate"
-HEALTH_KEYS = ("objective/entropy", "rollout/response_length_mean", "objective/grad_norm")
-BEST_KEYS = ("train/reward_mean", "train/accuracy", "val/accuracy")  # also summarised by their per-run maximum
+REJECT_KEY = keys.TOKEN_REJECT_RATE
+HEALTH_KEYS = (keys.ENTROPY, keys.RESPONSE_LENGTH_MEAN, keys.GRAD_NORM)
+BEST_KEYS = (keys.REWARD_MEAN, keys.ACCURACY, keys.VAL_ACCURACY)  # also summarised by their per-run maximum
 
 
 def masked_key(key: str) -> str:
     """``curvature/token_fisher_mean`` -> ``curvature/masked_token_fisher_mean`` (the post-mask shift)."""
-    return key.replace("curvature/", "curvature/masked_", 1)
+    return keys.masked(key)
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,9 @@ def as_rule(rule: Rule | float) -> Rule:
 # rule too), EMA 0.35 for the shifts and the rejection rate (Figs. 3 and 5) and the health curves; none (EMA 1)
 # for held-out accuracy, whose few points are evaluations of separate checkpoints
 DEFAULT_SMOOTHING: dict[str, Rule] = {
-    "train/accuracy": Window(64.0),
-    "train/reward_mean": Window(64.0),
-    "val/accuracy": EMA(1.0),
+    keys.ACCURACY: Window(64.0),
+    keys.REWARD_MEAN: Window(64.0),
+    keys.VAL_ACCURACY: EMA(1.0),
     **{key: EMA(0.35) for key in SHIFT_KEYS},
     **{masked_key(key): EMA(0.35) for key in SHIFT_KEYS},
     REJECT_KEY: EMA(0.35),

@@ -10,6 +10,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from capo_lightning import keys
 from capo_lightning.report.curves import HEALTH_KEYS, REJECT_KEY, SHIFT_KEYS, Curve, Window, masked_key
 from capo_lightning.report.efficiency import SUSTAIN, crossing
 from capo_lightning.report.groups import Group
@@ -115,7 +116,7 @@ def single_metric_figure(
         return [], [f"{name} not written: no run logged {key}"]
     notes = [f"{name}: group '{group.label}' has no {key} curve; left out" for group in groups if not _has(group, key)]
     figure, axes = _new_figure(1, 1, 7.5, 4.8)
-    marker = "o" if key.startswith("val/") else None
+    marker = "o" if key == keys.VAL_ACCURACY else None
     for index, group in enumerate(groups):
         if _has(group, key):
             _band(axes[0, 0], group.curves[key], group.label, f"C{index % 10}", scale, marker)
@@ -283,12 +284,12 @@ def draw_figures(groups: Sequence[Group], out: Path, reference: str | None = Non
         ``(PNG file names written, notes about what was left out)``.
     """
     percent = {  # key -> (file, title, y label) of the one-metric figures, drawn in percent
-        "train/accuracy": ("fig1_accuracy.png", "Training-batch accuracy", "training accuracy (%)"),
-        "val/accuracy": ("fig2_heldout.png", "Held-out accuracy", "held-out accuracy (%)"),
+        keys.ACCURACY: ("fig1_accuracy.png", "Training-batch accuracy", "training accuracy (%)"),
+        keys.VAL_ACCURACY: ("fig2_heldout.png", "Held-out accuracy", "held-out accuracy (%)"),
         REJECT_KEY: ("fig5_rejection.png", "Token rejection rate", "rejected tokens (%)"),
     }
     drawn = [
-        single_metric_figure(groups, key, out, *spec, 100.0, key == "train/accuracy", reference)
+        single_metric_figure(groups, key, out, *spec, 100.0, key == keys.ACCURACY, reference)
         for key, spec in percent.items()
     ]
     drawn.insert(2, shifts_figure(groups, out, reference))

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from capo_lightning import keys
 from capo_lightning.rewards.base import check_lengths
 from capo_lightning.rewards.extract import TAIL_CHARS, extract_answer, last_boxed
 from capo_lightning.rewards.grading import as_number, normalize, quick_verdict
@@ -156,12 +157,12 @@ class MathReward:
         statuses = [g.status for g in grades]
         latency = torch.tensor([g.seconds * 1000 for g in grades], dtype=torch.float64)
         return {
-            "verifier/parse_fail_pred": sum(s in ("no_answer", "pred_unparsed") for s in statuses) / len(grades),
-            "verifier/parse_fail_gold": statuses.count("gold_unparsed") / len(grades),
-            "verifier/timeouts": float(statuses.count("timeout")),
-            "verifier/errors": float(statuses.count("error")),
-            "verifier/latency_ms_p95": float(torch.quantile(latency, 0.95)),
-            "verifier/latency_ms_max": float(latency.max()),
+            keys.VERIFIER_PARSE_FAIL_PRED: sum(s in ("no_answer", "pred_unparsed") for s in statuses) / len(grades),
+            keys.VERIFIER_PARSE_FAIL_GOLD: statuses.count("gold_unparsed") / len(grades),
+            keys.VERIFIER_TIMEOUTS: float(statuses.count("timeout")),
+            keys.VERIFIER_ERRORS: float(statuses.count("error")),
+            keys.VERIFIER_LATENCY_P95: float(torch.quantile(latency, 0.95)),
+            keys.VERIFIER_LATENCY_MAX: float(latency.max()),
         }
 
     def close(self) -> None:

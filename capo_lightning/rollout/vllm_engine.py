@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from capo_lightning import keys
 from capo_lightning.forward import score_responses
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 from capo_lightning.rollout.weights import merged_weights
@@ -235,7 +236,7 @@ class VLLMEngine(RolloutEngine):
         )
         trainer = _trainer_logprobs(policy, ids)
         gap = float((engine - trainer).abs().mean())
-        self._stats["rollout/sync_probe_gap"] = gap
+        self._stats[keys.SYNC_PROBE_GAP] = gap
         return gap
 
     def _verify_or_raise(self, policy: Any, when: str) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.forward import ForwardOut
 from capo_lightning.objectives import Normalizer, Objective
@@ -126,18 +127,18 @@ class MicroBatches:
         """The step's metrics (losses weighted by each micro-batch's share of the kept tokens), then the optimizer
         step (backward first when one forward holds the step, ``chunks`` None), then the engine/trainer gap."""
         ctx, norm = self.ctx, self.norm
-        metrics = {"objective/normalizer": denominator(ctx, norm)}
+        metrics = {keys.NORMALIZER: denominator(ctx, norm)}
         kept = max(float(mask.sum()), 1.0)
         for loss_out, r_mask, entropy in self.done:
             share = 1.0 if len(self.done) == 1 else float(r_mask.sum()) / kept
             accumulate(metrics, loss_out.metrics, share)
-            accumulate(metrics, {"objective/entropy": masked_mean(entropy, r_mask)}, share)
-            accumulate(metrics, {"objective/loss": loss_out.loss.detach()}, scale)
+            accumulate(metrics, {keys.ENTROPY: masked_mean(entropy, r_mask)}, share)
+            accumulate(metrics, {keys.LOSS: loss_out.loss.detach()}, scale)
         metrics.update(optimizer_step(ctx, self.done[0][0].loss if chunks is None else None))
         olds = self.olds[0] if chunks is None else in_row_order(self.olds, chunks)
         gap = (olds - self.batch.behavior_logprobs).abs()
-        metrics["rollout/engine_trainer_logprob_gap"] = masked_mean(gap, self.batch.response_mask)
-        return Update(selection, metrics["objective/loss"], metrics)
+        metrics[keys.ENGINE_GAP] = masked_mean(gap, self.batch.response_mask)
+        return Update(selection, metrics[keys.LOSS], metrics)
 
 
 def rescale_gradients(ctx: StepContext, scale: float) -> None:
@@ -163,7 +164,7 @@ def optimizer_step(ctx: StepContext, loss: Tensor | None) -> dict[str, Tensor]:
     if not torch.isfinite(grad_norm):
         ctx.guard.skip(ctx.optimizer, ctx.scheduler, "gradient", ctx.rollout_step)
         return {}
-    metrics = {"objective/grad_norm": grad_norm.detach().float(), "train/lr": torch.tensor(ctx.lr, dtype=torch.float32)}
+    metrics = {keys.GRAD_NORM: grad_norm.detach().float(), keys.LR: torch.tensor(ctx.lr, dtype=torch.float32)}
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.guard.stepped()

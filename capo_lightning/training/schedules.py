@@ -29,6 +29,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.objectives.functional import masked_mean
 from capo_lightning.selection import Selector
@@ -135,7 +136,7 @@ def multi_pass(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor |
     ahead = scoring_pass(ctx, batch, plan.chunks(batch.num_completions, lengths))
     selection, mask = decide(ctx, batch, adv, ahead)
     gap = masked_mean((ahead.logprobs - batch.behavior_logprobs).abs(), batch.response_mask)
-    metrics = {"rollout/engine_trainer_logprob_gap": gap}
+    metrics = {keys.ENGINE_GAP: gap}
     for epoch in range(plan.ppo_epochs):
         for mb_rows in plan.minibatch_rows(epoch):
             for values, weight in _minibatch_update(ctx, batch, adv, ref, ahead.logprobs, mask, plan, mb_rows, lengths):
@@ -143,7 +144,7 @@ def multi_pass(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor |
                     metrics.update(values)
                 else:
                     accumulate(metrics, values, weight)
-    return Update(selection, metrics["objective/loss"], metrics)
+    return Update(selection, metrics[keys.LOSS], metrics)
 
 
 def _minibatch_update(
@@ -161,9 +162,7 @@ def _minibatch_update(
     step's mean over updates (loss-side ones: their share of the kept tokens; None: the value is set, not added)."""
     norm = normalizer(ctx, batch, mask[mb_rows])
     per_update = 1.0 / (plan.ppo_epochs * plan.minibatches)
-    parts: list[tuple[dict[str, Tensor], float | None]] = [
-        ({"objective/normalizer": denominator(ctx, norm)}, per_update)
-    ]
+    parts: list[tuple[dict[str, Tensor], float | None]] = [({keys.NORMALIZER: denominator(ctx, norm)}, per_update)]
     total = torch.zeros((), device=old.device, dtype=torch.float32)
     for rows in plan.micro_rows(mb_rows, lengths):
         out = policy_forward(ctx, batch, rows)
@@ -173,10 +172,10 @@ def _minibatch_update(
         ctx.backward(loss_out.loss)
         total = total + loss_out.loss.detach()
         share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0) / plan.ppo_epochs
-        parts += [(loss_out.metrics, share), ({"objective/entropy": masked_mean(out.entropy, mask[rows])}, share)]
-    parts.append(({"objective/loss": total}, per_update))
+        parts += [(loss_out.metrics, share), ({keys.ENTROPY: masked_mean(out.entropy, mask[rows])}, share)]
+    parts.append(({keys.LOSS: total}, per_update))
     stepped = optimizer_step(ctx, None)
-    lr = {key: stepped.pop(key) for key in ("train/lr",) if key in stepped}
+    lr = {key: stepped.pop(key) for key in (keys.LR,) if key in stepped}
     return [*parts, (stepped, per_update), (lr, None)]
 
 

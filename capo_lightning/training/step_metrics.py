@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.objectives.functional import zero_std_group_fraction
 
@@ -25,13 +26,13 @@ def rollout_metrics(batch: RolloutBatch) -> dict[str, Tensor]:
     """Reward and sampling statistics of a training batch, plus the DataModule's own stats."""
     lengths = batch.response_mask.sum(dim=1).float()  # [N]
     out = {
-        "train/reward_mean": batch.rewards.mean(),
-        "train/reward_std": batch.rewards.std() if batch.num_completions > 1 else torch.zeros((), dtype=torch.float32),
-        "train/accuracy": (batch.rewards > 0.5).float().mean(),
-        "rollout/response_length_mean": lengths.mean(),
-        "rollout/response_length_max": lengths.max(),
-        "rollout/truncated_frac": batch.truncated.float().mean(),
-        "rollout/frac_zero_std_groups": zero_std_group_fraction(batch.rewards, batch.group_ids),
+        keys.REWARD_MEAN: batch.rewards.mean(),
+        keys.REWARD_STD: batch.rewards.std() if batch.num_completions > 1 else torch.zeros((), dtype=torch.float32),
+        keys.ACCURACY: (batch.rewards > 0.5).float().mean(),
+        keys.RESPONSE_LENGTH_MEAN: lengths.mean(),
+        keys.RESPONSE_LENGTH_MAX: lengths.max(),
+        keys.TRUNCATED_FRAC: batch.truncated.float().mean(),
+        keys.ZERO_STD_GROUPS: zero_std_group_fraction(batch.rewards, batch.group_ids),
     }
     out.update({k: torch.tensor(float(v), dtype=torch.float32) for k, v in batch.stats.items()})
     return out
