@@ -75,8 +75,8 @@ def make_batch(model: str, prompts: int, samples: int, new_tokens: int, seed: in
     """Generate one rollout batch with the model's own engine (not timed by the benchmark)."""
     from capo_lightning.data.datamodule import RolloutDataModule
     from capo_lightning.data.prompts import ArithmeticSource
+    from capo_lightning.models.policy import PolicySpec
     from capo_lightning.module import CAPOModule
-    from capo_lightning.policy import PolicySpec
     from capo_lightning.rewards import math_reward
     from capo_lightning.rollout import SamplingConfig
 
@@ -139,9 +139,9 @@ def bench_step(model: str, pairs: int, prompts: int, samples: int, new_tokens: i
     """Interleaved CAPO / KeepAll training steps on one fixed batch; returns the summary."""
     from lightning import Trainer
 
+    from capo_lightning.models.policy import PolicySpec
     from capo_lightning.module import CAPOModule
     from capo_lightning.objectives import GRPO
-    from capo_lightning.policy import PolicySpec
     from capo_lightning.selection import KeepAll
     from capo_lightning.training import parts as step_parts
     from capo_lightning.training import schedules

@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch  # noqa: E402
 
 from capo_lightning.data.prompts import ArithmeticSource  # noqa: E402
-from capo_lightning.policy import PolicySpec, load_policy  # noqa: E402
+from capo_lightning.models.policy import PolicySpec, load_policy  # noqa: E402
 from capo_lightning.rollout import Completion, HFEngine, RolloutEngine, SamplingConfig, VLLMEngine  # noqa: E402
 
 ENGINES = ("HF", "vLLM")

@@ -54,8 +54,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa:
 
 import capo_lightning.module as module_file  # noqa: E402
 from capo_lightning.batch import RolloutBatch  # noqa: E402
+from capo_lightning.models.policy import PolicySpec, _enable_checkpointing  # noqa: E402
 from capo_lightning.module import CAPOModule  # noqa: E402
-from capo_lightning.policy import PolicySpec, _enable_checkpointing  # noqa: E402
 from capo_lightning.selection import CAPOSelector, KeepAll  # noqa: E402
 from capo_lightning.selection.capo import CAPOSelector as _Selector  # noqa: E402
 

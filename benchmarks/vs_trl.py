@@ -270,7 +270,7 @@ def write_prompts(args: argparse.Namespace) -> None:
     from capo_lightning.data.order import PromptOrder
     from capo_lightning.data.prompts import ArithmeticSource
     from capo_lightning.data.templates import get_template
-    from capo_lightning.policy import PolicySpec, load_tokenizer, resolve_model_dir
+    from capo_lightning.models.policy import PolicySpec, load_tokenizer, resolve_model_dir
 
     spec = PolicySpec(BUNDLED)
     order = PromptOrder(ArithmeticSource(seed=SEED, **SOURCE), SEED, args.prompts, max_sampling_rounds=1)

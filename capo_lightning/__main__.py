@@ -1,5 +1,5 @@
 """``python -m capo_lightning`` is the ``capo`` command."""
 
-from capo_lightning.cli import main
+from capo_lightning.commands.cli import main
 
 main()

@@ -22,15 +22,15 @@ from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.eval_sets import EvalSpec
 from capo_lightning.evaluation import Evaluator
-from capo_lightning.lora import check_lora, drop_frozen, is_lora
+from capo_lightning.models.lora import check_lora, drop_frozen, is_lora
+from capo_lightning.models.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.objectives import GRPO, Objective
-from capo_lightning.optim import WarmupCosineLR, default_optimizer
-from capo_lightning.parallel import prepare_models
-from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.rollout import HFEngine, RolloutEngine
+from capo_lightning.scale.parallel import prepare_models
 from capo_lightning.selection import Selector, keep_out_of_ddp_broadcasts
 from capo_lightning.training import schedules
 from capo_lightning.training.context import NonFiniteGuard, StepContext
+from capo_lightning.training.optim import WarmupCosineLR, default_optimizer
 from capo_lightning.training.passes import reference_logprobs
 from capo_lightning.training.plan import plan_step
 from capo_lightning.training.result import STEP_KEY, SelectionStats, StepResult
@@ -42,7 +42,7 @@ class CAPOModule(LightningModule):
 
     One training step takes one rollout batch (see :mod:`capo_lightning.batch`) and runs
     ``ppo_epochs`` passes of ``minibatches`` optimizer steps over it; with both at 1 (the paper's
-    setting) the training forward is the only forward (:mod:`capo_lightning.training.pipeline`).
+    setting) the training forward is the only forward (:mod:`capo_lightning.training.schedules`).
 
     Args:
         policy: which model to train.

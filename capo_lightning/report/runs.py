@@ -13,7 +13,7 @@ from capo_lightning.report.csvlog import X_KEY, completions_at_step, find_metric
 from capo_lightning.report.versions import with_earlier_versions
 
 NON_MASKING_SELECTORS = ("KeepAll",)  # selectors that keep every token even when they "enforce"
-DEFAULT_POLICY = "bundled:smollm2-135m-instruct"  # PolicySpec's default (capo_lightning.policy; not imported here)
+DEFAULT_POLICY = "bundled:smollm2-135m-instruct"  # PolicySpec's default (models/policy.py; not imported here)
 DEFAULT_SHADOW = "adam"  # CAPOSelector's default optimizer_model
 DEFAULT_PERCENTILE = 95.0  # CAPOSelector's default calibration_percentile
 SHADOW_NAMES = {"adam": "Adam", "sgd": "SGD"}  # optimizer_model -> its name in labels

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from capo_lightning.lora import transformers_model
+from capo_lightning.models.lora import transformers_model
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
 

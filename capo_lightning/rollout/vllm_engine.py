@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from capo_lightning import keys
-from capo_lightning.forward import score_responses
+from capo_lightning.models.forward import score_responses
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 from capo_lightning.rollout.weights import merged_weights
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from capo_lightning.lora import is_lora, transformers_model
-from capo_lightning.parallel import full_tensor
+from capo_lightning.models.lora import is_lora, transformers_model
+from capo_lightning.scale.parallel import full_tensor
 
 __all__ = ["merged_weights"]
 

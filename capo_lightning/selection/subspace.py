@@ -2,7 +2,7 @@
 
 For token t with LM-head input h_t, the subspace is the k vocabulary rows with the largest logits
 W h_t (the sampled token forced in); its policy is the softmax of those k logits. The ids can come
-from the scoring forward's own logits (:mod:`capo_lightning.lm_head`), so no second h W^T over the
+from the scoring forward's own logits (:mod:`capo_lightning.models.lm_head`), so no second h W^T over the
 vocabulary is needed; only the k logits per token are recomputed here, in fp32.
 """
 

@@ -11,11 +11,11 @@ from torch import Tensor
 
 from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
-from capo_lightning.forward import ForwardOut
+from capo_lightning.models.forward import ForwardOut
+from capo_lightning.models.policy import lm_head_weight
 from capo_lightning.objectives import Normalizer, Objective
 from capo_lightning.objectives.functional import masked_mean, truncated_importance_weight
-from capo_lightning.parallel import full_tensor
-from capo_lightning.policy import lm_head_weight
+from capo_lightning.scale.parallel import full_tensor
 from capo_lightning.selection import Selection, TokenView
 from capo_lightning.training.context import StepContext
 from capo_lightning.training.passes import _rows, in_row_order

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from capo_lightning.batch import RolloutBatch
-from capo_lightning.forward import ForwardOut, score_responses
-from capo_lightning.lora import adapters_off
-from capo_lightning.policy import lm_head_weight
+from capo_lightning.models.forward import ForwardOut, score_responses
+from capo_lightning.models.lora import adapters_off
+from capo_lightning.models.policy import lm_head_weight
 from capo_lightning.training.context import StepContext
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.models.tiny import build_tiny_model
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
-from capo_lightning.policy import PolicySpec
 from capo_lightning.selection import CAPOSelector
 from tests.conftest import ROOT
 from tests.helpers import SGD, make_trainer, tiny_datamodule

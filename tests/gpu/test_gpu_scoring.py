@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from capo_lightning.lm_head import head_logprobs
+from capo_lightning.models.lm_head import head_logprobs
 
 DRY = os.environ.get("CAPO_GPU_DRY_RUN") == "1"
 DEVICE = "cpu" if DRY else "cuda"

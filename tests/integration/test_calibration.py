@@ -27,8 +27,8 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from capo_lightning.callbacks import RejectionMonitor
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
 from capo_lightning.selection import CAPOSelector
 from capo_lightning.selection import calibration as K
 from capo_lightning.selection import curvature as C

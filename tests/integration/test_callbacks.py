@@ -20,8 +20,8 @@ from capo_lightning.callbacks import (
 )
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.prompts import ArithmeticSource
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
 from capo_lightning.selection import CAPOSelector
 from tests.helpers import (
     RankBatches,

@@ -25,10 +25,10 @@ import torch
 from torch import Tensor
 
 from capo_lightning.callbacks import RejectionMonitor
-from capo_lightning.forward import score_responses
+from capo_lightning.models.forward import score_responses
+from capo_lightning.models.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
-from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.selection import CAPOSelector, Selection, Selector, TokenView
 from capo_lightning.selection import curvature as C
 from capo_lightning.training.result import step_result
@@ -529,7 +529,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import lightning as L
 import torch
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.selection import CAPOSelector
 from tests.helpers import RankBatches
 from torch.nn.parallel import DistributedDataParallel
@@ -632,7 +632,7 @@ UNPICKLE_AND_SCORE = """
 import pickle, sys
 sys.path.insert(0, {root!r})
 import torch
-from capo_lightning.forward import score_responses
+from capo_lightning.models.forward import score_responses
 
 policy, batch = pickle.load(open({blob!r}, "rb"))
 out = score_responses(policy, batch.input_ids, batch.attention_mask, batch.response_mask.shape[1], need_hidden=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capo_lightning.cli import main
+from capo_lightning.commands.cli import main
 from tests.conftest import ROOT
 from tests.helpers import read_records
 

@@ -12,10 +12,10 @@ from lightning.pytorch.loggers import CSVLogger
 
 from capo_lightning.callbacks import CollapseDetector
 from capo_lightning.callbacks.collapse_signals import Thresholds, replay
+from capo_lightning.models.policy import PolicySpec, lm_head_weight
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
-from capo_lightning.optim import WarmupCosineLR
-from capo_lightning.policy import PolicySpec, lm_head_weight
+from capo_lightning.training.optim import WarmupCosineLR
 from tests.helpers import SIGNALS_OFF as OFF
 from tests.helpers import length_reward, make_trainer, read_csv_metrics, tiny_datamodule
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from capo_lightning.cli import main
+from capo_lightning.commands.cli import main
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "conf").rglob("*.yaml"))
@@ -64,7 +64,7 @@ def test_the_multi_gpu_trainer_configs_train_on_two_cpu_processes(tmp_path: Path
     from tests.helpers import read_csv_metrics
 
     command = [
-        sys.executable, "-m", "capo_lightning.cli", "fit", "--config", str(BASE),
+        sys.executable, "-m", "capo_lightning.commands.cli", "fit", "--config", str(BASE),
         "--config", str(ROOT / f"conf/trainer/{trainer}.yaml"), "--trainer.accelerator=cpu", "--trainer.devices=2",
         "--trainer.precision=32-true", "--model.selector=capo_lightning.selection.CAPOSelector",
         f"--trainer.default_root_dir={tmp_path}",

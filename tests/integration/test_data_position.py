@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from capo_lightning.callbacks import InterruptCheckpoint
 from capo_lightning.data.datamodule import RolloutDataModule
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
 from tests.helpers import BatchRecorder, make_trainer, read_records, tiny_datamodule
 from tests.integration.test_module import adamw
 

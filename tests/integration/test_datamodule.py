@@ -9,8 +9,8 @@ import pytest
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.prompts import ArithmeticSource
 from capo_lightning.data.templates import get_template
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout import SamplingConfig
 from tests.helpers import make_trainer
 from tests.integration.test_module import adamw

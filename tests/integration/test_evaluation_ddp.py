@@ -8,8 +8,8 @@ import pytest
 
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.prompts import ArithmeticSource
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout import SamplingConfig
 from tests.helpers import make_trainer, multiple_of_three
 

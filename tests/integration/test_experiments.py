@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from capo_lightning.cli import build_cli
+from capo_lightning.commands.cli import build_cli
 from capo_lightning.objectives import DAPO, GRPO, REINFORCE, DrGRPO
 from tests.conftest import ROOT
 
@@ -71,6 +71,6 @@ def test_the_paper_runs_read_back_with_the_papers_values(tmp_path: Path, regime:
         assert (selector.delta_f, selector.tau_h) == THRESHOLDS[arm]
         assert selector.symmetric and selector.top_k == 50 and selector.optimizer_model == "adam"
     strategy = base["trainer"]["strategy"]
-    assert strategy["class_path"] == "capo_lightning.parallel.FSDP2Strategy"
+    assert strategy["class_path"] == "capo_lightning.scale.parallel.FSDP2Strategy"
     assert strategy["init_args"]["param_dtype"] == "bfloat16"
     assert base["model"]["policy"]["name_or_path"] == "Qwen/Qwen2.5-Math-7B"

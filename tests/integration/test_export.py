@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from capo_lightning.cli import main
-from capo_lightning.export import export_checkpoint
-from capo_lightning.forward import score_responses
+from capo_lightning.commands.cli import main
+from capo_lightning.commands.export import export_checkpoint
+from capo_lightning.models.forward import score_responses
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
 from tests.helpers import SGD, FixedBatches, make_trainer, tiny_rollout
 
 

@@ -19,12 +19,12 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from transformers import AutoModelForCausalLM
 
-from capo_lightning.export import export_checkpoint
-from capo_lightning.lora import LoraSpec
+from capo_lightning.commands.export import export_checkpoint
+from capo_lightning.models.lora import LoraSpec
+from capo_lightning.models.policy import PolicySpec, load_policy
 from capo_lightning.module import CAPOModule
-from capo_lightning.parallel import FSDP2Strategy, decoder_layers
-from capo_lightning.policy import PolicySpec, load_policy
 from capo_lightning.rollout.weights import merged_weights
+from capo_lightning.scale.parallel import FSDP2Strategy, decoder_layers
 from capo_lightning.selection import CAPOSelector
 from tests.conftest import ROOT
 from tests.helpers import SGD, FixedBatches, tiny_rollout
@@ -36,12 +36,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from capo_lightning.module import CAPOModule
-from capo_lightning.parallel import FSDP2Strategy, full_tensor
-from capo_lightning.policy import PolicySpec
+from capo_lightning.scale.parallel import FSDP2Strategy, full_tensor
+from capo_lightning.models.policy import PolicySpec
 from transformers import AutoModelForCausalLM
 
-from capo_lightning.export import export_checkpoint
-from capo_lightning.lora import LoraSpec
+from capo_lightning.commands.export import export_checkpoint
+from capo_lightning.models.lora import LoraSpec
 from capo_lightning.rollout.weights import merged_weights
 from capo_lightning.selection import CAPOSelector
 from tests.helpers import SGD, RankBatches, tiny_datamodule

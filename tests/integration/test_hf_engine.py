@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capo_lightning.policy import PolicySpec, load_policy
+from capo_lightning.models.policy import PolicySpec, load_policy
 from capo_lightning.rollout import HFEngine, SamplingConfig
 
 
@@ -49,7 +49,7 @@ def test_streamed_logprobs_equal_the_raw_logits_of_each_step(
 
 def test_streamed_logprobs_of_a_lora_policy(tiny_model_dir: Path) -> None:
     """A PEFT model's generate calls the wrapped transformers model directly: the hooks still see every step."""
-    from capo_lightning.lora import LoraSpec
+    from capo_lightning.models.lora import LoraSpec
 
     policy, tokenizer = load_policy(PolicySpec(str(tiny_model_dir), lora=LoraSpec(rank=4, target_modules=["q_proj"])))
     engine = HFEngine()

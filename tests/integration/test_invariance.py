@@ -16,10 +16,10 @@ import lightning as L
 import pytest
 import torch
 
-from capo_lightning.lora import LoraSpec
+from capo_lightning.models.lora import LoraSpec
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import DAPO, GRPO, REINFORCE, DrGRPO
-from capo_lightning.policy import PolicySpec
 from capo_lightning.training.result import step_result
 from tests.helpers import SGD, FixedBatches, RankBatches, make_trainer, tiny_rollout
 
@@ -182,9 +182,9 @@ import os, sys, torch
 sys.path.insert(0, {root!r})
 os.environ["HF_HUB_OFFLINE"] = "1"
 import lightning as L
-from capo_lightning.lora import LoraSpec
+from capo_lightning.models.lora import LoraSpec
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
+from capo_lightning.models.policy import PolicySpec
 from tests.helpers import RankOneNaNGRPO
 from tests.helpers import SGD, RankBatches
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from capo_lightning.export import export_checkpoint
-from capo_lightning.forward import score_responses
-from capo_lightning.lora import LoraSpec, adapters_off
+from capo_lightning.commands.export import export_checkpoint
+from capo_lightning.models.forward import score_responses
+from capo_lightning.models.lora import LoraSpec, adapters_off
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
-from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout.weights import merged_weights
 from capo_lightning.selection import CAPOSelector
 from capo_lightning.training.passes import reference_logprobs

@@ -21,9 +21,9 @@ import torch
 
 from capo_lightning import keys
 from capo_lightning.callbacks import CurvatureMonitor, RejectionMonitor
-from capo_lightning.cli import main
+from capo_lightning.commands.cli import main
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
 from capo_lightning.selection import Selection, Selector, TokenView
 from tests.helpers import SGD, FixedBatches, make_trainer, read_csv_metrics, tiny_rollout
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from capo_lightning.data.datamodule import RolloutDataModule
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
-from capo_lightning.optim import WarmupCosineLR
-from capo_lightning.policy import PolicySpec
 from capo_lightning.selection import KeepAll
+from capo_lightning.training.optim import WarmupCosineLR
 from tests.helpers import (
     BatchRecorder,
     FixedBatches,
@@ -234,8 +234,8 @@ def test_a_cosine_schedule_without_max_steps_is_refused_by_name(tiny_model_dir: 
 
 
 def test_reference_logprobs_in_micro_batches_equal_the_one_shot_forward(tiny_model_dir: Path) -> None:
-    from capo_lightning.forward import score_responses
-    from capo_lightning.policy import load_policy
+    from capo_lightning.models.forward import score_responses
+    from capo_lightning.models.policy import load_policy
     from capo_lightning.training.passes import reference_logprobs
 
     batch = tiny_rollout(tiny_model_dir, num_prompts=3)  # 12 rows: micro-batches of 5, 5 and 2

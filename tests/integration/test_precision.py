@@ -14,10 +14,10 @@ import lightning as L
 import pytest
 import torch
 
-from capo_lightning.forward import score_responses
+from capo_lightning.models.forward import score_responses
+from capo_lightning.models.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.module import CAPOModule
 from capo_lightning.objectives import GRPO
-from capo_lightning.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.selection import CAPOSelector, TokenView
 from capo_lightning.training.result import step_result
 from tests.helpers import SGD, make_trainer, tiny_datamodule, tiny_rollout

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from capo_lightning.cli import CapoCLI, build_cli, main
+from capo_lightning.commands.cli import CapoCLI, build_cli, main
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "conf/debug/tiny_cpu.yaml")

@@ -21,8 +21,8 @@ from capo_lightning.callbacks import (
 )
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.prompts import ArithmeticSource
+from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
-from capo_lightning.policy import PolicySpec
 from capo_lightning.rollout import SamplingConfig
 from capo_lightning.selection import CAPOSelector
 from tests.helpers import SelectionRecorder, make_trainer, read_csv_metrics, tiny_datamodule

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from capo_lightning.cli import main
+from capo_lightning.commands.cli import main
 from tests.conftest import ROOT
 
 SWEEPS = sorted((ROOT / "sweeps").rglob("*.yaml"))

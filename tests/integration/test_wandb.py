@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from capo_lightning.cli import main
+from capo_lightning.commands.cli import main
 from tests.conftest import ROOT
 
 wandb_proto = pytest.importorskip("wandb.proto.wandb_internal_pb2")

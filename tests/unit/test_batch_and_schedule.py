@@ -10,8 +10,8 @@ import torch
 from capo_lightning.data.collate import collate_completions
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.prompts import JsonlSource
-from capo_lightning.optim import WarmupCosineLR
 from capo_lightning.rollout import Completion
+from capo_lightning.training.optim import WarmupCosineLR
 from capo_lightning.training.plan import plan_step
 
 

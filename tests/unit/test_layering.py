@@ -1,12 +1,19 @@
 """The package's layering, read from its source with ``ast`` (nothing is imported).
 
-Layers, bottom up (docs/architecture.md section 1): the leaves ``batch``, ``forward``, ``objectives``,
-``selection`` and ``rewards`` know nothing of the LightningModule, the DataModule or the CLI; ``data``
-knows nothing of the module or the CLI; ``module`` may import ``data`` (its one contract with it is
-``RolloutDataModule.connect``) but not the CLI. No module takes part in an import cycle. Every import
-counts, also those inside functions (lazy imports are still dependencies). ``from a import b`` is an
-edge to ``a.b`` when that is a module, else to ``a``; a submodule's implicit import of its parent
-package is not an edge (otherwise every package whose ``__init__`` re-exports would be a cycle).
+Every part of the package (a subpackage, or a module at the root) says which other parts it may import
+(:data:`ALLOWED`, the table of docs/architecture.md section 1); an import of any other part is a violation,
+and a part missing from the table is one too (a new room must be placed). Read bottom up: ``keys`` and
+``batch`` import nothing of the package; the leaves ``objectives``, ``selection``, ``rewards`` and
+``models`` import only those two, never each other; ``scale``, ``rollout`` and ``evaluation`` add the
+leaves they are built on; ``data`` (prompts to batches) and ``training`` (the step) never import each
+other; ``callbacks`` read the step (``training``, ``selection``) and never the data or the module;
+``module`` imports everything below it but no callback; ``commands`` sit on top. ``report`` stands apart:
+it imports only ``keys``, and only ``commands`` import it. No module takes part in an import cycle.
+
+Every import counts, also those inside functions (lazy imports are still dependencies). ``from a import b``
+is an edge to ``a.b`` when that is a module, else to ``a``; a submodule's implicit import of its parent
+package is not an edge (otherwise every package whose ``__init__`` re-exports would be a cycle). The old
+dotted names that ``capo_lightning/__init__.py`` maps to moved modules are strings there, not imports.
 
 The checker itself is tested on small packages written to ``tmp_path``, so a broken checker cannot
 pass silently.
@@ -22,8 +29,41 @@ import pytest
 import capo_lightning
 
 PACKAGE_ROOT = Path(capo_lightning.__file__).parent
-LEAVES = ("batch", "forward", "objectives", "selection", "rewards")
-FORBIDDEN_FOR_LEAVES = ("module", "data", "cli")
+BASE = frozenset({"keys", "batch"})
+LEAVES = ("objectives", "selection", "rewards", "models")
+ALLOWED: dict[str, frozenset[str]] = {
+    "__init__": frozenset(),  # the package imports nothing of itself (old names are mapped lazily)
+    "keys": frozenset(),  # the leaf module of every metric key
+    "batch": frozenset(),  # the rollout batch and the shape legend
+    **{leaf: BASE for leaf in LEAVES},
+    "scale": BASE | {"models"},
+    "rollout": BASE | {"models", "scale"},
+    "evaluation": BASE | {"rewards"},
+    "data": BASE | {"rewards", "rollout"},
+    "training": BASE | {"objectives", "selection", "models", "scale"},
+    "callbacks": BASE | {"selection", "training"},
+    "module": BASE | {*LEAVES, "scale", "rollout", "evaluation", "data", "training"},
+    "commands": BASE | {*LEAVES, "scale", "rollout", "evaluation", "data", "training", "callbacks", "module", "report"},
+    "__main__": frozenset({"commands"}),
+    "report": frozenset({"keys"}),  # reads a run's files; imported only by commands
+}
+"""Part -> the other parts it may import (its own modules it always may)."""
+# The boundaries docs/architecture.md states in words; the table above must keep every one of them.
+NEVER: dict[str, tuple[str, ...]] = {
+    "keys": tuple(p for p in ALLOWED if p != "keys"),
+    "report": tuple(p for p in ALLOWED if p not in ("keys", "report")),
+    "objectives": ("selection",),
+    "selection": ("objectives",),
+    **{
+        leaf: ("module", "data", "training", "callbacks", "commands", "report")
+        for leaf in ("batch", "keys", *LEAVES, "scale", "rollout", "evaluation")
+    },
+    "data": ("module", "training", "callbacks", "commands", "report"),
+    "training": ("module", "data", "callbacks", "commands", "report"),
+    "callbacks": ("module", "data", "commands", "report"),
+    "module": ("commands", "callbacks", "report"),
+}
+MAX_ROOT_FILES = 6  # .py files at the root besides __init__.py and __main__.py
 MAX_FILE_LINES = 300
 MAX_FUNCTION_LINES = 60
 
@@ -115,30 +155,54 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(cycles)
 
 
-def layer_violations(graph: dict[str, set[str]], package: str) -> list[str]:
-    """``importer -> imported`` for every import that goes against the layers."""
-    rules = {f"{package}.{leaf}": FORBIDDEN_FOR_LEAVES for leaf in LEAVES}
-    rules[f"{package}.data"] = ("module", "cli")
-    rules[f"{package}.module"] = ("cli",)
+def part_of(module: str, package: str) -> str:
+    """The part a module belongs to: ``pkg.training.plan`` -> ``training``, ``pkg`` -> ``__init__``."""
+    rest = module.removeprefix(package).removeprefix(".")
+    return rest.split(".")[0] if rest else "__init__"
+
+
+def layer_violations(
+    graph: dict[str, set[str]], package: str, allowed: dict[str, frozenset[str]] = ALLOWED
+) -> list[str]:
+    """``importer -> imported`` for every import of a part the importer's part may not import, and
+    ``module: in no layer`` for every module whose part the table does not place."""
     bad = []
     for importer, imported in sorted(graph.items()):
-        for layer, forbidden in rules.items():
-            if importer != layer and not importer.startswith(layer + "."):
-                continue
-            for target in sorted(imported):
-                if any(target == f"{package}.{f}" or target.startswith(f"{package}.{f}.") for f in forbidden):
-                    bad.append(f"{importer} -> {target}")
+        part = part_of(importer, package)
+        if part not in allowed:
+            bad.append(f"{importer}: in no layer")
+            continue
+        for target in sorted(imported):
+            target_part = part_of(target, package)
+            if target_part != part and target_part not in allowed[part]:
+                bad.append(f"{importer} -> {target}")
     return bad
 
 
 # ---- the package ---------------------------------------------------------------------------------
 
 
-def test_leaves_and_data_respect_the_layers() -> None:
+def test_every_part_imports_only_what_its_layer_allows() -> None:
     graph = import_graph(PACKAGE_ROOT)
     assert len(graph) > 40  # the walk found the package
     assert "capo_lightning.data.datamodule" in graph["capo_lightning.module"]  # the one visible contract
+    assert {part_of(m, "capo_lightning") for m in graph} == set(ALLOWED)  # every part placed, none stale
     assert layer_violations(graph, "capo_lightning") == []
+
+
+def test_the_table_keeps_every_stated_boundary_and_has_no_cycle() -> None:
+    """The words of docs/architecture.md section 1 hold of the table itself (loosening it to let a
+    forbidden import in fails here), and the table is a partial order: parts form no cycle either."""
+    assert [f"{p} -> {q}" for p, never in NEVER.items() for q in never if q in ALLOWED[p]] == []
+    part_graph = {part: set(allowed) for part, allowed in ALLOWED.items()}
+    assert find_cycles(part_graph) == []
+    assert [p for p, allowed in ALLOWED.items() if "report" in allowed] == ["commands"]
+
+
+def test_the_root_shows_the_layers() -> None:
+    """Few modules at the package root: the rest live in rooms named for what they are."""
+    root_files = sorted(p.name for p in PACKAGE_ROOT.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert len(root_files) <= MAX_ROOT_FILES, root_files
 
 
 def test_no_import_cycles() -> None:
@@ -196,14 +260,39 @@ def _write_package(root: Path, files: dict[str, str]) -> Path:
         ({"selection/capo.py": "from ..module import CAPOModule\n"}, ["pkg.selection.capo -> pkg.module"]),
         # the data layer importing the module
         ({"data/datamodule.py": "import pkg.module\n"}, ["pkg.data.datamodule -> pkg.module"]),
-        # allowed: the module imports data, a leaf imports another leaf
-        ({"module.py": "from pkg.data import datamodule\n", "selection/capo.py": "from pkg.batch import B\n"}, []),
+        # two leaves of one layer importing each other
+        ({"selection/capo.py": "from pkg.objectives import grpo\n"}, ["pkg.selection.capo -> pkg.objectives.grpo"]),
+        # keys importing anything of the package, report importing more than keys
+        ({"keys.py": "import pkg.batch\n"}, ["pkg.keys -> pkg.batch"]),
+        ({"report/runs.py": "from pkg import keys, batch\n"}, ["pkg.report.runs -> pkg.batch"]),
+        # a callback reading the DataModule; the step importing the data side; the module importing a callback
+        ({"callbacks/x.py": "from pkg.data.datamodule import DM\n"}, ["pkg.callbacks.x -> pkg.data.datamodule"]),
+        ({"training/plan.py": "import pkg.data\n"}, ["pkg.training.plan -> pkg.data"]),
+        ({"module.py": "from pkg.callbacks import x\n"}, ["pkg.module -> pkg.callbacks.x"]),
+        # a part the table does not place
+        ({"extras/thing.py": ""}, ["pkg.extras: in no layer", "pkg.extras.thing: in no layer"]),
+        # allowed: the module imports data, a leaf imports the base, a callback the step, report keys,
+        # the commands the report, a package its own modules
+        (
+            {
+                "module.py": "from pkg.data import datamodule\n",
+                "selection/capo.py": "from pkg.batch import B\nfrom pkg.selection import rows\n",
+                "callbacks/x.py": "from pkg.training import plan\n",
+                "report/runs.py": "from pkg import keys\n",
+                "commands/cli.py": "import pkg.report.runs\n",
+            },
+            [],
+        ),
     ],
 )
 def test_checker_finds_layer_violations(tmp_path: Path, files: dict[str, str], expected: list[str]) -> None:
-    base = {f"{p}/__init__.py": "" for p in ("objectives", "selection", "data")}
-    base |= {"__init__.py": "", "module.py": "", "batch.py": "", "cli.py": "", "data/datamodule.py": ""}
-    base |= {"objectives/grpo.py": "", "selection/capo.py": ""}
+    packages = ("objectives", "selection", "data", "training", "callbacks", "commands", "report")
+    base = {f"{p}/__init__.py": "" for p in packages}
+    base |= {"__init__.py": "", "module.py": "", "batch.py": "", "keys.py": "", "data/datamodule.py": ""}
+    base |= {"objectives/grpo.py": "", "selection/capo.py": "", "selection/rows.py": "", "training/plan.py": ""}
+    base |= {"callbacks/x.py": "", "commands/cli.py": "", "report/runs.py": ""}
+    if any(path.startswith("extras/") for path in files):
+        base["extras/__init__.py"] = ""
     root = _write_package(tmp_path, base | files)
     assert layer_violations(import_graph(root), "pkg") == expected
 

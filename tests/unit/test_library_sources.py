@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from capo_lightning.cli import main
+from capo_lightning.commands.cli import main
 from capo_lightning.data.champ import ChampSource, champ_answer, champ_gradeable
 from capo_lightning.data.library_sources import HFDatasetSource
 from capo_lightning.data.prompts import DEFAULT_INSTRUCTION, PromptItem

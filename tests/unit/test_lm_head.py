@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from capo_lightning.forward import fusable_head, score_responses
-from capo_lightning.lm_head import head_logprobs
+from capo_lightning.models.forward import fusable_head, score_responses
+from capo_lightning.models.lm_head import head_logprobs
 
 
 def _materialised(hidden: torch.Tensor, weight: torch.Tensor, actions: torch.Tensor):
@@ -78,7 +78,7 @@ def test_score_responses_fused_equals_materialised_logits(tiny_model_dir, monkey
     assert fusable_head(model)
 
     def run(fused: bool):
-        monkeypatch.setattr("capo_lightning.forward.fusable_head", lambda _m: fused)
+        monkeypatch.setattr("capo_lightning.models.forward.fusable_head", lambda _m: fused)
         model.zero_grad()
         out = score_responses(model, ids, mask, 5, need_hidden=True, topk=4)
         out.logprobs.sum().backward()
@@ -113,7 +113,7 @@ def test_models_that_transform_logits_are_not_fused(tiny_model_dir) -> None:
 def test_trimmed_padding_changes_nothing(tiny_model_dir) -> None:
     """Rows whose responses are all short and prompts all shorter than P: scoring cuts the columns no row attends
     to, and logprobs, entropies, hidden states and gradients equal the untrimmed pass (zeros where no row is)."""
-    from capo_lightning.forward import trim_padding
+    from capo_lightning.models.forward import trim_padding
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     torch.manual_seed(4)
@@ -128,7 +128,7 @@ def test_trimmed_padding_changes_nothing(tiny_model_dir) -> None:
     def run(trim: bool):
         model.zero_grad()
         if not trim:  # the reference: the same call with trimming disabled
-            import capo_lightning.forward as F
+            import capo_lightning.models.forward as F
 
             original = F.trim_padding
             F.trim_padding = lambda i, m, n: (i, m, n)

@@ -1,4 +1,4 @@
-"""Tests for capo_lightning.metrics: pass@k against enumeration, maj@n by hand, accumulation, DDP sync."""
+"""Tests for capo_lightning.evaluation.metrics: pass@k against enumeration, maj@n by hand, accumulation, DDP sync."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from capo_lightning.metrics import (
+from capo_lightning.evaluation.metrics import (
     EvalMetrics,
     MajorityAtK,
     MeanAtK,

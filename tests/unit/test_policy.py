@@ -1,4 +1,4 @@
-"""Tests for capo_lightning.policy: model resolution, loading, the tiny model and the bundled SmolLM2.
+"""Tests for capo_lightning.models.policy: model resolution, loading, the tiny model and the bundled SmolLM2.
 
 Run: pytest tests/unit/test_policy.py (fast, ~15 s with imports); pytest tests/unit/test_policy.py -m slow (~40 s).
 """
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from capo_lightning.policy import (
+from capo_lightning.models.policy import (
     BUNDLED_SMOLLM2,
     PolicySpec,
     _build_once,

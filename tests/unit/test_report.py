@@ -294,7 +294,7 @@ def test_bad_run_dirs_say_what_was_expected(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_capo_command_dispatches_report(two_groups, tmp_path: Path) -> None:
-    from capo_lightning.cli import main as capo_main
+    from capo_lightning.commands.cli import main as capo_main
 
     dirs, truth = two_groups
     capo_main(["report", *map(str, dirs), "--out", str(tmp_path / "cli"), "--ema", "1", "--label", f"{dirs[0]}=A"])
@@ -318,7 +318,7 @@ def test_report_imports_nothing_else_of_the_package() -> None:
         if not target.startswith("capo_lightning.report") and target != "capo_lightning.keys"  # the leaf of keys
     ]
     assert "capo_lightning.report.figures" in graph and outside == []
-    assert "capo_lightning.report" in graph["capo_lightning.cli"]  # the one way in: `capo report`
+    assert "capo_lightning.report" in graph["capo_lightning.commands.cli"]  # the one way in: `capo report`
 
 
 def test_run_with_only_its_step0_validation_is_reported_with_notes(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from capo_lightning.cli import main
+from capo_lightning.commands.cli import main
 from tests.conftest import ROOT
 
 DOC = (ROOT / "docs/scaling.md").read_text()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capo_lightning.cli import main
+from capo_lightning.commands.cli import main
 from capo_lightning.rollout import vllm_engine
 from tests.conftest import ROOT
 

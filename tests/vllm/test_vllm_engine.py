@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from capo_lightning.forward import score_responses
-from capo_lightning.lora import LoraSpec
-from capo_lightning.policy import PolicySpec, load_policy
+from capo_lightning.models.forward import score_responses
+from capo_lightning.models.lora import LoraSpec
+from capo_lightning.models.policy import PolicySpec, load_policy
 from capo_lightning.rollout import SamplingConfig, VLLMEngine, WeightSyncError
 from tests.conftest import ROOT
 

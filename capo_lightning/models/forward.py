@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from capo_lightning.lm_head import head_chunk, head_logprobs
+from capo_lightning.models.lm_head import head_chunk, head_logprobs
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # config fields of models whose
 # forward changes the head's output (Gemma 2/3, Cohere, Granite): those are scored from materialised logits
@@ -50,7 +50,7 @@ def score_responses(
 
     Position ``P + j`` holds response token ``j``; its distribution comes from the logits at
     ``P + j - 1``. The LM head is taken over by two hooks for the call: the model computes its hidden
-    states as usual, and the head's input goes to :func:`~capo_lightning.lm_head.head_logprobs`, so no
+    states as usual, and the head's input goes to :func:`~capo_lightning.models.lm_head.head_logprobs`, so no
     [n, L, V] logits tensor exists (memory-bounded, one [chunk, V] block at a time). Hooks rather than a
     separate decoder call keep every wrapper's own hooks (FSDP2 unsharding, DDP) working. The hidden
     states are that same head input, which works whatever the model returns for ``output_hidden_states``.

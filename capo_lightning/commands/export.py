@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from capo_lightning.lora import LoraSpec, is_lora, merged
-from capo_lightning.policy import PolicySpec, load_policy
+from capo_lightning.models.lora import LoraSpec, is_lora, merged
+from capo_lightning.models.policy import PolicySpec, load_policy
 
 PREFIX = "policy."  # the policy's parameters in the LightningModule's state_dict
 

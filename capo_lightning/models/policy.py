@@ -24,8 +24,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from capo_lightning.lora import LoraSpec, apply_lora
 from capo_lightning.models.bundled import BUNDLED_SMOLLM2, convert_bundled_smollm2
+from capo_lightning.models.lora import LoraSpec, apply_lora
 from capo_lightning.models.tiny import build_tiny_model
 
 TINY = "tiny"

@@ -22,8 +22,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from capo_lightning.lora import transformers_model
-from capo_lightning.policy import parse_dtype
+from capo_lightning.models.lora import transformers_model
+from capo_lightning.models.policy import parse_dtype
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,7 @@ def drop_frozen(state_dict: dict, policy: nn.Module, prefix: str = "policy.") ->
 
     A sharded (FSDP2) checkpoint keeps them too: Lightning's sharded loader asks the shards for the whole model
     state and fails on any key they lack. Each rank then writes its share of the base, 1/world of it. (Sharded
-    = DTensor entries, told apart as :func:`capo_lightning.parallel.full_tensor` does, by ``full_tensor``.)"""
+    = DTensor entries, told apart as :func:`capo_lightning.scale.parallel.full_tensor` does, by ``full_tensor``.)"""
     if not is_lora(policy) or any(hasattr(value, "full_tensor") for value in state_dict.values()):
         return
     trained = {prefix + name for name, param in policy.named_parameters(remove_duplicate=False) if param.requires_grad}

@@ -14,10 +14,10 @@ from typing import Any, NoReturn
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from capo_lightning.commands.regime import Regime, apply_regime
+from capo_lightning.commands.wandb_config import CapoSaveConfig, fill_wandb_logger, finish_wandb_runs, run_name
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.module import CAPOModule
-from capo_lightning.regime import Regime, apply_regime
-from capo_lightning.wandb_config import CapoSaveConfig, fill_wandb_logger, finish_wandb_runs, run_name
 
 DESCRIPTION = (
     "capo fit|validate|test --config A.yaml [--config B.yaml] [--key=value ...]: train or grade a policy. "
@@ -205,7 +205,7 @@ def main(args: ArgsType = None) -> None:
     tests call ``main([...])``.
 
     ``capo report ...`` goes to :func:`capo_lightning.report.main` and ``capo export ...`` to
-    :func:`capo_lightning.export.main` (plain argparse, no LightningCLI).
+    :func:`capo_lightning.commands.export.main` (plain argparse, no LightningCLI).
     """
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:
@@ -214,7 +214,7 @@ def main(args: ArgsType = None) -> None:
         report_main(list(argv[1:]))
         return
     if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["export"]:
-        from capo_lightning.export import main as export_main
+        from capo_lightning.commands.export import main as export_main
 
         export_main(list(argv[1:]))
         return

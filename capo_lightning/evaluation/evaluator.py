@@ -2,7 +2,7 @@
 
 Each eval batch holds P problems with n completions each, graded 0/1 by the DataModule's
 ``eval_reward_fn``. :class:`Evaluator` feeds them to rank-synchronised torchmetrics
-(:mod:`capo_lightning.metrics`) and returns, per dataset ``ds``:
+(:mod:`capo_lightning.evaluation.metrics`) and returns, per dataset ``ds``:
 
 * ``{stage}/{ds}/accuracy`` (mean@n), ``{stage}/{ds}/pass@k`` (unbiased, k = 1, 2, 4, ..., n),
   ``{stage}/{ds}/maj@n`` (majority vote over the n extracted answers);
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
-from capo_lightning.metrics import EvalMetrics
+from capo_lightning.evaluation.metrics import EvalMetrics
 from capo_lightning.rewards.math import answer_key
 
 
