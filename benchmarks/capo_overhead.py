@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import torch  # noqa: E402
 
-from capo_lightning.selection import curvature, subspace  # noqa: E402
+from capo_lightning.selection import curvature, global_shifts, subspace  # noqa: E402
 from capo_lightning.selection.base import TokenView  # noqa: E402
 from capo_lightning.selection.capo import CAPOSelector  # noqa: E402
 
@@ -309,7 +309,7 @@ _OUTER = {  # phase -> label: curvature functions the selector calls, then CAPOS
     "_advance": "shadow-Adam m, v update on touched rows",
     "_metrics": "metrics: means, max, 4 quantiles",
 }
-_OUTER_FUNCTIONS = ("token_shifts", "batch_shifts")  # patched on the curvature module
+_OUTER_FUNCTIONS = ("token_shifts", "batch_shifts")  # patched on the curvature modules
 _OUTER_METHODS = ("_advance", "_metrics")  # patched on the selector instance
 _INNER = ("topk_policy", "token_gradients", "adam_direction", "shifts_from_direction", "row_gradient_sums")
 
@@ -321,7 +321,8 @@ class _Instrument:
     the curvature functions they call, attributed to the outer phase that is running
     ("batch_shifts/row_gradient_sums"). ``finish()`` adds "<outer>/other", the outer phase's own code
     (e.g. the dense [V, d] ops of ``batch_shifts``), and "forward/other". Curvature functions are looked
-    up as module attributes at call time, so patching the module reaches the calls inside it."""
+    up as module attributes at call time, so patching each module that holds the name (``curvature``,
+    ``global_shifts``) reaches the calls inside it."""
 
     def __init__(self, sel: CAPOSelector) -> None:
         self.sel, self.rec = sel, defaultdict(float)
@@ -343,11 +344,14 @@ class _Instrument:
         return wrapper
 
     def __enter__(self) -> _Instrument:
-        self.originals = {name: getattr(curvature, name) for name in (*_INNER, *_OUTER_FUNCTIONS)}
-        for name in _INNER:
-            setattr(curvature, name, self._wrap(name, self.originals[name], outer=False))
-        for name in _OUTER_FUNCTIONS:
-            setattr(curvature, name, self._wrap(name, self.originals[name], outer=True))
+        self.originals = {
+            (module, name): getattr(module, name)
+            for module in (curvature, global_shifts)
+            for name in (*_INNER, *_OUTER_FUNCTIONS)
+            if hasattr(module, name)
+        }
+        for (module, name), fn in self.originals.items():
+            setattr(module, name, self._wrap(name, fn, outer=name in _OUTER_FUNCTIONS))
         for name in _OUTER_METHODS:
             setattr(self.sel, name, self._wrap(name, getattr(self.sel, name), outer=True))
         self.sel_forward = self.sel.forward
@@ -355,8 +359,8 @@ class _Instrument:
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, fn in self.originals.items():
-            setattr(curvature, name, fn)
+        for (module, name), fn in self.originals.items():
+            setattr(module, name, fn)
         for name in (*_OUTER_METHODS, "forward"):
             delattr(self.sel, name)
 

@@ -1,9 +1,10 @@
 """capo_lightning: curvature-aware policy optimization for LLM reasoning, on PyTorch Lightning.
 
 Modules that once sat at the package root keep their old dotted names: ``capo_lightning.optim`` is
-:mod:`capo_lightning.training.optim`, the same module object, imported only when the old name is (old
-configs' ``class_path`` entries, old checkpoints' pickled classes and ``python -m capo_lightning.cli`` keep
-working). The package itself imports nothing heavy: the finder below holds only names.
+:mod:`capo_lightning.training.optim`, the same module object, imported only when the old name is
+(old configs' ``class_path`` entries, old checkpoints' pickled classes and
+``python -m capo_lightning.cli`` keep working). The package itself imports nothing heavy: the finder
+below holds only names.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class _MovedModuleLoader(importlib.abc.Loader):
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         module = importlib.import_module(self.target)
-        self._target_spec = module.__spec__  # the import system sets __spec__ to the alias's; put it back
+        # the import system sets __spec__ to the alias's; put it back
+        self._target_spec = module.__spec__
         return module
 
     def exec_module(self, module: ModuleType) -> None:
@@ -52,7 +54,8 @@ class _MovedModuleLoader(importlib.abc.Loader):
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder):
-    """Answers only for the names in :data:`MOVED`; every other import goes on to the next finder."""
+    """Answers only for the names in :data:`MOVED`; every other import goes on to the next
+    finder."""
 
     def find_spec(
         self, fullname: str, path: object = None, target: object = None
@@ -60,9 +63,15 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder):
         moved_to = MOVED.get(fullname)
         if moved_to is None:
             return None
-        real = importlib.util.find_spec(moved_to)  # its file is the alias's origin (runpy's sys.argv[0])
-        return importlib.util.spec_from_loader(fullname, _MovedModuleLoader(moved_to), origin=real.origin)
+        # its file is the alias's origin (runpy's sys.argv[0])
+        real = importlib.util.find_spec(moved_to)
+        return importlib.util.spec_from_loader(
+            fullname, _MovedModuleLoader(moved_to), origin=real.origin
+        )
 
 
-if not any(type(finder).__qualname__ == _MovedModuleFinder.__qualname__ for finder in sys.meta_path):
-    sys.meta_path.insert(0, _MovedModuleFinder())  # first: an old name must never find a stray old file
+if not any(
+    type(finder).__qualname__ == _MovedModuleFinder.__qualname__ for finder in sys.meta_path
+):
+    # first: an old name must never find a stray old file
+    sys.meta_path.insert(0, _MovedModuleFinder())

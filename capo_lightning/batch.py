@@ -39,7 +39,14 @@ TENSOR_FIELDS = (
 )  # the per-row tensors of a RolloutBatch, moved and sliced together
 
 
-BATCH_FIELDS = (*TENSOR_FIELDS, "policy_version", "rollout_step", "max_new_tokens", "texts", "stats")
+BATCH_FIELDS = (
+    *TENSOR_FIELDS,
+    "policy_version",
+    "rollout_step",
+    "max_new_tokens",
+    "texts",
+    "stats",
+)
 
 
 class RolloutBatch:
@@ -48,11 +55,11 @@ class RolloutBatch:
     ``input_ids`` holds prompt and response side by side: the prompt left padded to P,
     the response right padded to L, so position ``P + j`` is response token ``j`` for every row.
 
-    An immutable record (change it with :meth:`replace`), and deliberately not a dataclass: Lightning walks
-    dataclasses, dicts and lists with ``apply_to_collection``, and a true half-precision plugin
-    (``bf16-true``, ``16-true``) casts every float tensor it finds to the model dtype (a frozen dataclass
-    crashes it instead). The behaviour logprobs and rewards must stay fp32, so the batch is a leaf that
-    moves itself (:meth:`to`) and is never cast.
+    An immutable record (change it with :meth:`replace`), and deliberately not a dataclass:
+    Lightning walks dataclasses, dicts and lists with ``apply_to_collection``, and a true
+    half-precision plugin (``bf16-true``, ``16-true``) casts every float tensor it finds to the
+    model dtype (a frozen dataclass crashes it instead). The behaviour logprobs and rewards must
+    stay fp32, so the batch is a leaf that moves itself (:meth:`to`) and is never cast.
 
     Fields:
         input_ids: [N, P+L] long.
@@ -98,8 +105,22 @@ class RolloutBatch:
         texts: RolloutTexts | None = None,
         stats: dict[str, float] | None = None,
     ) -> None:
-        values = (input_ids, attention_mask, response_mask, behavior_logprobs, rewards, group_ids, truncated)
-        values += (policy_version, rollout_step, max_new_tokens, texts, {} if stats is None else stats)
+        values = (
+            input_ids,
+            attention_mask,
+            response_mask,
+            behavior_logprobs,
+            rewards,
+            group_ids,
+            truncated,
+        )
+        values += (
+            policy_version,
+            rollout_step,
+            max_new_tokens,
+            texts,
+            {} if stats is None else stats,
+        )
         for name, value in zip(BATCH_FIELDS, values):
             object.__setattr__(self, name, value)
 
@@ -110,8 +131,13 @@ class RolloutBatch:
         return (RolloutBatch, tuple(getattr(self, name) for name in BATCH_FIELDS))
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{name}={tuple(getattr(self, name).shape)}" for name in TENSOR_FIELDS[:1])
-        return f"RolloutBatch(N={self.num_completions}, {shapes}, policy_version={self.policy_version})"
+        shapes = ", ".join(
+            f"{name}={tuple(getattr(self, name).shape)}" for name in TENSOR_FIELDS[:1]
+        )
+        return (
+            f"RolloutBatch(N={self.num_completions}, {shapes}, "
+            f"policy_version={self.policy_version})"
+        )
 
     def replace(self, **changes: object) -> RolloutBatch:
         """A copy with the given fields changed (like ``dataclasses.replace``)."""
@@ -141,7 +167,9 @@ class RolloutBatch:
 
     def select(self, rows: Tensor) -> RolloutBatch:
         """A sub-batch of the given rows (a minibatch); ``rows`` is a [n] long index tensor."""
-        return self.replace(**{name: getattr(self, name)[rows] for name in TENSOR_FIELDS}, texts=None)
+        return self.replace(
+            **{name: getattr(self, name)[rows] for name in TENSOR_FIELDS}, texts=None
+        )
 
     def validate(self) -> None:
         """Raise ValueError when shapes or dtypes disagree (cheap; called by the DataModule)."""
@@ -163,4 +191,6 @@ class RolloutBatch:
             raise ValueError(f"RolloutBatch: response length {l} exceeds sequence length {total}")
         for name in ("attention_mask", "response_mask", "truncated"):
             if getattr(self, name).dtype != torch.bool:
-                raise ValueError(f"RolloutBatch.{name} must be bool, got {getattr(self, name).dtype}")
+                raise ValueError(
+                    f"RolloutBatch.{name} must be bool, got {getattr(self, name).dtype}"
+                )

@@ -1,7 +1,8 @@
 """CAPOModule: owns the policy (and a frozen reference when needed) and wires one RL step together.
 
-The step itself (forward, selection, loss, optimizer steps) lives in :mod:`capo_lightning.training`; this file
-holds the Lightning hooks around it: building, bookkeeping, logging, weight sync, evaluation, checkpoint state.
+The step itself (forward, selection, loss, optimizer steps) lives in :mod:`capo_lightning.training`;
+this file holds the Lightning hooks around it: building, bookkeeping, logging, weight sync,
+evaluation, checkpoint state.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.eval_sets import EvalSpec
-from capo_lightning.evaluation import Evaluator
+from capo_lightning.evaluation.hooks import EvaluationHooks
 from capo_lightning.models.lora import check_lora, drop_frozen, is_lora
 from capo_lightning.models.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.objectives import GRPO, Objective
@@ -30,14 +31,14 @@ from capo_lightning.scale.parallel import prepare_models
 from capo_lightning.selection import Selector, keep_out_of_ddp_broadcasts
 from capo_lightning.training import schedules
 from capo_lightning.training.context import NonFiniteGuard, StepContext
-from capo_lightning.training.optim import WarmupCosineLR, default_optimizer
+from capo_lightning.training.optim import default_optimizer, optimizer_config
 from capo_lightning.training.passes import reference_logprobs
-from capo_lightning.training.plan import plan_step
+from capo_lightning.training.plan import inert_settings, plan_step
 from capo_lightning.training.result import STEP_KEY, SelectionStats, StepResult
-from capo_lightning.training.step_metrics import rollout_metrics, sample_text
+from capo_lightning.training.step_metrics import StepClock, rollout_metrics, sample_text
 
 
-class CAPOModule(LightningModule):
+class CAPOModule(EvaluationHooks, LightningModule):
     """Policy-gradient fine-tuning with pluggable Objective and Selector (manual optimization).
 
     One training step takes one rollout batch (see :mod:`capo_lightning.batch`) and runs
@@ -54,13 +55,16 @@ class CAPOModule(LightningModule):
         ppo_epochs: mu, passes over each rollout batch.
         minibatches: optimizer steps per pass; must divide N.
         micro_batch_size: rows per forward/backward (gradient accumulation); None = whole minibatch.
-        max_grad_norm: clip the global gradient norm to this; None disables clipping (norm still logged).
+        max_grad_norm: clip the global gradient norm to this; None disables clipping (norm still
+            logged).
         sample_every_n_steps: print one prompt/completion/reward every n steps (0 = never).
         max_consecutive_skips: stop the run after this many optimizer steps in a row with a
             non-finite loss or gradient (each such step is skipped, leaving the weights unchanged).
-        mask_truncated: drop completions that hit max_new_tokens from the loss (DAPO's overlong filtering).
-        tis_cap: multiply each token's loss by min(pi_old / pi_engine, tis_cap), the truncated importance
-            weight that corrects for engine/trainer logprob mismatch (TIS); None disables it.
+        mask_truncated: drop completions that hit max_new_tokens from the loss (DAPO's overlong
+            filtering).
+        tis_cap: multiply each token's loss by min(pi_old / pi_engine, tis_cap), the truncated
+            importance weight that corrects for engine/trainer logprob mismatch (TIS); None disables
+            it.
     """
 
     def __init__(
@@ -81,7 +85,11 @@ class CAPOModule(LightningModule):
         tis_cap: float | None = None,
     ) -> None:
         super().__init__()
-        counts = {"ppo_epochs": ppo_epochs, "minibatches": minibatches, "micro_batch_size": micro_batch_size or 1}
+        counts = {
+            "ppo_epochs": ppo_epochs,
+            "minibatches": minibatches,
+            "micro_batch_size": micro_batch_size or 1,
+        }
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {value}")
@@ -91,37 +99,51 @@ class CAPOModule(LightningModule):
         self.selector = selector
         self.engine = engine if engine is not None else HFEngine()
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
-        self.ppo_epochs, self.minibatches, self.micro_batch_size = ppo_epochs, minibatches, micro_batch_size
+        self.ppo_epochs, self.minibatches, self.micro_batch_size = (
+            ppo_epochs,
+            minibatches,
+            micro_batch_size,
+        )
         self.max_grad_norm, self.sample_every_n_steps = max_grad_norm, sample_every_n_steps
         self.guard = NonFiniteGuard(max_consecutive_skips)
         self.mask_truncated = mask_truncated
         if tis_cap is not None and tis_cap <= 0:
-            raise ValueError(f"model.tis_cap must be > 0 (typically 2), got {tis_cap}; None disables it")
+            raise ValueError(
+                f"model.tis_cap must be > 0 (typically 2), got {tis_cap}; None disables it"
+            )
         self.tis_cap = tis_cap
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
-        self._reference: torch.nn.Module | None = None  # plain attribute: not a child, not checkpointed
-        self.rollout_step, self.completions_total = 0, 0  # batches trained on; completions over all ranks
+        # plain attribute: not a child, not checkpointed
+        self._reference: torch.nn.Module | None = None
+        # batches trained on; completions over all ranks
+        self.rollout_step, self.completions_total = 0, 0
         self.eval_spec = EvalSpec()  # replaced by what the DataModule's connect() returns
-        self._last_step_end: float | None = None
-        self._val_seconds, self._val_start = 0.0, 0.0
+        self._clock = StepClock()  # time/step_s without the validations (time/val_s)
 
     # ---- building -----------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Load policy (+ reference), bind the engine and connect the DataModule. Idempotent."""
         if self.policy is None:
             self.policy, self.tokenizer = load_policy(self.policy_spec)
-            lora = is_lora(self.policy)  # LoRA: the reference is the policy itself, scored with its adapters off
+            # LoRA: the reference is the policy itself, scored with its adapters off
+            lora = is_lora(self.policy)
             if self.objective.needs_reference:
-                reference = self.policy if lora else copy.deepcopy(self.policy).requires_grad_(False).eval()
-                object.__setattr__(self, "_reference", reference)  # not a child: kept out of state_dict, optimizer, DDP
-            prepare_models(self._trainer, self.policy, None if lora else self._reference)  # FSDP2; refuses 16-true
+                reference = (
+                    self.policy if lora else copy.deepcopy(self.policy).requires_grad_(False).eval()
+                )
+                # not a child: kept out of state_dict, optimizer, DDP
+                object.__setattr__(self, "_reference", reference)
+            # FSDP2; refuses 16-true
+            prepare_models(self._trainer, self.policy, None if lora else self._reference)
             check_lora(self.policy, self.selector)
             self.strict_loading = not lora  # a LoRA checkpoint holds no frozen base weights
             self.engine.bind(self.policy, self.tokenizer)
             if self.selector is not None:
-                self.selector.build(*lm_head_weight(self.policy).shape)  # state exists before a restore
-                keep_out_of_ddp_broadcasts(self, "selector")  # the same on every rank; 2 x 2.2 GB at 7B
+                # state exists before a restore
+                self.selector.build(*lm_head_weight(self.policy).shape)
+                # the same on every rank; 2 x 2.2 GB at 7B
+                keep_out_of_ddp_broadcasts(self, "selector")
         if isinstance(datamodule := self._trainer and self._trainer.datamodule, RolloutDataModule):
             context = getattr(self.policy.config, "max_position_embeddings", None)
             self.eval_spec = datamodule.connect(self.engine, self.tokenizer, context_len=context)
@@ -139,29 +161,22 @@ class CAPOModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """Optimizer over the policy's trainable parameters only (never the reference)."""
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            scheduler.set_total_steps(self.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_config(
+            params, self.optimizer_factory, self.scheduler_factory, lambda: self.trainer.max_steps
+        )
 
     def on_fit_start(self) -> None:
-        """Make sure the policy trains (from_pretrained returns eval mode) and warn on inert settings."""
+        """Make sure the policy trains (from_pretrained returns eval mode) and warn on inert
+        settings."""
         self.policy.train()
-        if self.ppo_epochs == 1 and self.minibatches == 1 and self.objective.uses_clipping:
-            rank_zero_warn(
-                "capo: model.ppo_epochs = model.minibatches = 1, so the ratio is exactly 1 and the clip range "
-                f"({type(self.objective).__name__} clip_low/clip_high) never acts; raise either to use it."
-            )
-        if self.tis_cap is not None and self.engine.shares_policy:
-            rank_zero_warn(
-                f"capo: model.tis_cap is set but {type(self.engine).__name__} samples with the policy itself, so "
-                "engine and trainer logprobs agree and the importance weight is ~1; it matters with vLLM."
-            )
+        for warning in inert_settings(
+            self.ppo_epochs, self.minibatches, self.objective, self.tis_cap, self.engine
+        ):
+            rank_zero_warn(warning)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
         """RolloutBatch knows how to move itself (texts stay on the host)."""
         if isinstance(batch, RolloutBatch):
             return batch.to(device)
@@ -169,17 +184,21 @@ class CAPOModule(LightningModule):
 
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict[str, StepResult]:
         """One rollout batch -> ``ppo_epochs * minibatches`` optimizer steps under the schedule
-        :func:`~capo_lightning.training.schedules.choose` names; the :class:`StepResult` rides under ``STEP_KEY``
-        (Lightning's manual optimisation takes a Mapping), for the callbacks."""
+        :func:`~capo_lightning.training.schedules.choose` names; the :class:`StepResult` rides under
+        ``STEP_KEY`` (Lightning's manual optimisation takes a Mapping), for the callbacks."""
         t0 = time.perf_counter()
-        staleness = torch.tensor(float(self.global_step - batch.policy_version), dtype=torch.float32)
+        staleness = torch.tensor(
+            float(self.global_step - batch.policy_version), dtype=torch.float32
+        )
         if self.mask_truncated:
             batch = batch.replace(response_mask=batch.response_mask & ~batch.truncated.unsqueeze(1))
         advantages = self.objective.advantages(batch.rewards, batch.group_ids)  # [N]
         ref = None
         if self.objective.needs_reference:  # bounded like the policy's forwards
             ref = reference_logprobs(self._reference, batch, self.micro_batch_size)
-        plan = plan_step(batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size)
+        plan = plan_step(
+            batch.num_completions, self.ppo_epochs, self.minibatches, self.micro_batch_size
+        )
         context = self._step_context()
         schedule = schedules.choose(plan, self.selector)
         update = schedules.run(schedule, context, batch, advantages, ref, plan)
@@ -192,7 +211,11 @@ class CAPOModule(LightningModule):
         self._log_metrics(metrics, batch.num_completions)
         stats = SelectionStats.count(update.selection, advantages, context.sum_over_ranks)
         advantages = advantages.detach()
-        return {STEP_KEY: StepResult(schedule.value, update.selection, advantages, update.loss, metrics, stats)}
+        return {
+            STEP_KEY: StepResult(
+                schedule.value, update.selection, advantages, update.loss, metrics, stats
+            )
+        }
 
     def _step_context(self) -> StepContext:
         world = self.trainer.world_size
@@ -216,82 +239,55 @@ class CAPOModule(LightningModule):
 
     # ---- metrics ------------------------------------------------------------------------------
     def _log_metrics(self, metrics: dict[str, Tensor], batch_size: int) -> None:
-        """The row's ``step`` = optimizer steps done (as ``max_steps`` and the progress bar count); ``time/step_s``
-        excludes validation (``time/val_s``). Selection and health are the callbacks' (:mod:`.callbacks`)."""
-        now = time.perf_counter()
-        if self._last_step_end is not None:
-            metrics[keys.TIME_STEP] = torch.tensor(now - self._last_step_end - self._val_seconds, dtype=torch.float32)
-        self._last_step_end, self._val_seconds = now, 0.0
+        """The row's ``step`` = optimizer steps done (as ``max_steps`` and the progress bar count);
+        ``time/step_s`` excludes validation (``time/val_s``). Selection and health are the
+        callbacks' (:mod:`.callbacks`)."""
+        seconds = self._clock.step_seconds()
+        if seconds is not None:
+            metrics[keys.TIME_STEP] = torch.tensor(seconds, dtype=torch.float32)
         values = {k: v.float() for k, v in metrics.items()}
         values["step"] = torch.tensor(float(self.global_step), dtype=torch.float32)
         self.log_dict(
-            values, on_step=True, on_epoch=False, batch_size=batch_size, sync_dist=self.trainer.world_size > 1
+            values,
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch_size,
+            sync_dist=self.trainer.world_size > 1,
         )
-        self.log("reward", metrics[keys.REWARD_MEAN].float(), prog_bar=True, logger=False, batch_size=batch_size)
+        self.log(
+            "reward",
+            metrics[keys.REWARD_MEAN].float(),
+            prog_bar=True,
+            logger=False,
+            batch_size=batch_size,
+        )
 
     def on_train_batch_end(self, outputs: Any, batch: RolloutBatch, batch_idx: int) -> None:
         """Push the new weights to the engine (a no-op for engines that share the policy)."""
         self.engine.sync_weights(self.policy, self.global_step)
-        if self.sample_every_n_steps and batch.texts is not None and self.rollout_step % self.sample_every_n_steps == 0:
+        if (
+            self.sample_every_n_steps
+            and batch.texts is not None
+            and self.rollout_step % self.sample_every_n_steps == 0
+        ):
             rank_zero_info(sample_text(batch, self.global_step))
-
-    def on_validation_epoch_start(self) -> None:
-        self._evaluator = self._make_evaluator("val")
-        self._val_start = time.perf_counter()
-
-    def on_test_epoch_start(self) -> None:
-        self._evaluator = self._make_evaluator("test")
-
-    def validation_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Grade the sampled completions: accuracy, pass@k and maj@n per dataset (see :mod:`evaluation`)."""
-        self._eval_step(batch, dataloader_idx)
-
-    def test_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Same as validation, logged under ``test/``."""
-        self._eval_step(batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        seconds = time.perf_counter() - self._val_start
-        self._val_seconds += seconds
-        self.log(keys.TIME_VAL, seconds, sync_dist=self.trainer.world_size > 1)
-        self._end_eval()
-
-    def on_test_epoch_end(self) -> None:
-        self._end_eval()
-
-    def _end_eval(self) -> None:
-        results = self._evaluator.compute()  # torchmetrics already synchronised the ranks
-        self.log_dict(results)
-        sync = self.trainer.world_size > 1  # the values agree on every rank; syncing only quiets Lightning
-        self.log("step", float(self.global_step), sync_dist=sync)  # the row's step: optimizer steps done
-        self.log("acc", results[f"{self._evaluator.stage}/accuracy"], prog_bar=True, logger=False, sync_dist=sync)
-        rank_zero_info(self._evaluator.summary(results, self.global_step))
-
-    def _make_evaluator(self, stage: str) -> Evaluator:
-        return Evaluator(stage, self.eval_spec.names(stage), self.eval_spec.samples, self.device)
-
-    def _eval_step(self, batch: RolloutBatch, dataloader_idx: int) -> None:
-        self._evaluator.update(batch, dataloader_idx)
-        self.log_dict(
-            self._evaluator.batch_metrics(batch, dataloader_idx),
-            batch_size=batch.num_completions,
-            sync_dist=self.trainer.world_size > 1,
-            on_epoch=True,
-            on_step=False,
-            add_dataloader_idx=False,
-        )
 
     # ---- checkpoint -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the counters and the policy's spec next to the weights (the data position is the DataModule's)."""
-        drop_frozen(checkpoint["state_dict"], self.policy)  # LoRA: adapters (and a trained head) only
+        """Store the counters and the policy's spec next to the weights (the data position is the
+        DataModule's)."""
+        # LoRA: adapters (and a trained head) only
+        drop_frozen(checkpoint["state_dict"], self.policy)
         checkpoint["capo_state"] = {
-            "rollout_step": self.rollout_step, "completions_total": self.completions_total,
-            "skipped_steps": self.skipped_steps, "policy": dataclasses.asdict(self.policy_spec),  # for `capo export`
-        }  # fmt: skip
+            "rollout_step": self.rollout_step,
+            "completions_total": self.completions_total,
+            "skipped_steps": self.skipped_steps,
+            "policy": dataclasses.asdict(self.policy_spec),  # for `capo export`
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the counters; a checkpoint from before the DataModule kept the data position hands it ours."""
+        """Restore the counters; a checkpoint from before the DataModule kept the data position
+        hands it ours."""
         state = checkpoint.get("capo_state", {})
         self.rollout_step = int(state.get("rollout_step", 0))
         self.completions_total = int(state.get("completions_total", 0))

@@ -1,6 +1,10 @@
 """docs/results.md's tables for the warm-started regime study, recomputed from the committed runs (docs/study/warm/).
 
-    .venv/bin/python scripts/warm_study_table.py [docs/study/warm]
+    .venv/bin/python scripts/warm_study_table.py [docs/study/warm] [--runs NAME ...]
+
+The first line names the runs the tables cover (``Runs in these tables (n): ...``): every finished run, or those
+given with ``--runs``. The study's driver commits runs while the study goes on, so docs/results.md shows the
+tables of the runs it names, and its test recomputes exactly those (``--runs`` with the page's list).
 
 Arms are ``capo report``'s groups (objective, selector with its thresholds / shadow model / calibration, regime,
 lr, starting policy; seeds are replicates). Per arm, mean ± SEM over seeds (SEM = sample std / sqrt(n)):
@@ -30,6 +34,7 @@ whose runs span more than one commit or starting policy (they must be rerun).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -167,14 +172,22 @@ def provenance(folder: Path, groups: dict[str, list[Run]]) -> list[str]:
     return notes
 
 
-def table(folder: Path) -> str:
-    """The markdown tables of every finished run under ``folder``."""
+RUNS_LINE = "Runs in these tables"
+
+
+def table(folder: Path, names: list[str] | None = None) -> str:
+    """The markdown tables of the finished runs under ``folder`` (those in ``names``, if given)."""
     run_dirs = sorted(p for p in folder.iterdir() if (p / "provenance.json").exists())
+    if names is not None:
+        missing = sorted(set(names) - {p.name for p in run_dirs})
+        if missing:
+            raise SystemExit(f"no finished run {', '.join(missing)} under {folder}")
+        run_dirs = [p for p in run_dirs if p.name in names]
     runs = [load_run(p) for p in run_dirs]
     found, _ = group_runs(runs)
     groups = {group.label: group.runs for group in found}
     reference = next((runs for label, runs in groups.items() if is_reference(label)), [])
-    lines = [HEADER, "|" + "---|" * 12]
+    lines = [f"{RUNS_LINE} ({len(run_dirs)}): {', '.join(p.name for p in run_dirs)}.", "", HEADER, "|" + "---|" * 12]
     order = sorted(groups, key=lambda label: (label.split(" · ", 1)[1], label))
     lines += [arm_row(label, groups[label], reference) for label in order]
     ladder = frontier(groups)
@@ -186,5 +199,21 @@ def table(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def named_runs(page: str) -> list[str] | None:
+    """The runs a page's tables cover, from its ``Runs in these tables (n): a, b.`` line (None: no such line)."""
+    for line in page.splitlines():
+        if line.startswith(RUNS_LINE):
+            return [name.strip() for name in line.split(":", 1)[1].strip().rstrip(".").split(",")]
+    return None
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", default="docs/study/warm", type=Path)
+    parser.add_argument("--runs", nargs="+", help="only these finished runs (folder names)")
+    args = parser.parse_args(argv)
+    print(table(args.folder, args.runs))
+
+
 if __name__ == "__main__":
-    print(table(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/study/warm")))
+    main(sys.argv[1:])

@@ -1,8 +1,9 @@
-"""Callbacks: what is logged about selection and training health, the console, and the collapse guard.
+"""Callbacks: what is logged about selection and training health, the console, and the collapse
+guard.
 
 Each is usable alone from a config's ``trainer.callbacks`` list; they read the step's typed record
-(:class:`~capo_lightning.training.result.StepResult`, via ``step_result(outputs)``) and the logged metrics,
-and (except the collapse detector's ``rollback``) never change training.
+(:class:`~capo_lightning.training.result.StepResult`, via ``step_result(outputs)``) and the logged
+metrics, and (except the collapse detector's ``rollback``) never change training.
 """
 
 from capo_lightning.callbacks.baseline import ValidateBeforeTraining

@@ -12,12 +12,13 @@ from lightning.pytorch.utilities import rank_zero_info
 class InterruptCheckpoint(Checkpoint):
     """On Ctrl-C or an exception during ``fit``, write ``<dirpath>/last-interrupted.ckpt``.
 
-    The name matches Lightning's ``last*`` pattern, so ``--ckpt_path last`` resumes from it when it is
-    the newest. Unlike Lightning's ``OnExceptionCheckpoint``, its presence does not make a plain
+    The name matches Lightning's ``last*`` pattern, so ``--ckpt_path last`` resumes from it when it
+    is the newest. Unlike Lightning's ``OnExceptionCheckpoint``, its presence does not make a plain
     ``capo fit`` (without ``--ckpt_path``) resume silently: resuming is always asked for.
 
     Args:
-        dirpath: folder of the checkpoint; "" = ``<trainer.default_root_dir>/checkpoints`` (filled by the CLI).
+        dirpath: folder of the checkpoint; "" = ``<trainer.default_root_dir>/checkpoints`` (filled
+            by the CLI).
     """
 
     FILENAME = "last-interrupted.ckpt"
@@ -25,7 +26,9 @@ class InterruptCheckpoint(Checkpoint):
     def __init__(self, dirpath: str = "") -> None:
         self.dirpath = dirpath
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
         """Save the current state, whatever went wrong."""
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
         path = folder / self.FILENAME

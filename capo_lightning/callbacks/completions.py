@@ -1,4 +1,5 @@
-"""A sample of what the policy wrote: prompts, completions, rewards and the selector's share of rejections."""
+"""A sample of what the policy wrote: prompts, completions, rewards and the selector's share of
+rejections."""
 
 from __future__ import annotations
 
@@ -12,27 +13,40 @@ from lightning.pytorch.loggers import WandbLogger
 
 from capo_lightning.training.result import StepResult, step_result
 
-COLUMNS = ["step", "prompt", "completion", "answer", "reward", "advantage", "tokens", "rejected_share"]
+COLUMNS = [
+    "step",
+    "prompt",
+    "completion",
+    "answer",
+    "reward",
+    "advantage",
+    "tokens",
+    "rejected_share",
+]
 
 
 class CompletionsLog(Callback):
     """Every ``every_n_steps`` steps, records up to ``rows`` completions of the step (rank zero's).
 
-    Each row: step, prompt, completion, gold answer, reward, advantage, response tokens and the share of
-    its judged tokens the selector rejected (null without a selector, or when none of its tokens was judged, as
-    a truncated completion under ``mask_truncated``). With a W&B logger the rows go to a
-    W&B table ``completions`` (one per logging step); with any other logger they are appended to
-    ``completions.jsonl`` in that logger's folder, next to ``metrics.csv``.
+    Each row: step, prompt, completion, gold answer, reward, advantage, response tokens and the
+    share of its judged tokens the selector rejected (null without a selector, or when none of its
+    tokens was judged, as a truncated completion under ``mask_truncated``). With a W&B logger the
+    rows go to a W&B table ``completions`` (one per logging step); with any other logger they are
+    appended to ``completions.jsonl`` in that logger's folder, next to ``metrics.csv``.
 
     Args:
         every_n_steps: steps between samples (optimizer steps, as the ``step`` column); 0 = never.
-        rows: completions per sample (the first ones of the batch, in order: whole groups when a multiple of G).
+        rows: completions per sample (the first ones of the batch, in order: whole groups when a
+            multiple of G).
         max_chars: prompts and completions are cut to this many characters.
     """
 
     def __init__(self, every_n_steps: int = 10, rows: int = 8, max_chars: int = 2000) -> None:
         if every_n_steps < 0 or rows < 1:
-            raise ValueError(f"CompletionsLog needs every_n_steps >= 0 and rows >= 1, got {every_n_steps}, {rows}")
+            raise ValueError(
+                f"CompletionsLog needs every_n_steps >= 0 and rows >= 1, got {every_n_steps}, "
+                f"{rows}"
+            )
         self.every_n_steps, self.rows, self.max_chars = every_n_steps, rows, max_chars
 
     def on_train_batch_end(
@@ -64,7 +78,8 @@ class CompletionsLog(Callback):
         if selection is not None and selection.judged is not None:
             judged = selection.judged[:n].sum(dim=1).float()  # [n]
             rejected = selection.rejected()[:n].sum(dim=1).float()
-            shares = [r / j if j else None for r, j in zip(rejected.tolist(), judged.tolist())]  # None: none judged
+            # None: none judged
+            shares = [r / j if j else None for r, j in zip(rejected.tolist(), judged.tolist())]
         tokens = batch.response_mask[:n].sum(dim=1).tolist()
         return [
             {

@@ -1,4 +1,5 @@
-"""Predicted policy and objective shifts (m_F, m_H) of every step, over all ranks, as CAPO measures them."""
+"""Predicted policy and objective shifts (m_F, m_H) of every step, over all ranks, as CAPO measures
+them."""
 
 from __future__ import annotations
 
@@ -16,24 +17,25 @@ from capo_lightning.training.result import step_result
 
 
 class CurvatureMonitor(Callback):
-    """Logs ``curvature/*``: the shifts a selector reports (``Selection.shifts``), before and after its mask.
+    """Logs ``curvature/*``: a selector's shifts (``Selection.shifts``), before and after its mask.
 
     Whatever the selector names them: an [N, L] entry ``<name>`` is a per-token shift and gives
-    ``curvature/<name>_{mean,max,p50,p95}`` and ``curvature/masked_<name>_*``; a scalar entry is a step-level
-    shift, logged as ``curvature/<name>``. For CAPO:
+    ``curvature/<name>_{mean,max,p50,p95}`` and ``curvature/masked_<name>_*``; a scalar entry is a
+    step-level shift, logged as ``curvature/<name>``. For CAPO:
 
-    * ``curvature/token_{fisher,hessian}_{mean,max,p50,p95}``: over every judged response token of the step,
-      gathered from all ranks (percentiles of the whole step, not means of per-rank percentiles);
-    * ``curvature/masked_token_*``: the same over the tokens the mask kept (NaN when it kept none: a 0
-      would read as "tiny shifts", and a key left out would repeat the previous step's value);
-    * ``curvature/global_{fisher,hessian}`` and ``curvature/masked_global_*``: the step's batch ("global")
-      shifts with the direction built from every token / from the kept tokens (already computed over all
-      ranks by the selector).
+    * ``curvature/token_{fisher,hessian}_{mean,max,p50,p95}``: over every judged response token of
+      the step, gathered from all ranks (percentiles of the whole step, not means of per-rank
+      percentiles);
+    * ``curvature/masked_token_*``: the same over the tokens the mask kept (NaN when it kept none: a
+      0 would read as "tiny shifts", and a key left out would repeat the previous step's value);
+    * ``curvature/global_{fisher,hessian}`` and ``curvature/masked_global_*``: the step's batch
+      ("global") shifts with the direction built from every token / from the kept tokens (already
+      computed over all ranks by the selector).
 
-    These are the paper's Fig. 3 quantities: baselines plot the unmasked keys (with a measuring selector,
-    ``enforce: false``), CAPO the ``masked_`` ones. Every ``histogram_every_n_steps`` steps the token values
-    also go to the loggers that take histograms (W&B, TensorBoard); the CSV logger takes none. Nothing is
-    logged when the selector reports no shifts (no selector, KeepAll).
+    These are the paper's Fig. 3 quantities: baselines plot the unmasked keys (with a measuring
+    selector, ``enforce: false``), CAPO the ``masked_`` ones. Every ``histogram_every_n_steps``
+    steps the token values also go to the loggers that take histograms (W&B, TensorBoard); the CSV
+    logger takes none. Nothing is logged when the selector reports no shifts (no selector, KeepAll).
 
     Args:
         histogram_every_n_steps: steps between histograms; 0 = never.
@@ -41,7 +43,10 @@ class CurvatureMonitor(Callback):
 
     def __init__(self, histogram_every_n_steps: int = 10) -> None:
         if histogram_every_n_steps < 0:
-            raise ValueError(f"CurvatureMonitor.histogram_every_n_steps must be >= 0, got {histogram_every_n_steps}")
+            raise ValueError(
+                "CurvatureMonitor.histogram_every_n_steps must be >= 0, got "
+                f"{histogram_every_n_steps}"
+            )
         self.histogram_every_n_steps = histogram_every_n_steps
 
     def on_train_batch_end(
@@ -52,10 +57,14 @@ class CurvatureMonitor(Callback):
         selection = result.selection if result is not None else None
         if selection is None or selection.judged is None or not selection.shifts:
             return
-        per_token = [name for name, value in selection.shifts.items() if value.dim() == 2]  # [N, L] shifts
+        # [N, L] shifts
+        per_token = [name for name, value in selection.shifts.items() if value.dim() == 2]
         metrics: dict[str, float] = {}
         histograms: dict[str, Tensor] = {}
-        for masked, tokens in ((False, selection.judged), (True, selection.judged & selection.token_mask)):
+        for masked, tokens in (
+            (False, selection.judged),
+            (True, selection.judged & selection.token_mask),
+        ):
             for name in per_token:
                 values = gather_over_ranks(trainer, selection.shifts[name][tokens].float())
                 key = keys.shift(name, masked=masked)
@@ -71,7 +80,11 @@ class CurvatureMonitor(Callback):
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=1)
         step = trainer.global_step
-        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0 and trainer.is_global_zero:
+        if (
+            self.histogram_every_n_steps
+            and step % self.histogram_every_n_steps == 0
+            and trainer.is_global_zero
+        ):
             log_histograms(trainer, histograms, step)
 
 
@@ -82,7 +95,11 @@ def log_histograms(trainer: Trainer, histograms: dict[str, Tensor], step: int) -
             import wandb
 
             logger.experiment.log(
-                {f"{k}_hist": wandb.Histogram(v.cpu().numpy()) for k, v in histograms.items() if v.numel()}
+                {
+                    f"{k}_hist": wandb.Histogram(v.cpu().numpy())
+                    for k, v in histograms.items()
+                    if v.numel()
+                }
                 | {"trainer/global_step": step}
             )
         elif isinstance(logger, TensorBoardLogger):

@@ -1,4 +1,5 @@
-"""A progress bar that counts optimizer steps up to ``max_steps`` and shows the run's health at a glance."""
+"""A progress bar that counts optimizer steps up to ``max_steps`` and shows the run's health at a
+glance."""
 
 from __future__ import annotations
 
@@ -7,17 +8,18 @@ from typing import Any
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-SHOWN = {"reward": "reward", "acc": "acc", "rej": "rej"}  # progress-bar key -> label, in display order
+# progress-bar key -> label, in display order
+SHOWN = {"reward": "reward", "acc": "acc", "rej": "rej"}
 
 
 class CapoProgressBar(TQDMProgressBar):
     """``step 37/100 [..] reward=0.41, acc=0.62, rej=0.031``.
 
-    The bar counts optimizer steps (``trainer.global_step``, what ``max_steps`` and the CSV's ``step``
-    count) from where a resumed run starts, instead of Lightning's epoch bar, whose rollout stream has no
-    length and whose epoch count read ``Epoch 0/-2``. ``reward`` is the step's mean reward, ``acc`` the last
-    held-out accuracy and ``rej`` the selector's rejection rate (shown once logged by the module,
-    the validation and :class:`~capo_lightning.callbacks.RejectionMonitor`).
+    The bar counts optimizer steps (``trainer.global_step``, what ``max_steps`` and the CSV's
+    ``step`` count) from where a resumed run starts, instead of Lightning's epoch bar, whose rollout
+    stream has no length and whose epoch count read ``Epoch 0/-2``. ``reward`` is the step's mean
+    reward, ``acc`` the last held-out accuracy and ``rej`` the selector's rejection rate (shown once
+    logged by the module, the validation and :class:`~capo_lightning.callbacks.RejectionMonitor`).
 
     Args:
         refresh_rate: redraw every this many steps.
@@ -27,7 +29,8 @@ class CapoProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Create the bar, set up for steps (a resumed run may never call ``on_train_epoch_start``)."""
+        """Create the bar, set up for steps (a resumed run may never call
+        ``on_train_epoch_start``)."""
         super().on_train_start(trainer, pl_module)
         self._count_steps(trainer)
 
@@ -36,7 +39,8 @@ class CapoProgressBar(TQDMProgressBar):
         self._count_steps(trainer)
 
     def _count_steps(self, trainer: Trainer) -> None:
-        """Total = ``max_steps`` (unknown when unset); start (and the rate's origin) = the current step."""
+        """Total = ``max_steps`` (unknown when unset); start (and the rate's origin) = the current
+        step."""
         bar = self.train_progress_bar
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
         bar.initial = bar.n = trainer.global_step
@@ -46,7 +50,8 @@ class CapoProgressBar(TQDMProgressBar):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Move to the optimizer-step count and show the latest metrics (every ``refresh_rate`` steps)."""
+        """Move to the optimizer-step count and show the latest metrics (every ``refresh_rate``
+        steps)."""
         if self._train_progress_bar is None or (batch_idx + 1) % max(1, self.refresh_rate):
             return
         self._show(trainer, pl_module)

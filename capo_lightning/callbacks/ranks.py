@@ -1,4 +1,5 @@
-"""Sums and gathers over the ranks of a run, for monitors that must count the whole step, not one rank."""
+"""Sums and gathers over the ranks of a run, for monitors that must count the whole step, not one
+rank."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ from torch import Tensor
 
 
 def sum_over_ranks(trainer: Trainer, values: Tensor) -> Tensor:
-    """``values`` summed element-wise over every rank (itself in one process). Every rank must call it."""
+    """``values`` summed element-wise over every rank (itself in one process). Every rank must call
+    it."""
     if trainer.world_size == 1:
         return values
     return trainer.strategy.reduce(values.clone(), reduce_op="sum")
 
 
 def gather_over_ranks(trainer: Trainer, values: Tensor) -> Tensor:
-    """The 1-D ``values`` of every rank, concatenated in rank order; ranks may hold different lengths.
+    """The 1-D ``values`` of every rank, concatenated in rank order; ranks may hold different
+    lengths.
 
-    Every rank must call it. Lengths are exchanged first, each rank pads to the longest, and the padding
-    is cut off again, so nothing invented enters a percentile.
+    Every rank must call it. Lengths are exchanged first, each rank pads to the longest, and the
+    padding is cut off again, so nothing invented enters a percentile.
     """
     if trainer.world_size == 1:
         return values

@@ -16,9 +16,11 @@ TRACKED = {keys.REWARD_MEAN: "reward", keys.VAL_ACCURACY: "held-out accuracy"}
 
 
 class RunSummary(Callback):
-    """Prints, when ``fit`` ends (also after an early stop): the steps done, the first, last and best value
-    of the training reward and of the held-out accuracy (with their steps), and where the metrics,
-    checkpoints and figures are, with the ``capo report`` command that draws them.
+    """Prints a summary of the run when ``fit`` ends (also after an early stop).
+
+    The summary: the steps done, the first, last and best value of the training reward and of the
+    held-out accuracy (with their steps), and where the metrics, checkpoints and figures are, with
+    the ``capo report`` command that draws them.
 
     Args:
         report_dir: folder named for the figures; "" = ``<default_root_dir>/report``.
@@ -72,7 +74,9 @@ class RunSummary(Callback):
             if log_dir and (Path(log_dir) / "metrics.csv").exists():
                 found.append(("metrics", str(Path(log_dir) / "metrics.csv")))
             elif isinstance(logger, WandbLogger):
-                found.append(("W&B run", str(getattr(logger.experiment, "dir", "") or logger.save_dir)))
+                found.append(
+                    ("W&B run", str(getattr(logger.experiment, "dir", "") or logger.save_dir))
+                )
         checkpoint = trainer.checkpoint_callback
         if checkpoint is not None and getattr(checkpoint, "dirpath", None):
             last = getattr(checkpoint, "last_model_path", "") or checkpoint.dirpath

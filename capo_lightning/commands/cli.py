@@ -15,20 +15,32 @@ from typing import Any, NoReturn
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from capo_lightning.commands.regime import Regime, apply_regime
-from capo_lightning.commands.wandb_config import CapoSaveConfig, fill_wandb_logger, finish_wandb_runs, run_name
+from capo_lightning.commands.wandb_config import (
+    CapoSaveConfig,
+    fill_wandb_logger,
+    finish_wandb_runs,
+    run_name,
+)
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.module import CAPOModule
 
 DESCRIPTION = (
-    "capo fit|validate|test --config A.yaml [--config B.yaml] [--key=value ...]: train or grade a policy. "
-    "Also: capo report RUN_DIR... --out DIR (figures of logged runs), capo export --ckpt_path PATH --out DIR "
-    "(the trained policy as a Hugging Face folder); each takes --help."
+    "capo fit|validate|test --config A.yaml [--config B.yaml] [--key=value ...]: train or grade a "
+    "policy. Also: capo report RUN_DIR... --out DIR (figures of logged runs), capo export "
+    "--ckpt_path PATH --out DIR (the trained policy as a Hugging Face folder); each takes --help."
 )
-_DIR_ARGS = {"dirpath": "checkpoints", "save_dir": ""}  # init arg -> sub-folder of trainer.default_root_dir
+# init arg -> sub-folder of trainer.default_root_dir
+_DIR_ARGS = {"dirpath": "checkpoints", "save_dir": ""}
 _PRINT_CONFIG = "--print_config"
-# jsonargparse's --print_config flags -> ArgumentParser.dump keywords (skip_null: its deprecated skip_unset)
-_PRINT_FLAGS = {"skip_default": "skip_default", "skip_unset": "skip_unset", "skip_null": "skip_unset"}
-if find_spec("ruamel") and find_spec("ruamel.yaml"):  # jsonargparse offers "comments" only with ruamel.yaml
+# jsonargparse's --print_config flags -> ArgumentParser.dump keywords (skip_null: its deprecated
+# skip_unset)
+_PRINT_FLAGS = {
+    "skip_default": "skip_default",
+    "skip_unset": "skip_unset",
+    "skip_null": "skip_unset",
+}
+# jsonargparse offers "comments" only with ruamel.yaml
+if find_spec("ruamel") and find_spec("ruamel.yaml"):
     _PRINT_FLAGS["comments"] = "with_comments"
 
 
@@ -57,7 +69,8 @@ def _suggest(message: str, parser: LightningArgumentParser) -> str:
 
 
 class CapoCLI(LightningCLI):
-    """``capo fit|validate|test --config A.yaml --config B.yaml --model.lr_scheduler.init_args.warmup_ratio=0``.
+    """``capo fit|validate|test --config A.yaml --config B.yaml
+    --model.lr_scheduler.init_args.warmup_ratio=0``.
 
     Later ``--config`` files override earlier ones, dotted flags override both, and ``${...}``
     interpolation works inside a config file (``parser_mode="omegaconf"``).
@@ -66,30 +79,35 @@ class CapoCLI(LightningCLI):
     ``trainer.default_root_dir`` (checkpoints in ``<root>/checkpoints``, logs in ``<root>``), so
     one flag moves a whole run and ``--ckpt_path last`` finds the previous run's last checkpoint.
 
-    ``--print_config`` prints the effective config, the one the run uses and saves as ``config.yaml``
-    (see :func:`resolve_config`), and exits without building the model.
+    ``--print_config`` prints the effective config, the one the run uses and saves as
+    ``config.yaml`` (see :func:`resolve_config`), and exits without building the model.
     """
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """``fit``, ``validate`` and ``test``; ``predict`` is left out, since the module has no predict step
-        (``capo export`` writes the trained model for other tools, ``capo test`` grades it)."""
-        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+        """``fit``, ``validate`` and ``test``; ``predict`` is left out, since the module has no
+        predict step (``capo export`` writes the trained model for other tools, ``capo test`` grades
+        it)."""
+        return {
+            name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"
+        }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """``regime``: scale-free multipliers on the base config (``conf/regime/*.yaml``, :mod:`.regime`)."""
+        """``regime``: scale-free multipliers on the base config
+        (``conf/regime/*.yaml``, :mod:`.regime`)."""
         parser.add_class_arguments(Regime, "regime")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse the command line into ``self.config``; with ``--print_config[=flags]``, print the effective config
-        and exit.
+        """Parse the command line into ``self.config``; with ``--print_config[=flags]``, print the
+        effective config and exit.
 
-        jsonargparse prints the config as parsed, before :meth:`before_instantiate_classes` applies the regime
-        and the run's defaults, so its print would show other values than the run uses. Here the command line
-        is parsed without ``--print_config``, :func:`resolve_config` (the same function the run calls) edits
-        the config, and the parser's own dump prints it as jsonargparse would (same flags, same YAML; the whole
-        config when ``--print_config`` comes before the subcommand). A flag jsonargparse does not accept is
-        left to jsonargparse, which reports it.
+        jsonargparse prints the config as parsed, before :meth:`before_instantiate_classes` applies
+        the regime and the run's defaults, so its print would show other values than the run uses.
+        Here the command line is parsed without ``--print_config``, :func:`resolve_config` (the same
+        function the run calls) edits the config, and the parser's own dump prints it as
+        jsonargparse would (same flags, same YAML; the whole config when ``--print_config`` comes
+        before the subcommand). A flag jsonargparse does not accept is left to jsonargparse, which
+        reports it.
         """
         argv = sys.argv[1:] if args is None else args
         request = _print_request(argv) if isinstance(argv, (list, tuple)) else None
@@ -97,22 +115,28 @@ class CapoCLI(LightningCLI):
             super().parse_arguments(parser, args)
             return
         position, dump_kwargs, rest = request
-        if args is None:  # Lightning warns about args given beside sys.argv: these are sys.argv's own
+        # Lightning warns about args given beside sys.argv: these are sys.argv's own
+        if args is None:
             self.config = parser.parse_args(rest)
         else:
             super().parse_arguments(parser, rest)
-        subcommand = self.config.get("subcommand")  # None when built with run=False (no subcommands)
+        # None when built with run=False (no subcommands)
+        subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         resolve_config(config, started=False)
         before_subcommand = subcommand is None or position < _subcommand_position(argv, subcommand)
-        printer, printed = (parser, self.config) if before_subcommand else (self._parser(subcommand), config)
+        printer, printed = (
+            (parser, self.config) if before_subcommand else (self._parser(subcommand), config)
+        )
         sys.stdout.write(printer.dump(printed, **dump_kwargs))
         sys.stdout.flush()
         parser.exit()
 
     def before_instantiate_classes(self) -> None:
         """Resolve the parsed config into the run's: :func:`resolve_config` with the run started."""
-        resolve_config(self.config[self.subcommand] if self.subcommand else self.config, started=True)
+        resolve_config(
+            self.config[self.subcommand] if self.subcommand else self.config, started=True
+        )
 
     def after_fit(self) -> None:
         """Close W&B runs now (flushing their last steps), not at interpreter exit."""
@@ -123,34 +147,39 @@ class CapoCLI(LightningCLI):
 
 def resolve_config(config: Any, started: bool = True) -> None:
     """Turn a parsed (sub)command config into the run's, in place: what ``--print_config`` prints
-    (``started=False``) and what the run uses and saves (``started=True``, before the classes are built).
+    (``started=False``) and what the run uses and saves (``started=True``, before the classes are
+    built).
 
-    1. The regime's multipliers are applied and then set to 1 (:func:`.regime.apply_regime`), so a printed
-       or saved config given back with ``--config`` does not apply them twice.
-    2. ``data.seed`` left unset follows an integer ``seed_everything`` (replicates differ in prompts and
-       samples, not only in name).
-    3. ``{run}`` (the run's name) and ``{stamp}`` (its start time) are filled in ``trainer.default_root_dir``,
-       W&B loggers get the run's name, group and tags, and callbacks and loggers without a folder get one under
-       the root (checkpoints in ``<root>/checkpoints``, logs in ``<root>``).
+    1. The regime's multipliers are applied and then set to 1 (:func:`.regime.apply_regime`), so a
+       printed or saved config given back with ``--config`` does not apply them twice.
+    2. ``data.seed`` left unset follows an integer ``seed_everything`` (replicates differ in prompts
+       and samples, not only in name).
+    3. ``{run}`` (the run's name) and ``{stamp}`` (its start time) are filled in
+       ``trainer.default_root_dir``, W&B loggers get the run's name, group and tags, and callbacks
+       and loggers without a folder get one under the root (checkpoints in ``<root>/checkpoints``,
+       logs in ``<root>``).
 
-    Only what the run cannot know before it starts stays as written when ``started`` is False: ``{stamp}``
-    (and the callback and logger folders under a root that holds it), and, when ``seed_everything`` is true or
-    null (a seed drawn at the start), everything in step 3, since the run's name holds the seed. What is
-    filled is written out, as in the saved ``config.yaml``: a printed config given back with another
-    ``default_root_dir``, seed or regime name keeps the folders and W&B names it printed.
+    Only what the run cannot know before it starts stays as written when ``started`` is False:
+    ``{stamp}`` (and the callback and logger folders under a root that holds it), and, when
+    ``seed_everything`` is true or null (a seed drawn at the start), everything in step 3, since the
+    run's name holds the seed. What is filled is written out, as in the saved ``config.yaml``: a
+    printed config given back with another ``default_root_dir``, seed or regime name keeps the
+    folders and W&B names it printed.
     """
     apply_regime(config)
     seed = config.get("seed_everything")
     if config.get("data.seed") is None and isinstance(seed, int) and not isinstance(seed, bool):
         config["data.seed"] = seed
-    if not started and (seed is None or seed is True):  # Lightning draws the seed when the run starts
+    # Lightning draws the seed when the run starts
+    if not started and (seed is None or seed is True):
         return
     trainer = config["trainer"]
     root_dir = str(trainer.get("default_root_dir") or "")
     if "{run}" in root_dir or "{stamp}" in root_dir:  # one folder per run (sweeps, studies)
         root_dir = root_dir.replace("{run}", run_name(config))
         if started:
-            stamp = os.environ.setdefault("CAPO_RUN_STAMP", time.strftime("%Y%m%d-%H%M%S"))  # DDP ranks inherit it
+            # DDP ranks inherit it
+            stamp = os.environ.setdefault("CAPO_RUN_STAMP", time.strftime("%Y%m%d-%H%M%S"))
             root_dir = root_dir.replace("{stamp}", stamp)
         trainer["default_root_dir"] = root_dir
     root = Path(trainer.get("default_root_dir") or ".")
@@ -160,30 +189,40 @@ def resolve_config(config: Any, started: bool = True) -> None:
     for entry in entries:
         fill_wandb_logger(entry, config)
         init_args = getattr(entry, "init_args", None)
-        if init_args is None or "{stamp}" in str(root):  # not started: the folders follow the stamp at the start
+        # not started: the folders follow the stamp at the start
+        if init_args is None or "{stamp}" in str(root):
             continue
         for arg, sub in _DIR_ARGS.items():
             if arg in init_args and init_args[arg] in (None, "", "."):
                 init_args[arg] = str(root / sub) if sub else str(root)
 
 
-def _print_request(argv: list[str] | tuple[str, ...]) -> tuple[int, dict[str, bool], list[str]] | None:
-    """For a command line with ``--print_config[=flags]``: the position of the last one (the one jsonargparse
-    honours), the ``dump`` keywords its flags ask for, and the command line without it. None without one, or
-    when a flag is not one jsonargparse accepts (jsonargparse then reports it)."""
+def _print_request(
+    argv: list[str] | tuple[str, ...],
+) -> tuple[int, dict[str, bool], list[str]] | None:
+    """For a command line with ``--print_config[=flags]``: the position of the last one (the one
+    jsonargparse honours), the ``dump`` keywords its flags ask for, and the command line without it.
+    None without one, or when a flag is not one jsonargparse accepts (jsonargparse then reports
+    it)."""
     argv = [str(token) for token in argv]
-    hits = [i for i, token in enumerate(argv) if token == _PRINT_CONFIG or token.startswith(_PRINT_CONFIG + "=")]
+    hits = [
+        i
+        for i, token in enumerate(argv)
+        if token == _PRINT_CONFIG or token.startswith(_PRINT_CONFIG + "=")
+    ]
     if not hits:
         return None
     flags = [flag for flag in argv[hits[-1]].partition("=")[2].split(",") if flag]
     if any(flag not in _PRINT_FLAGS for flag in flags):
         return None
-    dump_kwargs = {"skip_unset": False} | {_PRINT_FLAGS[flag]: True for flag in flags}  # jsonargparse's defaults
+    # jsonargparse's defaults
+    dump_kwargs = {"skip_unset": False} | {_PRINT_FLAGS[flag]: True for flag in flags}
     return hits[-1], dump_kwargs, [token for i, token in enumerate(argv) if i not in hits]
 
 
 def _subcommand_position(argv: list[str] | tuple[str, ...], subcommand: str) -> int:
-    """Where ``subcommand`` starts on the command line (before it: the top-level ``--config``, ``--print_config``)."""
+    """Where ``subcommand`` starts on the command line (before it: the top-level ``--config``,
+    ``--print_config``)."""
     for i, token in enumerate(argv):
         if token == subcommand and (i == 0 or argv[i - 1] not in ("-c", "--config")):
             return i
@@ -201,8 +240,8 @@ def _quiet_known_warnings() -> None:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``capo`` console script (``fit``, ``validate``, ``test``, ``report``, ``export``);
-    tests call ``main([...])``.
+    """Entry point of the ``capo`` console script (``fit``, ``validate``, ``test``, ``report``,
+    ``export``); tests call ``main([...])``.
 
     ``capo report ...`` goes to :func:`capo_lightning.report.main` and ``capo export ...`` to
     :func:`capo_lightning.commands.export.main` (plain argparse, no LightningCLI).
@@ -224,7 +263,8 @@ def main(args: ArgsType = None) -> None:
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> CapoCLI:
-    """The ``capo`` command's LightningCLI; ``run=False`` parses and instantiates without running a subcommand."""
+    """The ``capo`` command's LightningCLI; ``run=False`` parses and instantiates without running a
+    subcommand."""
     return CapoCLI(
         CAPOModule,
         RolloutDataModule,

@@ -1,4 +1,5 @@
-"""W&B from a config: the run's name and group from what it trains, and the resolved config uploaded."""
+"""W&B from a config: the run's name and group from what it trains, and the resolved config
+uploaded."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ WANDB_CLASS = "lightning.pytorch.loggers.WandbLogger"
 
 
 def run_label(config: Any) -> str:
-    """``<objective>-<selector>-<regime>``, e.g. ``GRPO-CAPO-lr1.5e-05x96`` (the W&B group: seeds are its runs).
+    """``<objective>-<selector>-<regime>``, e.g. ``GRPO-CAPO-lr1.5e-05x96`` (the W&B group: seeds
+    are its runs).
 
-    objective and selector are class names (``none`` without a selector, ``CAPOmonitor`` for a measuring
-    selector); the regime is the config's top-level ``regime`` name when it has one, else the learning rate
-    and the completions per step, which is what the paper's regimes vary.
+    objective and selector are class names (``none`` without a selector, ``CAPOmonitor`` for a
+    measuring selector); the regime is the config's top-level ``regime`` name when it has one, else
+    the learning rate and the completions per step, which is what the paper's regimes vary.
     """
     model = config.get("model") or {}
     objective = _class_name(model.get("objective")) or "GRPO"
@@ -42,7 +44,8 @@ def run_name(config: Any) -> str:
 
 
 def fill_wandb_logger(entry: Any, config: Any) -> None:
-    """Give a WandbLogger entry without a name the run's label and seed, group and tags (in place)."""
+    """Give a WandbLogger entry without a name the run's label and seed, group and tags (in
+    place)."""
     if getattr(entry, "class_path", None) != WANDB_CLASS:
         return
     init_args = entry.init_args
@@ -63,8 +66,8 @@ def finish_wandb_runs(trainer: Trainer) -> None:
 
 
 class CapoSaveConfig(SaveConfigCallback):
-    """LightningCLI's ``config.yaml`` in the log folder, and for a W&B run also its ``config`` (searchable
-    in the W&B UI) and the YAML file among the run's files."""
+    """LightningCLI's ``config.yaml`` in the log folder, and for a W&B run also its ``config``
+    (searchable in the W&B UI) and the YAML file among the run's files."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Upload the resolved config to every W&B logger (rank zero)."""

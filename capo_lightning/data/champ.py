@@ -1,4 +1,5 @@
-"""The CHAMP competition problems (champ-dataset, offline) as a prompt source, answers cleaned for grading."""
+"""The CHAMP competition problems (champ-dataset, offline) as a prompt source, answers cleaned for
+grading."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ _CHAMP_REWRITES = [
     (re.compile(pattern), replacement)
     for pattern, replacement in (
         (r"\s+\((?:i\.e\.,|no |none ).*\)$", ""),  # "100 (i.e., all values)" -> "100"
-        (r"^.*, or (?:equivalently|an equivalent form such as) ", ""),  # "C(10, 5), or equivalently 252" -> "252"
+        # "C(10, 5), or equivalently 252" -> "252"
+        (r"^.*, or (?:equivalently|an equivalent form such as) ", ""),
         (r", or approximately .*$", ""),  # "5/14, or approximately 35.7%" -> "5/14"
         (r" is the only possible value$", ""),  # "3 is the only possible value" -> "3"
         (r"^The (?:limit exists and is equal to|only possible value for the limit is) ", ""),
@@ -35,21 +37,28 @@ def _is_formula(answer: str) -> bool:
     """
     words = [run for run in re.findall(r"[A-Za-z]{3,}", answer) if run != "sqrt"]
     words += [token for token in re.split(r"[\s,]+", answer) if len(token) > 1 and token.isalpha()]
-    return not words and not _CHAMP_MISREAD.search(answer) and quick_verdict("x", answer) is not False
+    return (
+        not words and not _CHAMP_MISREAD.search(answer) and quick_verdict("x", answer) is not False
+    )
 
 
 def champ_answer(answer: str) -> str:
-    """Applies the CHAMP gloss rewrites; parts joined by ``" and "`` become a comma list of formulas."""
+    """Applies the CHAMP gloss rewrites; parts joined by ``" and "`` become a comma list of
+    formulas."""
     for pattern, replacement in _CHAMP_REWRITES:
         answer = pattern.sub(replacement, answer)
     parts = answer.split(" and ")
     if len(parts) > 1 and all(_is_formula(part) for part in parts):  # "x=1, y=1 and x=3, y=2"
-        answer = ", ".join(f"({part})" if "=" in part and "," in part and part[0] != "(" else part for part in parts)
+        answer = ", ".join(
+            f"({part})" if "=" in part and "," in part and part[0] != "(" else part
+            for part in parts
+        )
     return answer.strip()
 
 
 def champ_gradeable(answer: str) -> bool:
-    """True for answers (after :func:`champ_answer`) that ``math_reward`` can grade: formulas, Yes, No."""
+    """True for answers (after :func:`champ_answer`) that ``math_reward`` can grade: formulas, Yes,
+    No."""
     return answer in ("Yes", "No") or _is_formula(answer)
 
 
@@ -89,20 +98,30 @@ class ChampSource(PromptSource):
         unknown = [category for category in self.categories or [] if category not in valid]
         if unknown or self.categories == []:
             problem = f"unknown categories {unknown}" if unknown else "the list is empty"
-            raise arg_error(self, "categories", problem, f"use a non-empty subset of {valid}, or null for all")
+            raise arg_error(
+                self, "categories", problem, f"use a non-empty subset of {valid}, or null for all"
+            )
         self._items = []
         # natural order: P_Sequence_2 before P_Sequence_10
-        for problem_id in sorted(problems, key=lambda pid: (pid.rpartition("_")[0], pid.rpartition("_")[2].zfill(9))):
+        for problem_id in sorted(
+            problems, key=lambda pid: (pid.rpartition("_")[0], pid.rpartition("_")[2].zfill(9))
+        ):
             problem, answer = problems[problem_id], champ_answer(problems[problem_id].answer)
             if self.categories and problem.category not in self.categories:
                 continue
             if gradeable_only and not champ_gradeable(answer):
                 continue
             prompt = " ".join(part for part in (problem.text.strip(), instruction) if part)
-            columns = {"problem_id": problem_id, "category": problem.category, "original_answer": problem.answer}
+            columns = {
+                "problem_id": problem_id,
+                "category": problem.category,
+                "original_answer": problem.answer,
+            }
             self._items.append(PromptItem(prompt=prompt, answer=answer, columns=columns))
         if not self._items:
-            raise arg_error(self, "categories", f"no gradeable problem in {self.categories}", "add categories")
+            raise arg_error(
+                self, "categories", f"no gradeable problem in {self.categories}", "add categories"
+            )
 
     @property
     def size(self) -> int:
@@ -124,10 +143,16 @@ class ChampSource(PromptSource):
             import champ_dataset
         except ImportError as error:
             raise ImportError(
-                "ChampSource needs champ-dataset: pip install champ-dataset (or the `offline` extra)"
+                "ChampSource needs champ-dataset: pip install champ-dataset (or the `offline` "
+                "extra)"
             ) from error
         try:
             return champ_dataset.load(self.version).problems
         except FileNotFoundError:
-            shipped = sorted(path.stem for path in Path(champ_dataset.__file__).parent.glob("dataset_files/*.json"))
-            raise arg_error(self, "version", f"no CHAMP version {self.version!r}", f"use one of {shipped}") from None
+            shipped = sorted(
+                path.stem
+                for path in Path(champ_dataset.__file__).parent.glob("dataset_files/*.json")
+            )
+            raise arg_error(
+                self, "version", f"no CHAMP version {self.version!r}", f"use one of {shipped}"
+            ) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from capo_lightning.batch import RolloutBatch, RolloutTexts
 from capo_lightning.rollout.engine import Completion
@@ -32,6 +33,34 @@ def collate_completions(
         answers: [N] gold answers, for logging.
         max_new_tokens: the token budget the completions were sampled with.
     """
+    input_ids, attention_mask, response_mask, logprobs = _padded(completions, pad_id)
+    texts = None
+    if prompts is not None and answers is not None:
+        texts = RolloutTexts(
+            prompts=prompts, completions=[c.text for c in completions], answers=answers
+        )
+    batch = RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        behavior_logprobs=logprobs,
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        group_ids=torch.tensor(group_ids, dtype=torch.long),
+        truncated=torch.tensor(
+            [c.finish_reason == "length" for c in completions], dtype=torch.bool
+        ),
+        policy_version=policy_version,
+        rollout_step=rollout_step,
+        max_new_tokens=max_new_tokens,
+        texts=texts,
+    )
+    batch.validate()
+    return batch
+
+
+def _padded(completions: list[Completion], pad_id: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """input_ids, attention_mask [N, P+L] (prompts left padded to P, responses right padded to L),
+    response_mask and behaviour logprobs [N, L]."""
     n = len(completions)
     p = max(len(c.prompt_ids) for c in completions)
     l = max(1, max(len(c.token_ids) for c in completions))
@@ -48,21 +77,4 @@ def collate_completions(
             attention_mask[i, p : p + m] = True
             response_mask[i, :m] = True
             logprobs[i, :m] = torch.tensor(c.logprobs, dtype=torch.float32)
-    texts = None
-    if prompts is not None and answers is not None:
-        texts = RolloutTexts(prompts=prompts, completions=[c.text for c in completions], answers=answers)
-    batch = RolloutBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        response_mask=response_mask,
-        behavior_logprobs=logprobs,
-        rewards=torch.tensor(rewards, dtype=torch.float32),
-        group_ids=torch.tensor(group_ids, dtype=torch.long),
-        truncated=torch.tensor([c.finish_reason == "length" for c in completions], dtype=torch.bool),
-        policy_version=policy_version,
-        rollout_step=rollout_step,
-        max_new_tokens=max_new_tokens,
-        texts=texts,
-    )
-    batch.validate()
-    return batch
+    return input_ids, attention_mask, response_mask, logprobs

@@ -3,8 +3,8 @@
 It owns the data settings, the prompt order, the rank arithmetic and the dataloaders; the work of
 turning prompts into a batch is :mod:`capo_lightning.data.rollout`'s. The module talks to it
 through one call, :meth:`RolloutDataModule.connect`, which returns the :class:`EvalSpec` that
-evaluation needs; the step's own data (its token budget, stats) travels on the RolloutBatch. The data
-position (which batch comes next) is the DataModule's own and lives in its checkpoint entry
+evaluation needs; the step's own data (its token budget, stats) travels on the RolloutBatch. The
+data position (which batch comes next) is the DataModule's own and lives in its checkpoint entry
 (:class:`~capo_lightning.data.position.TrainPosition`).
 """
 
@@ -16,13 +16,24 @@ from typing import Any
 
 from lightning import LightningDataModule
 
-from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
-from capo_lightning.data.eval_sets import EvalSpec, default_val_sampling, set_names, shard, warn_if_greedy_with_samples
+from capo_lightning.data.eval_sets import (
+    EvalSpec,
+    default_val_sampling,
+    warn_if_greedy_with_samples,
+)
+from capo_lightning.data.eval_streams import EvalStreams
 from capo_lightning.data.order import PromptOrder
 from capo_lightning.data.position import TrainPosition
 from capo_lightning.data.prompts import ArithmeticSource, PromptItem, PromptSource
-from capo_lightning.data.rollout import RolloutMaker, RolloutStream, Sampled, ScoredGroup, keep_varied_groups
+from capo_lightning.data.rollout import (
+    RolloutMaker,
+    RolloutStream,
+    Sampled,
+    ScoredGroup,
+    check_token_budget,
+    keep_varied_groups,
+)
 from capo_lightning.data.templates import PromptTemplate, get_template
 from capo_lightning.rewards.base import RewardFn, pop_stats
 from capo_lightning.rewards.math import math_reward
@@ -31,20 +42,20 @@ from capo_lightning.rollout.engine import RolloutEngine, SamplingConfig
 __all__ = ["RolloutDataModule", "RolloutStream"]
 
 
-class RolloutDataModule(LightningDataModule):
+class RolloutDataModule(EvalStreams, LightningDataModule):
     """Streams rollout batches: B prompts, G completions each, scored by a reward function.
 
     The train stream is *sized* (``steps_per_epoch``), so Lightning does not prefetch: batch k is
     generated only after step k-1 updated the weights (staleness 0). Prompts of rollout step k are a
     pure function of (seed, k, rank), so resuming at step k replays exactly the prompts it would
     have seen (:class:`~capo_lightning.data.order.PromptOrder`). Generation and scoring happen in
-    :class:`~capo_lightning.data.rollout.RolloutMaker`, with the engine and tokenizer that the module
-    attaches through :meth:`connect`.
+    :class:`~capo_lightning.data.rollout.RolloutMaker`, with the engine and tokenizer that the
+    module attaches through :meth:`connect`.
 
     Which batch comes next is this DataModule's: it counts the training batches it hands out
-    (:attr:`position`) and Lightning saves the count with :meth:`state_dict` under the class's name in
-    the checkpoint. The policy version a batch is sampled with is the Trainer's ``global_step`` (optimizer
-    steps done, restored by Lightning's loop state), read when the batch is made.
+    (:attr:`position`) and Lightning saves the count with :meth:`state_dict` under the class's name
+    in the checkpoint. The policy version a batch is sampled with is the Trainer's ``global_step``
+    (optimizer steps done, restored by Lightning's loop state), read when the batch is made.
 
     Args:
         train_source: where training prompts come from.
@@ -58,22 +69,24 @@ class RolloutDataModule(LightningDataModule):
         val_samples: completions per validation prompt (n of pass@k; k <= n).
         val_prompts: how many prompts of each validation source to use (its first ones).
         val_batch_size: validation prompts per generation batch.
-        reward_fn: ``reward(completions, answers, **columns) -> list[float]`` for training. If it has a
-            ``pop_stats()`` method (the math rewards do), its stats are logged with each batch.
-        eval_reward_fn: the correctness grader of validation and test (1.0 = correct); keep it unshaped.
+        reward_fn: ``reward(completions, answers, **columns) -> list[float]`` for training. If it
+            has a ``pop_stats()`` method (the math rewards do), its stats are logged with each
+            batch.
+        eval_reward_fn: the correctness grader of validation and test (1.0 = correct); keep it
+            unshaped.
         template: prompt template name (:mod:`capo_lightning.data.templates`: ``chat``, ``paper``,
             ``eval``, ``qwen_math``, ``plain``).
         system_prompt: replaces the template's system message.
-        eval_template: template of validation and test prompts; None = ``template``. The paper trains
-            with ``paper`` and reports TEST accuracy with ``eval``.
+        eval_template: template of validation and test prompts; None = ``template``. The paper
+            trains with ``paper`` and reports TEST accuracy with ``eval``.
         max_prompt_tokens: longest allowed formatted prompt, in tokens.
         steps_per_epoch: length of one pass of the train stream (an epoch is bookkeeping only).
-        seed: seeds prompt order and sampling; None = the run's ``seed_everything`` (the ``capo`` command fills
-            it, so seeds are real replicates), 0 outside the command.
-        dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards all agree and refill with
-            fresh prompts until B varied groups are found.
-        max_sampling_rounds: generation rounds per step at most, with dynamic sampling; then the batch
-            is topped up with zero-variance groups and a warning is logged.
+        seed: seeds prompt order and sampling; None = the run's ``seed_everything`` (the ``capo``
+            command fills it, so seeds are real replicates), 0 outside the command.
+        dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards all agree and refill
+            with fresh prompts until B varied groups are found.
+        max_sampling_rounds: generation rounds per step at most, with dynamic sampling; then the
+            batch is topped up with zero-variance groups and a warning is logged.
     """
 
     def __init__(
@@ -101,19 +114,31 @@ class RolloutDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         _require_positive(
-            prompts_per_step=prompts_per_step, group_size=group_size, val_samples=val_samples,
-            val_batch_size=val_batch_size, steps_per_epoch=steps_per_epoch, max_prompt_tokens=max_prompt_tokens,
+            prompts_per_step=prompts_per_step,
+            group_size=group_size,
+            val_samples=val_samples,
+            val_batch_size=val_batch_size,
+            steps_per_epoch=steps_per_epoch,
+            max_prompt_tokens=max_prompt_tokens,
             max_sampling_rounds=max_sampling_rounds,
-        )  # fmt: skip
+        )
         seed = 0 if seed is None else seed
-        self.train_source = train_source if train_source is not None else ArithmeticSource(seed=seed)
+        self.train_source = (
+            train_source if train_source is not None else ArithmeticSource(seed=seed)
+        )
         self.val_source, self.test_source = val_source, test_source
         self.template = get_template(template)
         self.eval_template = self.template if eval_template is None else get_template(eval_template)
         self.prompts_per_step, self.group_size = prompts_per_step, group_size
         self.sampling = sampling if sampling is not None else SamplingConfig()
-        self.val_sampling = val_sampling if val_sampling is not None else default_val_sampling(self.sampling)
-        self.val_samples, self.val_prompts, self.val_batch_size = val_samples, val_prompts, val_batch_size
+        self.val_sampling = (
+            val_sampling if val_sampling is not None else default_val_sampling(self.sampling)
+        )
+        self.val_samples, self.val_prompts, self.val_batch_size = (
+            val_samples,
+            val_prompts,
+            val_batch_size,
+        )
         warn_if_greedy_with_samples(self.val_sampling, val_samples)
         self.reward_fn, self.eval_reward_fn = reward_fn, eval_reward_fn
         self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
@@ -122,62 +147,36 @@ class RolloutDataModule(LightningDataModule):
         self.order = PromptOrder(self.train_source, seed, prompts_per_step, max_sampling_rounds)
         self.engine: RolloutEngine | None = None  # attached by connect()
         self.tokenizer: Any = None
-        self.position = TrainPosition()  # the data position: training batches handed out (checkpointed)
+        # the data position: training batches handed out (checkpointed)
+        self.position = TrainPosition()
 
     # ---- wiring -------------------------------------------------------------------------------
-    def connect(self, engine: RolloutEngine, tokenizer: Any, context_len: int | None = None) -> EvalSpec:
-        """Attach what exists only once the policy is built; CAPOModule calls it in ``configure_model``.
+    def connect(
+        self, engine: RolloutEngine, tokenizer: Any, context_len: int | None = None
+    ) -> EvalSpec:
+        """Attach what exists only once the policy is built; CAPOModule calls it in
+        ``configure_model``.
 
         Args:
             engine: the module's rollout engine (already bound to the policy).
             tokenizer: the policy's tokenizer.
-            context_len: the model's maximum sequence length, checked against prompt + response budget.
+            context_len: the model's maximum sequence length, checked against prompt + response
+                budget.
 
         Returns:
             What evaluation needs to know: the set names per stage and the samples per problem.
         """
-        for name, sampling in (("sampling", self.sampling), ("val_sampling", self.val_sampling)):
-            budget = self.max_prompt_tokens + sampling.max_new_tokens
-            if context_len is not None and budget > context_len:
-                raise ValueError(
-                    f"data.max_prompt_tokens ({self.max_prompt_tokens}) + data.{name}.max_new_tokens "
-                    f"({sampling.max_new_tokens}) = {budget} exceeds the model's context of {context_len} tokens; "
-                    "lower one of them"
-                )
+        samplings = {"sampling": self.sampling, "val_sampling": self.val_sampling}
+        check_token_budget(self.max_prompt_tokens, samplings, context_len)
         self.engine, self.tokenizer = engine, tokenizer
-        return EvalSpec(tuple(self.eval_names("val")), tuple(self.eval_names("test")), self.val_samples)
+        return EvalSpec(
+            tuple(self.eval_names("val")), tuple(self.eval_names("test")), self.val_samples
+        )
 
     # ---- dataloaders --------------------------------------------------------------------------
     def train_dataloader(self) -> RolloutStream:
         """Sized stream of training rollout batches (no prefetch, staleness 0)."""
         return RolloutStream(self.steps_per_epoch, self._next_train_batch)
-
-    def val_dataloader(self) -> RolloutStream | list[RolloutStream]:
-        """Validation batches, generated with the current weights when iterated (one stream per source)."""
-        return self._eval_streams("val")
-
-    def test_dataloader(self) -> RolloutStream | list[RolloutStream]:
-        """Like validation, on ``test_source`` (falls back to ``val_source``)."""
-        return self._eval_streams("test")
-
-    def eval_sources(self, stage: str) -> list[PromptSource]:
-        """The sources of ``stage`` ("val" or "test"), as a list."""
-        source = self.test_source if stage == "test" and self.test_source is not None else self.val_source
-        return [] if source is None else list(source) if isinstance(source, (list, tuple)) else [source]
-
-    def eval_names(self, stage: str) -> list[str]:
-        """Metric names of the sources of ``stage`` (see :func:`~capo_lightning.data.eval_sets.set_names`)."""
-        return set_names(self.eval_sources(stage))
-
-    def _eval_streams(self, stage: str) -> RolloutStream | list[RolloutStream]:
-        streams = [self._eval_stream(source) for source in self.eval_sources(stage)]
-        return streams[0] if len(streams) == 1 else streams
-
-    def _eval_stream(self, source: PromptSource) -> RolloutStream:
-        """This rank's share of the first ``val_prompts`` items (:func:`~capo_lightning.data.eval_sets.shard`)."""
-        count = self.val_prompts if source.size is None else min(self.val_prompts, source.size)
-        chunks = shard(count, self._rank(), self._world(), self.val_batch_size)
-        return RolloutStream(len(chunks), lambda i: self._eval_batch(source, chunks[i], count))
 
     # ---- batches ------------------------------------------------------------------------------
     def _next_train_batch(self, _: int) -> RolloutBatch:
@@ -188,7 +187,9 @@ class RolloutDataModule(LightningDataModule):
         sampled = maker.sample(items, self.group_size, sampling, self.reward_fn)
         if self.dynamic_sampling:
             more = partial(self._refill_groups, maker, step, sampling)
-            kept = keep_varied_groups(sampled.groups, self.prompts_per_step, self.max_sampling_rounds, more)
+            kept = keep_varied_groups(
+                sampled.groups, self.prompts_per_step, self.max_sampling_rounds, more
+            )
             sampled = Sampled(kept.groups, sampled.stats | kept.stats)
         stats = sampled.stats | pop_stats(self.reward_fn) | pop_stats(maker.engine)
         batch = maker.collate(sampled.groups, version, step, stats, sampling.max_new_tokens)
@@ -198,45 +199,41 @@ class RolloutDataModule(LightningDataModule):
     def _refill_groups(
         self, maker: RolloutMaker, step: int, sampling: SamplingConfig, round_: int
     ) -> list[ScoredGroup]:
-        """Dynamic sampling's round ``round_`` (>= 1): fresh prompts, sampled with a seed of their own."""
+        """Dynamic sampling's round ``round_`` (>= 1): fresh prompts, sampled with a seed of their
+        own."""
         items = [self._refill_item(step, round_, j) for j in range(self.prompts_per_step)]
         extra = replace(sampling, seed=sampling.seed + 104_729 * round_)
         return maker.sample(items, self.group_size, extra, self.reward_fn).groups
 
-    def _eval_batch(self, source: PromptSource, indices: list[int], count: int) -> RolloutBatch:
-        version, step = self._policy_version(), self.position.batches
-        maker = self._maker()
-        items = [source.item(i % count) for i in indices]
-        sampling = replace(self.val_sampling, seed=self.seed + 17 * indices[0])
-        sampled = maker.sample(items, self.val_samples, sampling, self.eval_reward_fn, self.eval_template)
-        stats = sampled.stats | {keys.VALID_PROMPTS: float(sum(i < count for i in indices))}
-        return maker.collate(
-            sampled.groups, version, step, stats | pop_stats(self.eval_reward_fn), sampling.max_new_tokens
-        )
-
     def rollout(
         self, items: list[PromptItem], n: int, sampling: SamplingConfig, version: int, step: int
     ) -> RolloutBatch:
-        """Generate ``n`` completions per item, score them with ``reward_fn`` and collate a RolloutBatch."""
+        """Generate ``n`` completions per item, score them with ``reward_fn`` and collate a
+        RolloutBatch."""
         maker = self._maker()
         sampled = maker.sample(items, n, sampling, self.reward_fn)
         return maker.collate(sampled.groups, version, step, sampled.stats, sampling.max_new_tokens)
 
     def format_prompt(self, question: str, template: PromptTemplate | None = None) -> str:
-        """``question`` formatted by ``template`` (default ``data.template``); raises past max_prompt_tokens."""
+        """``question`` formatted by ``template`` (default ``data.template``); raises past
+        max_prompt_tokens."""
         return self._maker().format_prompt(question, template)
 
     def _maker(self) -> RolloutMaker:
         """A RolloutMaker with the connected engine and the current prompt settings."""
         if self.engine is None:
             raise RuntimeError(
-                "RolloutDataModule used before connect(); the CAPOModule connects it in configure_model()"
+                "RolloutDataModule used before connect(); the CAPOModule connects it in "
+                "configure_model()"
             )
-        return RolloutMaker(self.engine, self.tokenizer, self.template, self.system_prompt, self.max_prompt_tokens)
+        return RolloutMaker(
+            self.engine, self.tokenizer, self.template, self.system_prompt, self.max_prompt_tokens
+        )
 
     # ---- the data position in checkpoints ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """What Lightning saves under this class's name: the training batches trained on (:class:`TrainPosition`)."""
+        """What Lightning saves under this class's name: the training batches trained on
+        (:class:`TrainPosition`)."""
         return {"train_batches": self.position.trained(self._processed())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -246,34 +243,44 @@ class RolloutDataModule(LightningDataModule):
     def restore_legacy_position(self, checkpoint: dict[str, Any], trained_batches: int) -> None:
         """Take the position of a checkpoint written before this DataModule kept its own.
 
-        Such a checkpoint has no entry under this class's name, only the module's count of the batches trained
-        on (``capo_state["rollout_step"]``), which the module hands over as ``trained_batches`` from its
-        ``on_load_checkpoint``. A checkpoint with the entry is left alone: Lightning restores it through
-        :meth:`load_state_dict`, after the module's hook in ``fit``/``validate``/``test`` and before it in
-        ``_CheckpointConnector.restore``, so acting only on its absence makes that order irrelevant.
+        Such a checkpoint has no entry under this class's name, only the module's count of the
+        batches trained on (``capo_state["rollout_step"]``), which the module hands over as
+        ``trained_batches`` from its ``on_load_checkpoint``. A checkpoint with the entry is left
+        alone: Lightning restores it through :meth:`load_state_dict`, after the module's hook in
+        ``fit``/``validate``/``test`` and before it in ``_CheckpointConnector.restore``, so acting
+        only on its absence makes that order irrelevant.
         """
         if type(self).__qualname__ not in checkpoint:
             self.load_state_dict({"train_batches": trained_batches})
 
     def setup(self, stage: str) -> None:
-        """A Trainer run starts: its progress counts start afresh; the batches handed out so far stand."""
+        """A Trainer run starts: its progress counts start afresh; the batches handed out so far
+        stand."""
         self.position.new_run()
 
     def _processed(self) -> int | None:
-        """The Trainer's count of processed training batches (Lightning's own restart record); None without one."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed if self._has_trainer() else None
+        """The Trainer's count of processed training batches (Lightning's own restart record); None
+        without one."""
+        return (
+            self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+            if self._has_trainer()
+            else None
+        )
 
     def _policy_version(self) -> int:
-        """Optimizer steps done (the Trainer's ``global_step``): the weights a batch made now is sampled with."""
+        """Optimizer steps done (the Trainer's ``global_step``): the weights a batch made now is
+        sampled with."""
         return self.trainer.global_step if self._has_trainer() else 0
 
     # ---- prompts and ranks --------------------------------------------------------------------
     def _train_item(self, step: int, j: int) -> PromptItem:
-        """Prompt j of rollout step ``step`` on this rank: a pure function of (seed, step, rank, j)."""
+        """Prompt j of rollout step ``step`` on this rank: a pure function of (seed, step, rank,
+        j)."""
         return self.order.train_item(step, j, self._rank(), self._world())
 
     def _refill_item(self, step: int, round_: int, j: int) -> PromptItem:
-        """Prompt j of dynamic-sampling round ``round_`` (>= 1): drawn from a separate, seeded stream."""
+        """Prompt j of dynamic-sampling round ``round_`` (>= 1): drawn from a separate, seeded
+        stream."""
         return self.order.refill_item(step, round_, j, self._rank(), self._world())
 
     def _rank(self) -> int:

@@ -1,4 +1,5 @@
-"""Evaluation data: the sets' metric names, each rank's share of a set, what the module is told, validation sampling."""
+"""Evaluation data: the sets' metric names, each rank's share of a set, what the module is told,
+validation sampling."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class EvalSpec:
 
 
 def set_names(sources: list[PromptSource]) -> list[str]:
-    """Metric names of ``sources``: ``source.name()`` made key-safe and unique (``val/<name>/accuracy``)."""
+    """Metric names of ``sources``: ``source.name()`` made key-safe and unique
+    (``val/<name>/accuracy``)."""
     names: list[str] = []
     for source in sources:
         name = re.sub(r"[^A-Za-z0-9_.:-]+", "_", source.name())
@@ -41,9 +43,11 @@ def set_names(sources: list[PromptSource]) -> list[str]:
 
 
 def shard(count: int, rank: int, world: int, batch_size: int) -> list[list[int]]:
-    """The batches of item indices of ``rank`` among the first ``count`` items: rank r takes r, r + W, r + 2W, ...
+    """The batches of item indices of ``rank`` among the first ``count`` items: rank r takes r, r +
+    W, r + 2W, ...
 
-    Every rank gets the same number of indices, hence of batches (FSDP needs equal collective calls):
+    Every rank gets the same number of indices, hence of batches (FSDP needs equal collective
+    calls):
     a rank whose share is short gets indices >= ``count``, which the caller maps back into range
     (repeats) and excludes from the metrics (``stats["eval/valid_prompts"]``).
     """
@@ -54,13 +58,16 @@ def shard(count: int, rank: int, world: int, batch_size: int) -> list[list[int]]
 
 def default_val_sampling(sampling: SamplingConfig) -> SamplingConfig:
     """Validation samples at temperature 0.6, top_p 0.95 with the training budget."""
-    return SamplingConfig(max_new_tokens=sampling.max_new_tokens, temperature=0.6, top_p=0.95, top_k=0)
+    return SamplingConfig(
+        max_new_tokens=sampling.max_new_tokens, temperature=0.6, top_p=0.95, top_k=0
+    )
 
 
 def warn_if_greedy_with_samples(val_sampling: SamplingConfig, val_samples: int) -> None:
     """Warn when several validation samples per problem are drawn greedily (they are identical)."""
     if val_sampling.temperature == 0 and val_samples > 1:
         rank_zero_warn(
-            f"capo: data.val_sampling is greedy (temperature 0) but data.val_samples={val_samples}: the samples "
-            "are identical, so pass@k equals pass@1; set data.val_samples=1 or a temperature > 0"
+            "capo: data.val_sampling is greedy (temperature 0) but "
+            f"data.val_samples={val_samples}: the samples are identical, so pass@k equals pass@1; "
+            "set data.val_samples=1 or a temperature > 0"
         )

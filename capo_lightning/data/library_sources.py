@@ -1,7 +1,8 @@
-"""Prompt sources backed by other libraries: reasoning_gym (offline) and datasets (Hub data or local files).
+"""Prompt sources backed by other libraries: reasoning_gym (offline) and datasets (Hub data or local
+files).
 
-Both are optional extras (``offline``: reasoning-gym; ``hub``: datasets) and are imported lazily. The
-CHAMP evaluation set (champ-dataset) is in :mod:`capo_lightning.data.champ`.
+Both are optional extras (``offline``: reasoning-gym; ``hub``: datasets) and are imported lazily.
+The CHAMP evaluation set (champ-dataset) is in :mod:`capo_lightning.data.champ`.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class ReasoningGymSource(PromptSource):
         """Returns entry ``index`` of the task, with the instruction appended."""
         self._check_index(index)
         entry = self._dataset[index]
-        prompt = " ".join(part for part in (str(entry["question"]).strip(), self.instruction) if part)
+        prompt = " ".join(
+            part for part in (str(entry["question"]).strip(), self.instruction) if part
+        )
         columns = {"task": self.task, "metadata": _json_safe(entry.get("metadata", {}))}
         return PromptItem(prompt=prompt, answer=str(entry["answer"]), columns=columns)
 
@@ -77,13 +80,18 @@ class ReasoningGymSource(PromptSource):
         try:
             import reasoning_gym
         except ImportError as error:
-            raise ImportError("ReasoningGymSource needs reasoning-gym: pip install reasoning-gym") from error
+            raise ImportError(
+                "ReasoningGymSource needs reasoning-gym: pip install reasoning-gym"
+            ) from error
         try:
-            return reasoning_gym.create_dataset(self.task, size=self.size, seed=self.seed, **self.config)
+            return reasoning_gym.create_dataset(
+                self.task, size=self.size, seed=self.seed, **self.config
+            )
         except (TypeError, ValueError) as error:
             raise ValueError(
-                f"ReasoningGymSource: reasoning_gym rejected task={self.task!r} with config={self.config}: {error}. "
-                "Fix: use a registered task (reasoning_gym.factory.DATASETS) and only that task's config fields."
+                f"ReasoningGymSource: reasoning_gym rejected task={self.task!r} with "
+                f"config={self.config}: {error}. Fix: use a registered task "
+                "(reasoning_gym.factory.DATASETS) and only that task's config fields."
             ) from error
 
 
@@ -103,13 +111,18 @@ ANSWER_FORMATS = ("boxed", "gsm8k", "raw")
 
 
 def _gsm8k_answer(text: str) -> str | None:
-    """Returns what follows the last ``####``, commas removed (``"... #### 1,234"`` gives ``"1234"``)."""
+    """Returns what follows the last ``####``, commas removed (``"... #### 1,234"`` gives
+    ``"1234"``)."""
     marker = text.rfind("####")
     return None if marker < 0 else text[marker + 4 :].strip().replace(",", "")
 
 
 _EXTRACTORS = {"boxed": last_boxed, "gsm8k": _gsm8k_answer, "raw": lambda text: text}
-_MISSING = {"boxed": "no non-empty \\boxed{}", "gsm8k": "no answer after a final ####", "raw": "an empty answer"}
+_MISSING = {
+    "boxed": "no non-empty \\boxed{}",
+    "gsm8k": "no answer after a final ####",
+    "raw": "an empty answer",
+}
 
 
 class HFDatasetSource(PromptSource):
@@ -151,7 +164,12 @@ class HFDatasetSource(PromptSource):
         instruction: str = DEFAULT_INSTRUCTION,
     ) -> None:
         if answer_format not in ANSWER_FORMATS:
-            raise arg_error(self, "answer_format", f"got {answer_format!r}", f"use one of {list(ANSWER_FORMATS)}")
+            raise arg_error(
+                self,
+                "answer_format",
+                f"got {answer_format!r}",
+                f"use one of {list(ANSWER_FORMATS)}",
+            )
         self.path, self.prompt_key, self.answer_key = path, prompt_key, answer_key
         self.answer_format, self.instruction = answer_format, instruction
         try:
@@ -181,7 +199,9 @@ class HFDatasetSource(PromptSource):
         """Returns row ``index`` of the split, with the instruction appended."""
         self._check_index(index)
         row = dict(self._dataset[index])
-        prompt = " ".join(part for part in (str(row.pop(self.prompt_key)).strip(), self.instruction) if part)
+        prompt = " ".join(
+            part for part in (str(row.pop(self.prompt_key)).strip(), self.instruction) if part
+        )
         row.pop(self.answer_key)
         return PromptItem(prompt=prompt, answer=self._answers[index], columns=row)
 
@@ -189,13 +209,19 @@ class HFDatasetSource(PromptSource):
         """All gold answers, extracted up front so that a bad row fails at construction."""
         extract = _EXTRACTORS[self.answer_format]
         answers = [
-            (extract("" if value is None else str(value)) or "").strip() for value in self._dataset[self.answer_key]
+            (extract("" if value is None else str(value)) or "").strip()
+            for value in self._dataset[self.answer_key]
         ]
         missing = [index for index, answer in enumerate(answers) if not answer]
         if missing:
             gives = _MISSING[self.answer_format]
-            problem = f"{len(missing)} rows (first: row {missing[0]}) of {self.answer_key!r} give {gives}"
+            problem = (
+                f"{len(missing)} rows (first: row {missing[0]}) of {self.answer_key!r} give {gives}"
+            )
             others = [f for f in ANSWER_FORMATS if f != self.answer_format]
-            fix = f"pick the answer_format that matches {self.answer_key!r} ({others}), or filter those rows out"
+            fix = (
+                f"pick the answer_format that matches {self.answer_key!r} ({others}), or filter "
+                "those rows out"
+            )
             raise arg_error(self, "answer_format", problem, fix)
         return answers

@@ -1,4 +1,5 @@
-"""Which training prompt comes when: a pure function of (seed, rollout step, rank, slot), so resume is exact."""
+"""Which training prompt comes when: a pure function of (seed, rollout step, rank, slot), so resume
+is exact."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 from capo_lightning.data.prompts import PromptItem, PromptSource
 
 REFILL_OFFSET = 10**12
-"""Unbounded sources: the dynamic-sampling refill stream starts this far above any training index."""
+"""Unbounded sources: the dynamic-sampling refill stream starts this far above any training
+index."""
 
 
 class PromptOrder:
@@ -26,10 +28,13 @@ class PromptOrder:
         max_sampling_rounds: generation rounds per step at most (refill rounds are 1 .. this - 1).
     """
 
-    def __init__(self, source: PromptSource, seed: int, prompts_per_step: int, max_sampling_rounds: int) -> None:
+    def __init__(
+        self, source: PromptSource, seed: int, prompts_per_step: int, max_sampling_rounds: int
+    ) -> None:
         self.source, self.seed = source, seed
         self.prompts_per_step, self.max_sampling_rounds = prompts_per_step, max_sampling_rounds
-        self._perms: dict[tuple[int, int], list[int]] = {}  # (stream, epoch) -> permutation, one epoch per stream
+        # (stream, epoch) -> permutation, one epoch per stream
+        self._perms: dict[tuple[int, int], list[int]] = {}
 
     def train_item(self, step: int, slot: int, rank: int, world: int) -> PromptItem:
         """Prompt ``slot`` of rollout step ``step`` on ``rank`` of ``world``."""

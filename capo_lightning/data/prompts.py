@@ -81,14 +81,15 @@ class ArithmeticSource(PromptSource):
     SHA-512, not ``hash()``, so streams are stable across processes and no two
     ``(seed, i)`` pairs share one. Answers use the usual precedence (``*`` first).
 
-    **Disjoint partitions** (``split``). Different seeds are not disjoint: every item is an independent
-    draw from the same space (8,100 ordered pairs for two operands in 10..99). ``split=[lo, hi]`` keeps only
-    the problems whose :func:`problem_hash` lies in ``[lo, hi)``: item ``i`` draws from its own stream until a
-    problem falls in the split (the first draw in the split is the item, so it stays a pure function of
-    ``seed`` and ``i``). The hash is of the problem itself, not of the seed or the index, and a sum or a
-    product of one operator is hashed with its operands sorted, so ``27 + 97`` and ``97 + 27`` land in the
-    same split. Sources whose splits do not overlap (``[0, 0.5]``, ``[0.5, 0.9]``, ``[0.9, 1]``) never share
-    a problem, whatever their seeds.
+    **Disjoint partitions** (``split``). Different seeds are not disjoint: every item is an
+    independent draw from the same space (8,100 ordered pairs for two operands in 10..99).
+    ``split=[lo, hi]`` keeps only the problems whose :func:`problem_hash` lies in ``[lo, hi)``: item
+    ``i`` draws from its own stream until a problem falls in the split (the first draw in the split
+    is the item, so it stays a pure function of ``seed`` and ``i``). The hash is of the problem
+    itself, not of the seed or the index, and a sum or a product of one operator is hashed with its
+    operands sorted, so ``27 + 97`` and ``97 + 27`` land in the same split. Sources whose splits do
+    not overlap (``[0, 0.5]``, ``[0.5, 0.9]``, ``[0.9, 1]``) never share a problem, whatever their
+    seeds.
 
     Args:
         seed: Selects the stream; different seeds give different questions.
@@ -97,8 +98,8 @@ class ArithmeticSource(PromptSource):
         ops: Operators to draw from, a non-empty subset of ``+``, ``-``, ``*``.
         num_terms: Operands per question, at least 2.
         instruction: Appended to each question after a space; may be empty.
-        split: ``[lo, hi]`` with ``0 <= lo < hi <= 1``: keep only problems whose hash lies in ``[lo, hi)``;
-            None keeps every problem (and the stream is exactly the unsplit one).
+        split: ``[lo, hi]`` with ``0 <= lo < hi <= 1``: keep only problems whose hash lies in
+            ``[lo, hi)``; None keeps every problem (and the stream is exactly the unsplit one).
     """
 
     SUPPORTED_OPS = ("+", "-", "*")
@@ -127,11 +128,15 @@ class ArithmeticSource(PromptSource):
         unknown = [op for op in self.ops if op not in self.SUPPORTED_OPS]
         if not self.ops or unknown:
             problem = f"unsupported operators {unknown}" if unknown else "the list is empty"
-            raise arg_error(self, "ops", problem, f"use a non-empty subset of {list(self.SUPPORTED_OPS)}")
+            raise arg_error(
+                self, "ops", problem, f"use a non-empty subset of {list(self.SUPPORTED_OPS)}"
+            )
         if self.num_terms < 2:
             raise arg_error(self, "num_terms", f"got {self.num_terms}", "use num_terms >= 2")
         if self.split is not None and not 0.0 <= self.split[0] < self.split[1] <= 1.0:
-            raise arg_error(self, "split", f"got {list(self.split)}", "use [lo, hi] with 0 <= lo < hi <= 1")
+            raise arg_error(
+                self, "split", f"got {list(self.split)}", "use [lo, hi] with 0 <= lo < hi <= 1"
+            )
 
     @property
     def size(self) -> None:
@@ -170,8 +175,9 @@ class ArithmeticSource(PromptSource):
 def problem_hash(terms: list[int], ops: list[str]) -> float:
     """A problem's place in [0, 1): the first 8 bytes of SHA-256 of its canonical form, over 2^64.
 
-    The canonical form is the expression itself, except that a chain of one commutative operator (all ``+``
-    or all ``*``) has its operands sorted first, so reordered copies of a problem share a hash (and a split).
+    The canonical form is the expression itself, except that a chain of one commutative operator
+    (all ``+`` or all ``*``) has its operands sorted first, so reordered copies of a problem share a
+    hash (and a split).
     """
     if len(set(ops)) == 1 and ops[0] in ("+", "*"):
         terms = sorted(terms)
@@ -232,9 +238,12 @@ class JsonlSource(PromptSource):
         """Reads and validates every row."""
         file = Path(self.path)
         if not file.is_file():
-            raise FileNotFoundError(f"JsonlSource: no such file: {self.path}. Fix: point `path` at a JSONL file.")
+            raise FileNotFoundError(
+                f"JsonlSource: no such file: {self.path}. Fix: point `path` at a JSONL file."
+            )
         items = []
-        # bytes.splitlines splits on \n and \r only; str.splitlines would also split on U+2028 inside strings.
+        # bytes.splitlines splits on \n and \r only; str.splitlines would also split on U+2028
+        # inside strings.
         for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
             try:
                 text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -252,9 +261,9 @@ class JsonlSource(PromptSource):
     def _row_error(self, number: int, problem: str) -> ValueError:
         """A ValueError naming the file, the line, the expected keys and the fix."""
         return ValueError(
-            f"JsonlSource: {self.path}, line {number}: {problem}. Fix: every non-blank line must be a JSON "
-            f"object with a non-empty string {self.prompt_key!r} and a string or number {self.answer_key!r} "
-            "(set prompt_key/answer_key if the file uses other names)."
+            f"JsonlSource: {self.path}, line {number}: {problem}. Fix: every non-blank line must "
+            f"be a JSON object with a non-empty string {self.prompt_key!r} and a string or number "
+            f"{self.answer_key!r} (set prompt_key/answer_key if the file uses other names)."
         )
 
     def _parse_row(self, text: str, number: int) -> PromptItem:
@@ -267,7 +276,15 @@ class JsonlSource(PromptSource):
             raise self._row_error(number, f"expected a JSON object, got {type(row).__name__}")
         prompt, answer = row.pop(self.prompt_key, None), row.pop(self.answer_key, None)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise self._row_error(number, f"key {self.prompt_key!r} is missing, empty or not a string")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
-            raise self._row_error(number, f"key {self.answer_key!r} is missing, empty or not a string/number")
+            raise self._row_error(
+                number, f"key {self.prompt_key!r} is missing, empty or not a string"
+            )
+        if (
+            isinstance(answer, bool)
+            or not isinstance(answer, (str, int, float))
+            or not str(answer).strip()
+        ):
+            raise self._row_error(
+                number, f"key {self.answer_key!r} is missing, empty or not a string/number"
+            )
         return PromptItem(prompt=prompt, answer=str(answer), columns=row)

@@ -39,7 +39,8 @@ class ScoredGroup:
 
 @dataclass
 class Sampled:
-    """Scored groups of one generation round and what the round measured (``time/*``, ``rollout/*``)."""
+    """Scored groups of one generation round and what the round measured (``time/*``,
+    ``rollout/*``)."""
 
     groups: list[ScoredGroup]
     stats: dict[str, float]
@@ -68,14 +69,16 @@ class RolloutMaker:
         self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
 
     def format_prompt(self, question: str, template: PromptTemplate | None = None) -> str:
-        """Apply ``template`` (default: this maker's); raise if the result exceeds max_prompt_tokens."""
+        """Apply ``template`` (default: this maker's); raise if the result exceeds
+        max_prompt_tokens."""
         text = (template or self.template).format(question, self.tokenizer, self.system_prompt)
         num = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if num > self.max_prompt_tokens:
             raise ValueError(
-                f"a prompt has {num} tokens after formatting, more than data.max_prompt_tokens="
-                f"{self.max_prompt_tokens}: {question[:80]!r}... Raise data.max_prompt_tokens (prompt + "
-                "max_new_tokens must fit the model's context) or remove long prompts from the source"
+                f"a prompt has {num} tokens after formatting, more than "
+                f"data.max_prompt_tokens={self.max_prompt_tokens}: {question[:80]!r}... Raise "
+                "data.max_prompt_tokens (prompt + max_new_tokens must fit the model's context) or "
+                "remove long prompts from the source"
             )
         return text
 
@@ -97,11 +100,17 @@ class RolloutMaker:
         rewards = compute_rewards(reward_fn, completions, items_n, sampling.max_new_tokens)
         reward_s = time.perf_counter() - t1
         groups = [
-            ScoredGroup(item, prompt, completions[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n])
+            ScoredGroup(
+                item, prompt, completions[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n]
+            )
             for j, (item, prompt) in enumerate(zip(items, prompts))
         ]
         tokens = sum(len(c.token_ids) for c in completions)
-        stats = {keys.TIME_GENERATE: gen_s, keys.TIME_REWARD: reward_s, keys.TOKENS_PER_S: tokens / max(gen_s, 1e-9)}
+        stats = {
+            keys.TIME_GENERATE: gen_s,
+            keys.TIME_REWARD: reward_s,
+            keys.TOKENS_PER_S: tokens / max(gen_s, 1e-9),
+        }
         return Sampled(groups, stats)
 
     def collate(
@@ -128,7 +137,8 @@ def compute_rewards(
     reward_fn: RewardFn, completions: list[Completion], items: list[PromptItem], max_new_tokens: int
 ) -> list[float]:
     """Call ``reward_fn`` with each item's columns plus ``completion_tokens``, ``truncated`` and
-    ``max_new_tokens`` (what length-aware rewards such as OverlongPenalty read), and check its answer."""
+    ``max_new_tokens`` (what length-aware rewards such as OverlongPenalty read), and check its
+    answer."""
     texts = [c.text for c in completions]
     keys = sorted(set().union(*(item.columns for item in items)))
     cols: dict[str, list[Any]] = {k: [item.columns.get(k) for item in items] for k in keys}
@@ -138,14 +148,19 @@ def compute_rewards(
     rewards = [float(r) for r in reward_fn(texts, [item.answer for item in items], **cols)]
     name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
     if len(rewards) != len(texts):
-        raise ValueError(f"data.reward_fn {name} returned {len(rewards)} rewards for {len(texts)} completions")
+        raise ValueError(
+            f"data.reward_fn {name} returned {len(rewards)} rewards for {len(texts)} completions"
+        )
     if not all(math.isfinite(r) for r in rewards):
         raise ValueError(f"data.reward_fn {name} returned a non-finite reward: {rewards}")
     return rewards
 
 
 def keep_varied_groups(
-    groups: list[ScoredGroup], wanted: int, max_rounds: int, more: Callable[[int], list[ScoredGroup]]
+    groups: list[ScoredGroup],
+    wanted: int,
+    max_rounds: int,
+    more: Callable[[int], list[ScoredGroup]],
 ) -> Sampled:
     """DAPO's dynamic sampling: keep groups whose rewards differ; refill with fresh prompts.
 
@@ -166,7 +181,8 @@ def keep_varied_groups(
     if filled:
         rank_zero_warn(
             f"capo: dynamic sampling found {len(kept)} of {wanted} groups with varied rewards in "
-            f"{rounds} rounds (data.max_sampling_rounds); {filled} zero-variance groups fill the batch"
+            f"{rounds} rounds (data.max_sampling_rounds); {filled} zero-variance groups fill the "
+            "batch"
         )
     stats = {
         keys.SAMPLING_ROUNDS: float(rounds),
@@ -189,3 +205,18 @@ class RolloutStream:
     def __iter__(self) -> Iterator[RolloutBatch]:
         for i in range(self.length):
             yield self.make(i)
+
+
+def check_token_budget(
+    max_prompt_tokens: int, samplings: dict[str, SamplingConfig], context_len: int | None
+) -> None:
+    """Refuse a prompt budget plus a response budget (``data.<name>.max_new_tokens`` of each
+    sampling) longer than the model's context; ``context_len`` None checks nothing."""
+    for name, sampling in samplings.items():
+        budget = max_prompt_tokens + sampling.max_new_tokens
+        if context_len is not None and budget > context_len:
+            raise ValueError(
+                f"data.max_prompt_tokens ({max_prompt_tokens}) + "
+                f"data.{name}.max_new_tokens ({sampling.max_new_tokens}) = {budget} exceeds "
+                f"the model's context of {context_len} tokens; lower one of them"
+            )

@@ -45,20 +45,22 @@ class PromptTemplate:
         if self.chat and getattr(tokenizer, "chat_template", None):
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": user})
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
         return f"{system}\n\n{user}" if system else user
 
 
 PAPER_SYSTEM = (
-    "A conversation between a user and an assistant. The user asks a math question and the assistant "
-    "solves it. The assistant first thinks through the reasoning step by step inside <think> </think> "
-    "tags, then, after </think>, states the final answer in \\boxed{}."
+    "A conversation between a user and an assistant. The user asks a math question and the "
+    "assistant solves it. The assistant first thinks through the reasoning step by step inside "
+    "<think> </think> tags, then, after </think>, states the final answer in \\boxed{}."
 )
 EVAL_USER = (
-    "Solve the following math problem efficiently and clearly.  The last line of your response should be "
-    "of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct' "
-    "(without quotes) where ANSWER is just the final number or expression that solves the problem. "
-    "Think step by step before answering.\n\n{question}"
+    "Solve the following math problem efficiently and clearly.  The last line of your response "
+    "should be of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope "
+    "it is correct' (without quotes) where ANSWER is just the final number or expression that "
+    "solves the problem. Think step by step before answering.\n\n{question}"
 )
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -75,7 +77,10 @@ TEMPLATES: dict[str, PromptTemplate] = {
 
 
 def get_template(name: str) -> PromptTemplate:
-    """The template called ``name``; ValueError naming ``data.template`` and the choices otherwise."""
+    """The template called ``name``; ValueError naming ``data.template`` and the choices
+    otherwise."""
     if name not in TEMPLATES:
-        raise ValueError(f"data.template={name!r} is not a template; choose one of {sorted(TEMPLATES)}")
+        raise ValueError(
+            f"data.template={name!r} is not a template; choose one of {sorted(TEMPLATES)}"
+        )
     return TEMPLATES[name]

@@ -35,11 +35,13 @@ class Evaluator:
 
     def __init__(self, stage: str, names: list[str], n: int, device: torch.device) -> None:
         self.stage, self.names, self.n = stage, list(names) or ["default"], n
-        # n given up front: a rank that saw no batch of a set can still compute (and sync) its metrics
+        # n given up front: a rank that saw no batch of a set can still compute (and sync) its
+        # metrics
         self.metrics = {name: EvalMetrics(n=n).to(device) for name in self.names}
 
     def update(self, batch: RolloutBatch, dataloader_idx: int = 0) -> None:
-        """Add the batch's problems; padding problems (``stats["eval/valid_prompts"]``) are left out."""
+        """Add the batch's problems; padding problems (``stats["eval/valid_prompts"]``) are left
+        out."""
         groups = batch.num_completions // self.n
         valid = int(batch.stats.get(keys.VALID_PROMPTS, groups))
         correct = (batch.rewards > 0.5).view(groups, self.n)[:valid]  # [P, n]
@@ -51,22 +53,33 @@ class Evaluator:
         """Response length, truncation and the grader's ``verifier/*`` stats of one batch."""
         name = self.names[dataloader_idx]
         out = {
-            keys.evaluation(self.stage, "response_length_mean", name): batch.response_mask.sum(1).float().mean(),
+            keys.evaluation(self.stage, "response_length_mean", name): batch.response_mask.sum(1)
+            .float()
+            .mean(),
             keys.evaluation(self.stage, "truncated_frac", name): batch.truncated.float().mean(),
         }
         for key, value in batch.stats.items():
             if key.startswith(keys.VERIFIER):
                 metric = key.removeprefix(keys.VERIFIER)
-                out[keys.evaluation(self.stage, metric, name)] = torch.tensor(float(value), dtype=torch.float32)
+                out[keys.evaluation(self.stage, metric, name)] = torch.tensor(
+                    float(value), dtype=torch.float32
+                )
         return out
 
     def compute(self) -> dict[str, Tensor]:
         """Every dataset's metrics (synchronised across ranks) and the mean accuracy."""
         out: dict[str, Tensor] = {}
         for name, metrics in self.metrics.items():
-            out.update({keys.evaluation(self.stage, key, name): value for key, value in metrics.compute().items()})
+            out.update(
+                {
+                    keys.evaluation(self.stage, key, name): value
+                    for key, value in metrics.compute().items()
+                }
+            )
         accuracies = [out[keys.evaluation(self.stage, "accuracy", name)] for name in self.names]
-        out[keys.evaluation(self.stage, "accuracy")] = torch.stack([a.float() for a in accuracies]).mean()
+        out[keys.evaluation(self.stage, "accuracy")] = torch.stack(
+            [a.float() for a in accuracies]
+        ).mean()
         return out
 
     def summary(self, results: dict[str, Tensor], step: int) -> str:
@@ -81,5 +94,7 @@ class Evaluator:
         for name in self.names:
             values = [float(results[f"{self.stage}/{name}/{c}"]) for c in columns]
             lines.append(name.ljust(width) + "".join(f"{v:10.4f}" for v in values))
-        lines.append("mean accuracy".ljust(width) + f"{float(results[f'{self.stage}/accuracy']):10.4f}")
+        lines.append(
+            "mean accuracy".ljust(width) + f"{float(results[f'{self.stage}/accuracy']):10.4f}"
+        )
         return "\n".join(lines)

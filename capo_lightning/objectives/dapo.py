@@ -1,4 +1,5 @@
-"""DAPO (Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arXiv 2503.14476)."""
+"""DAPO (Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arXiv
+2503.14476)."""
 
 from __future__ import annotations
 
@@ -38,4 +39,6 @@ class DAPO(ClippedPolicyGradient):
         beta: float = 0.0,
         dual_clip: float | None = None,
     ) -> None:
-        super().__init__(eps=eps, clip_low=clip_low, clip_high=clip_high, beta=beta, dual_clip=dual_clip)
+        super().__init__(
+            eps=eps, clip_low=clip_low, clip_high=clip_high, beta=beta, dual_clip=dual_clip
+        )

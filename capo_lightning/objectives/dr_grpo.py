@@ -1,4 +1,5 @@
-"""Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783)."""
+"""Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv
+2503.20783)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ class DrGRPO(ClippedPolicyGradient):
         max_len: int | None = None,
         dual_clip: float | None = None,
     ) -> None:
-        super().__init__(eps=0.0, clip_low=clip_low, clip_high=clip_high, beta=beta, dual_clip=dual_clip)
+        super().__init__(
+            eps=0.0, clip_low=clip_low, clip_high=clip_high, beta=beta, dual_clip=dual_clip
+        )
         if max_len is not None and max_len < 1:
             raise ValueError(f"DrGRPO max_len must be >= 1, got {max_len}")
         self.max_len = max_len

@@ -38,11 +38,19 @@ class Normalizer:
         all_reduce: Callable[[Tensor], Tensor] | None = None,
         world_size: int = 1,
     ) -> Normalizer:
-        """Count sequences and kept tokens in ``mask`` [N, L], summed over ranks by ``all_reduce``."""
-        counts = torch.tensor([float(mask.shape[0]), float(mask.sum())], dtype=torch.float64, device=mask.device)
+        """Count sequences and kept tokens in ``mask`` [N, L], summed over ranks by
+        ``all_reduce``."""
+        counts = torch.tensor(
+            [float(mask.shape[0]), float(mask.sum())], dtype=torch.float64, device=mask.device
+        )
         if all_reduce is not None:
             counts = all_reduce(counts)
-        return cls(num_sequences=float(counts[0]), num_tokens=float(counts[1]), world_size=world_size, max_len=max_len)
+        return cls(
+            num_sequences=float(counts[0]),
+            num_tokens=float(counts[1]),
+            world_size=world_size,
+            max_len=max_len,
+        )
 
     def denominator(self, aggregation: str) -> float:
         """The denominator ``aggregation`` divides by (logged as ``objective/normalizer``)."""
@@ -51,14 +59,16 @@ class Normalizer:
 
 @dataclass(frozen=True)
 class AggregationRule:
-    """One way to reduce per-token values to a step loss: ``numerator(values, mask) / denominator(norm)``."""
+    """One way to reduce per-token values to a step loss:
+    ``numerator(values, mask) / denominator(norm)``."""
 
     numerator: Callable[[Tensor, Tensor], Tensor]  # ([n, L] values, [n, L] float mask) -> scalar
     denominator: Callable[[Normalizer], float]  # global counts of the step -> divisor
 
 
 def _sum_of_sequence_means(values: Tensor, mask_f: Tensor) -> Tensor:
-    return ((values * mask_f).sum(dim=1) / mask_f.sum(dim=1).clamp(min=1.0)).sum()  # sum over rows of [N] means
+    # sum over rows of [N] means
+    return ((values * mask_f).sum(dim=1) / mask_f.sum(dim=1).clamp(min=1.0)).sum()
 
 
 def _token_sum(values: Tensor, mask_f: Tensor) -> Tensor:
@@ -67,13 +77,15 @@ def _token_sum(values: Tensor, mask_f: Tensor) -> Tensor:
 
 def _constant_len_times_sequences(norm: Normalizer) -> float:
     if norm.max_len is None:
-        raise ValueError("aggregation 'seq_mean_token_sum_norm' needs Normalizer.max_len (the constant L)")
+        raise ValueError(
+            "aggregation 'seq_mean_token_sum_norm' needs Normalizer.max_len (the constant L)"
+        )
     return norm.max_len * norm.num_sequences
 
 
 AGGREGATIONS: dict[str, AggregationRule] = {
-    # GRPO (DeepSeekMath): mean over sequences of each sequence's token mean; a sequence with no kept
-    # token contributes 0 but still counts in the mean
+    # GRPO (DeepSeekMath): mean over sequences of each sequence's token mean; a sequence with no
+    # kept token contributes 0 but still counts in the mean
     "seq_mean_token_mean": AggregationRule(_sum_of_sequence_means, lambda norm: norm.num_sequences),
     # Dr.GRPO: sum of kept token values / (constant L x sequences)
     "seq_mean_token_sum_norm": AggregationRule(_token_sum, _constant_len_times_sequences),
@@ -89,7 +101,9 @@ def _rule(mode: str) -> AggregationRule:
     return AGGREGATIONS[mode]
 
 
-def group_advantages(rewards: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor, group_ids: Tensor, scale_by_std: bool = True, eps: float = 1e-4
+) -> Tensor:
     """Group-relative advantages A_i = (R_i - mean_g R) / (std_g R + eps).
 
     ``std`` is the Bessel-corrected (unbiased) standard deviation over the group, as in the
@@ -110,7 +124,9 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, scale_by_std: bool = Tr
     _, inverse = torch.unique(group_ids, return_inverse=True)  # [N] dense group index
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
     counts = torch.bincount(inverse, minlength=num_groups).float()  # [num_groups]
-    sums = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse, rewards)
+    sums = torch.zeros(num_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
+        0, inverse, rewards
+    )
     means = sums / counts  # [num_groups]
     centred = rewards - means[inverse]  # [N]
     if scale_by_std:
@@ -196,8 +212,11 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, norm: Normalizer) -> Tens
     return rule.numerator(values, mask.to(values.dtype)) / rule.denominator(norm) * norm.world_size
 
 
-def truncated_importance_weight(old_logprobs: Tensor, behavior_logprobs: Tensor, cap: float) -> Tensor:
-    """Truncated importance weight min(pi_old / pi_behavior, cap) per token, detached (Yao et al. 2025, TIS).
+def truncated_importance_weight(
+    old_logprobs: Tensor, behavior_logprobs: Tensor, cap: float
+) -> Tensor:
+    """Truncated importance weight min(pi_old / pi_behavior, cap) per token, detached (Yao et al.
+    2025, TIS).
 
     Corrects for the sampling engine's logprobs differing from the trainer's (vLLM kernels, bf16):
     the samples come from pi_behavior while the surrogate is written for pi_old.
@@ -206,16 +225,18 @@ def truncated_importance_weight(old_logprobs: Tensor, behavior_logprobs: Tensor,
     return torch.exp(log_ratio).clamp(max=cap).detach()
 
 
-def zero_std_group_fraction(rewards: Tensor, group_ids: Tensor, tol: float = CONSTANT_TOL) -> Tensor:
+def zero_std_group_fraction(
+    rewards: Tensor, group_ids: Tensor, tol: float = CONSTANT_TOL
+) -> Tensor:
     """Fraction of groups whose rewards all agree (max - min <= tol): their advantages are 0."""
     _, inverse = torch.unique(group_ids, return_inverse=True)
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    hi = torch.full((num_groups,), -torch.inf, device=rewards.device, dtype=torch.float32).scatter_reduce(
-        0, inverse, rewards.float(), "amax"
-    )
-    lo = torch.full((num_groups,), torch.inf, device=rewards.device, dtype=torch.float32).scatter_reduce(
-        0, inverse, rewards.float(), "amin"
-    )
+    hi = torch.full(
+        (num_groups,), -torch.inf, device=rewards.device, dtype=torch.float32
+    ).scatter_reduce(0, inverse, rewards.float(), "amax")
+    lo = torch.full(
+        (num_groups,), torch.inf, device=rewards.device, dtype=torch.float32
+    ).scatter_reduce(0, inverse, rewards.float(), "amin")
     return ((hi - lo) <= tol).float().mean() if num_groups else torch.zeros((), dtype=torch.float32)
 
 

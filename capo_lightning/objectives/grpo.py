@@ -8,7 +8,8 @@ from capo_lightning.objectives.pg import ClippedPolicyGradient
 class GRPO(ClippedPolicyGradient):
     """Group Relative Policy Optimization.
 
-    J = (1/G) sum_i (1/|o_i|) sum_t [ min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) - beta KL_t ]
+    J = (1/G) sum_i (1/|o_i|) sum_t [ min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) - beta KL_t
+    ]
 
     with A_i = (R_i - mean_g R) / (std_g R + eps) over the G completions of a prompt, r the ratio
     pi_theta / pi_old per token and KL_t Schulman's k3 estimator against the frozen reference.
@@ -42,5 +43,7 @@ class GRPO(ClippedPolicyGradient):
         beta: float = 0.0,
         dual_clip: float | None = None,
     ) -> None:
-        super().__init__(eps=eps, clip_low=clip_low, clip_high=clip_high, beta=beta, dual_clip=dual_clip)
+        super().__init__(
+            eps=eps, clip_low=clip_low, clip_high=clip_high, beta=beta, dual_clip=dual_clip
+        )
         self.scale_rewards = scale_rewards

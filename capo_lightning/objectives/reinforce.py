@@ -26,6 +26,12 @@ class REINFORCE(ClippedPolicyGradient):
     use_baseline = False
 
     def __init__(
-        self, clip_low: float = 0.2, clip_high: float = 0.2, beta: float = 0.0, dual_clip: float | None = None
+        self,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        beta: float = 0.0,
+        dual_clip: float | None = None,
     ) -> None:
-        super().__init__(eps=0.0, clip_low=clip_low, clip_high=clip_high, beta=beta, dual_clip=dual_clip)
+        super().__init__(
+            eps=0.0, clip_low=clip_low, clip_high=clip_high, beta=beta, dual_clip=dual_clip
+        )

@@ -1,5 +1,5 @@
-"""Find a run's CSV log (the newest ``logs/version_N/metrics.csv`` below a RUN_DIR), read its rows, and place
-its rows on the completions axis."""
+"""Find a run's CSV log (the newest ``logs/version_N/metrics.csv`` below a RUN_DIR), read its rows,
+and place its rows on the completions axis."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from capo_lightning.report.versions import version
 X_KEY = keys.COMPLETIONS  # the x axis of every figure: cumulative completions, all ranks
 
 _EXPECTED = (
-    "pass the run's trainer.default_root_dir (it holds logs/version_N/metrics.csv), a version_N folder, "
-    "or a metrics.csv path"
+    "pass the run's trainer.default_root_dir (it holds logs/version_N/metrics.csv), a version_N "
+    "folder, or a metrics.csv path"
 )
 
 
@@ -46,8 +46,14 @@ def find_metrics(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"RUN_DIR {path} does not exist; {_EXPECTED}")
     if (path / "metrics.csv").is_file():
         return path / "metrics.csv"
-    for pattern in ("version_*/metrics.csv", "logs/version_*/metrics.csv", "*/version_*/metrics.csv"):
-        found = [csv_path for csv_path in path.glob(pattern) if version(csv_path.parent) is not None]
+    for pattern in (
+        "version_*/metrics.csv",
+        "logs/version_*/metrics.csv",
+        "*/version_*/metrics.csv",
+    ):
+        found = [
+            csv_path for csv_path in path.glob(pattern) if version(csv_path.parent) is not None
+        ]
         loggers = sorted({str(csv_path.parent.parent) for csv_path in found})
         if len(loggers) > 1:
             raise ValueError(
@@ -57,8 +63,9 @@ def find_metrics(run_dir: str | Path) -> Path:
         if found:
             return max(found, key=lambda csv_path: version(csv_path.parent))
     raise FileNotFoundError(
-        f"RUN_DIR {path} has no metrics.csv: expected {path / 'logs' / 'version_N' / 'metrics.csv'} "
-        f"(what `capo fit` writes with trainer.default_root_dir={path} and the CSV logger); {_EXPECTED}"
+        f"RUN_DIR {path} has no metrics.csv: expected "
+        f"{path / 'logs' / 'version_N' / 'metrics.csv'} (what `capo fit` writes with "
+        f"trainer.default_root_dir={path} and the CSV logger); {_EXPECTED}"
     )
 
 
@@ -88,12 +95,16 @@ def read_rows(metrics_path: Path) -> list[dict[str, float]]:
                     continue
             rows.append(row)
     if not rows:
-        raise ValueError(f"{metrics_path} has no rows: the run logged nothing (did it stop before its first step?)")
+        raise ValueError(
+            f"{metrics_path} has no rows: the run logged nothing (did it stop before its first "
+            "step?)"
+        )
     return rows
 
 
 def step_table(rows: list[dict[str, float]]) -> dict[float, float]:
-    """step -> completions_total of the training rows that hold both (the last such row of a step wins)."""
+    """step -> completions_total of the training rows that hold both (the last such row of a step
+    wins)."""
     return {row["step"]: row[X_KEY] for row in rows if "step" in row and X_KEY in row}
 
 
@@ -101,9 +112,9 @@ def completions_at_step(step: float, table: dict[float, float]) -> float | None:
     """The completions a validation row at ``step`` stands for.
 
     The training row with the same step gives it; step 0 without such a row is the base model, 0
-    completions. A step between logged training rows (``log_every_n_steps`` > 1) is interpolated linearly
-    on (step, completions), with (0, 0) added when no step-0 row exists; beyond the last training row the
-    last segment's slope is extended.
+    completions. A step between logged training rows (``log_every_n_steps`` > 1) is interpolated
+    linearly on (step, completions), with (0, 0) added when no step-0 row exists; beyond the last
+    training row the last segment's slope is extended.
 
     Args:
         step: the row's ``step`` column.

@@ -1,8 +1,9 @@
-"""The paper-style figures as PNG files, drawn on matplotlib's Agg canvas (pyplot's global state is not touched)."""
+"""The paper-style figures as PNG files, drawn on matplotlib's Agg canvas (pyplot's global state is
+not touched)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from capo_lightning import keys
-from capo_lightning.report.curves import HEALTH_KEYS, REJECT_KEY, SHIFT_KEYS, Curve, Window, masked_key
-from capo_lightning.report.efficiency import SUSTAIN, crossing
+from capo_lightning.report.curves import (
+    HEALTH_KEYS,
+    REJECT_KEY,
+    SHIFT_KEYS,
+    Curve,
+)
 from capo_lightning.report.groups import Group
+from capo_lightning.report.reference import (
+    draw_target,
+    has_curve,
+    missing_reference,
+    reference_line,
+    shift_key,
+)
+from capo_lightning.report.smoothing import Window
 
 DPI = 120
 X_LABEL = "completions"
@@ -29,24 +42,19 @@ HEALTH_PANELS = tuple(
     zip(
         HEALTH_KEYS,
         ("Policy entropy", "Response length", "Gradient norm"),
-        ("entropy (nats/token)", "mean response length (tokens)", "gradient norm before clipping (L2)"),
+        (
+            "entropy (nats/token)",
+            "mean response length (tokens)",
+            "gradient norm before clipping (L2)",
+        ),
     )
 )
 
 
-def _has(group: Group, key: str) -> bool:
-    """Whether the group has a non-empty curve of ``key``."""
-    return key in group.curves and group.curves[key].x.size > 0
-
-
-def shift_key(group: Group, key: str) -> str:
-    """The key a group plots for an unmasked shift key: the ``masked_`` one when its selector enforces (Fig. 3)."""
-    return masked_key(key) if group.enforces else key
-
-
 def _smoothing(groups: Sequence[Group], keys: Sequence[str]) -> str:
-    """``"EMA α 0.35, faint: raw, mean ± SEM over seeds"`` or ``"trailing window of 64 completions, ..."`` from
-    the rules of the curves drawn (several: all listed)."""
+    """``"EMA α 0.35, faint: raw, mean ± SEM over seeds"`` or
+    ``"trailing window of 64 completions, ..."`` from the rules of the curves drawn (several: all
+    listed)."""
     curves = [group.curves[key] for group in groups for key in keys if key in group.curves]
     alphas = sorted({curve.ema for curve in curves if curve.ema is not None and curve.ema < 1.0})
     windows = sorted({curve.window for curve in curves if curve.window is not None})
@@ -61,8 +69,11 @@ def _new_figure(rows: int, cols: int, width: float, height: float) -> tuple[Figu
     return figure, figure.subplots(rows, cols, squeeze=False)
 
 
-def _band(axes: Axes, curve: Curve, label: str, color: str, scale: float = 1.0, marker: str | None = None) -> None:
-    """The mean as a line, mean ± SEM as a shaded band, and (when smoothed) the raw mean as a faint line."""
+def _band(
+    axes: Axes, curve: Curve, label: str, color: str, scale: float = 1.0, marker: str | None = None
+) -> None:
+    """The mean as a line, mean ± SEM as a shaded band, and (when smoothed) the raw mean as a faint
+    line."""
     if curve.rule.smooths and curve.raw_mean.size == curve.x.size:
         axes.plot(curve.x, curve.raw_mean * scale, color=color, alpha=0.3, linewidth=0.8)
     axes.plot(curve.x, curve.mean * scale, label=label, color=color, marker=marker, markersize=4)
@@ -107,102 +118,40 @@ def single_metric_figure(
         scale: factor applied to mean and SEM before drawing (100 for percent).
         target: also draw the reference's final value and each group's sustained crossing of it
             (``draw_target``, Fig. 1).
-        reference: the reference group's label for ``target``; None: the default (``reference_group``).
+        reference: the reference group's label for ``target``; None: the default
+            (``reference_group``).
 
     Returns:
         ``(files written, notes)``; nothing is written when no group has the metric.
     """
-    if not any(_has(group, key) for group in groups):
+    if not any(has_curve(group, key) for group in groups):
         return [], [f"{name} not written: no run logged {key}"]
-    notes = [f"{name}: group '{group.label}' has no {key} curve; left out" for group in groups if not _has(group, key)]
+    notes = [
+        f"{name}: group '{group.label}' has no {key} curve; left out"
+        for group in groups
+        if not has_curve(group, key)
+    ]
     figure, axes = _new_figure(1, 1, 7.5, 4.8)
     marker = "o" if key == keys.VAL_ACCURACY else None
     for index, group in enumerate(groups):
-        if _has(group, key):
+        if has_curve(group, key):
             _band(axes[0, 0], group.curves[key], group.label, f"C{index % 10}", scale, marker)
     if target and not draw_target(axes[0, 0], groups, key, reference, scale):
-        whose = f"group '{reference}' has" if reference is not None else "no group without an enforcing selector has"
+        whose = missing_reference(reference)
         notes.append(f"{name}: no target (final) line: {whose} a {key} curve")
     _finish(axes[0, 0], f"{title}\n{_smoothing(groups, [key])}", y_label)
     return [_save(figure, out, name)], notes
 
 
-def reference_group(groups: Sequence[Group], reference: str | None, has: Callable[[Group], bool]) -> Group | None:
-    """The reference group: the one labelled ``reference``, else the first whose selector does not enforce.
+def shifts_figure(
+    groups: Sequence[Group], out: Path, reference: str | None
+) -> tuple[list[str], list[str]]:
+    """``fig3_shifts.png``: m_F and m_H at token and global level (the paper's Fig. 3), 2 x 2
+    panels.
 
-    Args:
-        groups: all groups.
-        reference: the reference group's label, None for the default.
-        has: whether a group has the curve needed; a group without it is no reference.
-
-    Returns:
-        The group, or None when no candidate has the curve.
-    """
-    if reference is not None:
-        candidates = [group for group in groups if group.label == reference]
-    else:
-        candidates = [group for group in groups if not group.enforces]
-    return next((group for group in candidates if has(group)), None)
-
-
-def draw_target(axes: Axes, groups: Sequence[Group], key: str, reference: str | None, scale: float) -> bool:
-    """Fig. 1's target: the reference group's smoothed mean at its final completions as a dashed line, and a star
-    at each group's first sustained crossing of it (``efficiency.crossing`` on the curve drawn, sustained for
-    ``efficiency.SUSTAIN`` completions): the sample-efficiency measure of ``summary.json``, drawn.
-
-    Args:
-        axes: the panel, its curves drawn.
-        groups: all groups, in order (colours ``C<index>``).
-        key: the metric (``train/accuracy``).
-        reference: the reference group's label, None for the default (``reference_group``).
-        scale: the factor the curves were drawn with.
-
-    Returns:
-        Whether a reference group with the curve was found (False: nothing drawn).
-    """
-    group = reference_group(groups, reference, lambda candidate: _has(candidate, key))
-    if group is None:
-        return False
-    value = float(group.curves[key].mean[-1])
-    axes.axhline(value * scale, linestyle="--", color="black", linewidth=1, label=f"{group.label} (final)")
-    label = f"first crossing held {SUSTAIN:g} completions"
-    for index, candidate in enumerate(groups):
-        if not _has(candidate, key):
-            continue
-        curve = candidate.curves[key]
-        crossed = crossing(curve.x, curve.mean, value, SUSTAIN)
-        if crossed is not None:
-            y = curve.mean[int(np.searchsorted(curve.x, crossed))] * scale
-            axes.plot([crossed], [y], "*", color=f"C{index % 10}", markersize=13, markeredgecolor="black", label=label)
-            label = None
-    return True
-
-
-def reference_line(groups: Sequence[Group], key: str, reference: str | None) -> tuple[float, str] | None:
-    """The dashed line of one Fig. 3 panel: the maximum of the reference group's mean curve.
-
-    The reference is the group labelled ``reference``, else the first group whose selector does not enforce
-    and that has ``key`` (``reference_group``); the curve is the one that group plots (``shift_key``).
-
-    Args:
-        groups: all groups, with their curves.
-        key: an unmasked shift key (``SHIFT_KEYS``).
-        reference: the reference group's label, None for the default.
-
-    Returns:
-        ``(value, label)``, or None when the reference group has no such curve.
-    """
-    group = reference_group(groups, reference, lambda candidate: _has(candidate, shift_key(candidate, key)))
-    if group is None:
-        return None
-    return float(np.max(group.curves[shift_key(group, key)].mean)), group.label
-
-
-def shifts_figure(groups: Sequence[Group], out: Path, reference: str | None) -> tuple[list[str], list[str]]:
-    """``fig3_shifts.png``: m_F and m_H at token and global level (the paper's Fig. 3), 2 x 2 panels.
-
-    Groups whose selector does not enforce plot the unmasked keys, enforcing (CAPO) groups the ``masked_``
-    keys; a dashed line marks the maximum of the reference group's mean curve (``reference_line``).
+    Groups whose selector does not enforce plot the unmasked keys, enforcing (CAPO) groups the
+    ``masked_`` keys; a dashed line marks the maximum of the reference group's mean curve
+    (``reference_line``).
 
     Args:
         groups: all groups, in order.
@@ -213,35 +162,53 @@ def shifts_figure(groups: Sequence[Group], out: Path, reference: str | None) -> 
         ``(files written, notes)``; nothing is written when no group logged a shift.
     """
     name = "fig3_shifts.png"
-    logged = [group for group in groups if any(_has(group, shift_key(group, key)) for key in SHIFT_KEYS)]
+    logged = [
+        group
+        for group in groups
+        if any(has_curve(group, shift_key(group, key)) for key in SHIFT_KEYS)
+    ]
     if not logged:
         return [], [
             f"{name} not written: no run logged curvature/* shifts (a run needs a selector; "
             "conf/selector/capo_monitor.yaml measures without masking)"
         ]
     notes = [
-        f"{name}: group '{group.label}' logged no curvature shifts (no selector); absent from the panels"
+        f"{name}: group '{group.label}' logged no curvature shifts (no selector); absent from the "
+        "panels"
         for group in groups
         if group not in logged
     ]
     figure, axes = _new_figure(2, 2, 12, 8)
-    without_line = []
-    for panel, (key, title, y_label) in zip(axes.flat, SHIFT_PANELS):
-        for index, group in enumerate(groups):
-            if _has(group, shift_key(group, key)):
-                _band(panel, group.curves[shift_key(group, key)], group.label, f"C{index % 10}")
-        line = reference_line(groups, key, reference)
-        if line is None:
-            without_line.append(title)
-        else:
-            panel.axhline(line[0], linestyle="--", color="black", linewidth=1, label=f"{line[1]} (max)")
-        _finish(panel, title, y_label)
+    without_line = [
+        title
+        for panel, (key, title, y_label) in zip(axes.flat, SHIFT_PANELS)
+        if not _shift_panel(panel, groups, key, title, y_label, reference)
+    ]
     if without_line:
-        whose = f"group '{reference}' has" if reference is not None else "no group without an enforcing selector has"
-        notes.append(f"{name}: no reference (max) line in {', '.join(without_line)}: {whose} that curve")
+        whose = missing_reference(reference)
+        notes.append(
+            f"{name}: no reference (max) line in {', '.join(without_line)}: {whose} that curve"
+        )
     plotted = [shift_key(group, key) for group in groups for key in SHIFT_KEYS]
-    figure.suptitle(f"Curvature shifts, post-mask for enforcing selectors ({_smoothing(groups, plotted)})")
+    figure.suptitle(
+        f"Curvature shifts, post-mask for enforcing selectors ({_smoothing(groups, plotted)})"
+    )
     return [_save(figure, out, name)], notes
+
+
+def _shift_panel(
+    panel: Axes, groups: Sequence[Group], key: str, title: str, y_label: str, reference: str | None
+) -> bool:
+    """One panel of Fig. 3: each group's curve of ``key`` (``shift_key``) and the reference's
+    maximum as a dashed line; returns whether that line was drawn."""
+    for index, group in enumerate(groups):
+        if has_curve(group, shift_key(group, key)):
+            _band(panel, group.curves[shift_key(group, key)], group.label, f"C{index % 10}")
+    line = reference_line(groups, key, reference)
+    if line is not None:
+        panel.axhline(line[0], linestyle="--", color="black", linewidth=1, label=f"{line[1]} (max)")
+    _finish(panel, title, y_label)
+    return line is not None
 
 
 def health_figure(groups: Sequence[Group], out: Path) -> tuple[list[str], list[str]]:
@@ -252,15 +219,16 @@ def health_figure(groups: Sequence[Group], out: Path) -> tuple[list[str], list[s
         out: the output folder.
 
     Returns:
-        ``(files written, notes)``; a panel no group has data for says "no data"; no file when all are empty.
+        ``(files written, notes)``; a panel no group has data for says "no data"; no file when all
+        are empty.
     """
     name = "health.png"
-    if not any(_has(group, key) for group in groups for key in HEALTH_KEYS):
+    if not any(has_curve(group, key) for group in groups for key in HEALTH_KEYS):
         return [], [f"{name} not written: no run logged {', '.join(HEALTH_KEYS)}"]
     notes = []
     figure, axes = _new_figure(1, 3, 16, 4.5)
     for panel, (key, title, y_label) in zip(axes.flat, HEALTH_PANELS):
-        drawn = [index for index, group in enumerate(groups) if _has(group, key)]
+        drawn = [index for index, group in enumerate(groups) if has_curve(group, key)]
         for index in drawn:
             _band(panel, groups[index].curves[key], groups[index].label, f"C{index % 10}")
         if not drawn:
@@ -271,14 +239,16 @@ def health_figure(groups: Sequence[Group], out: Path) -> tuple[list[str], list[s
     return [_save(figure, out, name)], notes
 
 
-def draw_figures(groups: Sequence[Group], out: Path, reference: str | None = None) -> tuple[list[str], list[str]]:
+def draw_figures(
+    groups: Sequence[Group], out: Path, reference: str | None = None
+) -> tuple[list[str], list[str]]:
     """Draw every figure the groups have data for into ``out`` (which must exist).
 
     Args:
         groups: the groups with their curves (``summarize_group`` fills them).
         out: the output folder.
-        reference: the label of the reference group (its maximum is the dashed line of Fig. 3, its final training
-            accuracy Fig. 1's target); None: the default (``reference_group``).
+        reference: the label of the reference group (its maximum is the dashed line of Fig. 3, its
+            final training accuracy Fig. 1's target); None: the default (``reference_group``).
 
     Returns:
         ``(PNG file names written, notes about what was left out)``.
@@ -294,4 +264,6 @@ def draw_figures(groups: Sequence[Group], out: Path, reference: str | None = Non
     ]
     drawn.insert(2, shifts_figure(groups, out, reference))
     drawn.append(health_figure(groups, out))
-    return [name for files, _ in drawn for name in files], [note for _, notes in drawn for note in notes]
+    return [name for files, _ in drawn for name in files], [
+        note for _, notes in drawn for note in notes
+    ]

@@ -1,4 +1,5 @@
-"""Find one run's CSV log and resolved config, and read them (plain files only: no Lightning, no torch)."""
+"""Find one run's CSV log and resolved config, and read them (plain files only: no Lightning, no
+torch)."""
 
 from __future__ import annotations
 
@@ -9,34 +10,25 @@ from typing import Any
 import numpy as np
 import yaml
 
-from capo_lightning.report.csvlog import X_KEY, completions_at_step, find_metrics, read_rows, step_table
+from capo_lightning.report.csvlog import (
+    X_KEY,
+    completions_at_step,
+    find_metrics,
+    read_rows,
+    step_table,
+)
+from capo_lightning.report.selectors import (
+    NON_MASKING_SELECTORS,
+    Calibration,
+    as_float,
+    calibration_of,
+    selector_text,
+    shadow_of,
+)
 from capo_lightning.report.versions import with_earlier_versions
 
-NON_MASKING_SELECTORS = ("KeepAll",)  # selectors that keep every token even when they "enforce"
-DEFAULT_POLICY = "bundled:smollm2-135m-instruct"  # PolicySpec's default (models/policy.py; not imported here)
-DEFAULT_SHADOW = "adam"  # CAPOSelector's default optimizer_model
-DEFAULT_PERCENTILE = 95.0  # CAPOSelector's default calibration_percentile
-SHADOW_NAMES = {"adam": "Adam", "sgd": "SGD"}  # optimizer_model -> its name in labels
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """A selector's threshold calibration (``calibration_steps > 0``): its thresholds are measured, not configured.
-
-    Attributes:
-        steps: ``calibration_steps``, the warm-up steps whose shifts set the thresholds.
-        percentile: ``calibration_percentile`` (CAPOSelector's ``DEFAULT_PERCENTILE`` when the config omits it).
-        lr: ``calibration_lr``, the step size the warm-up measures at; None: the run's own.
-    """
-
-    steps: int
-    percentile: float = DEFAULT_PERCENTILE
-    lr: float | None = None
-
-    def text(self) -> str:
-        """``auto p95`` or ``auto p95 @lr 1.5e-05``: what a label says instead of the configured thresholds."""
-        text = f"auto p{self.percentile:g}"
-        return text if self.lr is None else f"{text} @lr {self.lr:g}"
+# PolicySpec's default (models/policy.py; not imported here)
+DEFAULT_POLICY = "bundled:smollm2-135m-instruct"
 
 
 @dataclass
@@ -45,28 +37,34 @@ class Run:
 
     Attributes:
         path: the folder holding ``metrics.csv`` (normally ``<root>/logs/version_N``).
-        rows: one dict per CSV row, metric key -> float; a key whose cell is empty is left out of that row.
+        rows: one dict per CSV row, metric key -> float; a key whose cell is empty is left out of
+            that row.
         objective: the objective's class name (``"GRPO"``), ``"unknown"`` without a config.
-        selector: the selector as labels name it: ``"none"`` without a selector, else its class name without
-            the ``Selector`` suffix (``"CAPO"``, ``"KeepAll"``). A masking selector adds the thresholds that
-            run: the configured ones (``"CAPO δF 0.0001 τH 0.01"``) or, when it calibrates, ``calibration``'s
-            text instead (``"CAPO auto p95"``), then ``" (SGD shadow)"`` for a shadow optimizer other than
-            Adam. A measuring one (``init_args.enforce`` false) reads ``"<name> (monitor)"``, with the
-            calibration, an advanced shadow (``"CAPO (monitor, Adam shadow)"``) or a non-Adam one inside the
+        selector: the selector as labels name it: ``"none"`` without a selector, else its class name
+            without the ``Selector`` suffix (``"CAPO"``, ``"KeepAll"``). A masking selector adds the
+            thresholds that run: the configured ones (``"CAPO δF 0.0001 τH 0.01"``) or, when it
+            calibrates, ``calibration``'s text instead (``"CAPO auto p95"``), then
+            ``" (SGD shadow)"`` for a shadow optimizer other than Adam. A measuring one
+            (``init_args.enforce`` false) reads ``"<name> (monitor)"``, with the calibration, an
+            advanced shadow (``"CAPO (monitor, Adam shadow)"``) or a non-Adam one inside the
             parentheses.
-        enforces: whether the selector masks tokens (a selector other than KeepAll, ``enforce`` not false).
-        regime: the config's top-level ``regime``, else ``"lr <lr>, <prompts_per_step * group_size>/step"``.
+        enforces: whether the selector masks tokens (a selector other than KeepAll, ``enforce`` not
+            false).
+        regime: the config's top-level ``regime``, else
+            ``"lr <lr>, <prompts_per_step * group_size>/step"``.
         seed: the config's ``seed_everything`` (None when absent).
-        lr: ``model.optimizer.init_args.lr``, the effective learning rate (a regime's scale is already applied
-            in a saved config); None when absent or without a config.
-        policy: ``model.policy.name_or_path``, the starting policy (``DEFAULT_POLICY`` when the config omits
-            it); None without a config.
-        shadow: the selector's ``optimizer_model`` (``"adam"``, ``"sgd"``), CAPOSelector's ``"adam"`` when the
-            config omits it; None for selectors without a shadow optimizer (none, KeepAll).
-        calibration: the selector's calibration when ``calibration_steps > 0``, None when its thresholds are
-            the configured ``delta_f`` / ``tau_h`` (``calibration_steps`` 0 or absent).
-        advance_when_monitoring: the selector's ``advance_when_monitoring`` (False when absent): a measuring
-            selector that advances its shadow optimizer as an enforcing one would.
+        lr: ``model.optimizer.init_args.lr``, the effective learning rate (a regime's scale is
+            already applied in a saved config); None when absent or without a config.
+        policy: ``model.policy.name_or_path``, the starting policy (``DEFAULT_POLICY`` when the
+            config omits it); None without a config.
+        shadow: the selector's ``optimizer_model`` (``"adam"``, ``"sgd"``), CAPOSelector's
+            ``"adam"`` when the config omits it; None for selectors without a shadow optimizer
+            (none, KeepAll).
+        calibration: the selector's calibration when ``calibration_steps > 0``, None when its
+            thresholds are the configured ``delta_f`` / ``tau_h`` (``calibration_steps`` 0 or
+            absent).
+        advance_when_monitoring: the selector's ``advance_when_monitoring`` (False when absent): a
+            measuring selector that advances its shadow optimizer as an enforcing one would.
         notes: what was odd about reading this run (missing config, ...).
     """
 
@@ -91,10 +89,11 @@ class Run:
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """The raw values of ``key`` against completions, sorted by completions.
 
-        A row's x is its own ``train/completions_total``; a row without it (a validation row) takes the
-        completions of the training row with the same ``step``, 0 at step 0 (see ``completions_at_step``).
-        Rows with equal x keep their order in the file (stable sort). Non-finite values (the grad norm of a
-        skipped step) are left out, so one of them cannot poison a smoothed curve.
+        A row's x is its own ``train/completions_total``; a row without it (a validation row) takes
+        the completions of the training row with the same ``step``, 0 at step 0 (see
+        ``completions_at_step``). Rows with equal x keep their order in the file (stable sort).
+        Non-finite values (the grad norm of a skipped step) are left out, so one of them cannot
+        poison a smoothed curve.
 
         Args:
             key: a metric column of ``metrics.csv``.
@@ -135,7 +134,8 @@ def _nested(config: dict, *keys: str) -> Any:
 
 
 def _regime(config: dict) -> str:
-    """The named regime, else ``"lr 2e-05, 32/step"`` from the learning rate and completions per step."""
+    """The named regime, else ``"lr 2e-05, 32/step"`` from the learning rate and completions per
+    step."""
     named = config.get("regime")
     if isinstance(named, dict):
         named = named.get("name")
@@ -147,17 +147,22 @@ def _regime(config: dict) -> str:
         parts.append(f"lr {float(lr):g}")
     except (TypeError, ValueError):
         pass
-    prompts, group = _nested(config, "data", "prompts_per_step"), _nested(config, "data", "group_size")
+    prompts, group = (
+        _nested(config, "data", "prompts_per_step"),
+        _nested(config, "data", "group_size"),
+    )
     if isinstance(prompts, int) and isinstance(group, int):
         parts.append(f"{prompts * group}/step")
     return ", ".join(parts) or "default"
 
 
 def describe(run: Run, config: dict) -> None:
-    """Fill the run's description (every ``Run`` attribute but path, rows and notes) from its resolved config.
+    """Fill the run's description (every ``Run`` attribute but path, rows and notes) from its
+    resolved config.
 
-    Keys the config omits (older configs lack the calibration keys) take the defaults of the class they
-    configure: ``DEFAULT_POLICY``, ``DEFAULT_SHADOW``, ``DEFAULT_PERCENTILE``, no calibration, no advance.
+    Keys the config omits (older configs lack the calibration keys) take the defaults of the class
+    they configure: ``DEFAULT_POLICY``, ``DEFAULT_SHADOW``, ``DEFAULT_PERCENTILE``, no calibration,
+    no advance.
 
     Args:
         run: the run to fill in place.
@@ -175,98 +180,56 @@ def describe(run: Run, config: dict) -> None:
         name = name.removesuffix("Selector") or name
         enforce = init.get("enforce")
         run.enforces = enforce is not False and name not in NON_MASKING_SELECTORS
-        run.shadow = _shadow(name, init)
-        run.calibration = _calibration(init)
+        run.shadow = shadow_of(name, init)
+        run.calibration = calibration_of(init)
         run.advance_when_monitoring = init.get("advance_when_monitoring") is True
-        run.selector = _selector_text(name, init, run, monitor=enforce is False)
+        run.selector = selector_text(name, init, run, monitor=enforce is False)
     run.regime = _regime(config)
     run.seed = config.get("seed_everything")
-    run.lr = _float(_nested(config, "model", "optimizer", "init_args", "lr"))
+    run.lr = as_float(_nested(config, "model", "optimizer", "init_args", "lr"))
     policy = _nested(config, "model", "policy", "name_or_path")
     run.policy = str(policy) if policy else DEFAULT_POLICY
 
 
-def _selector_text(name: str, init: dict, run: Run, monitor: bool) -> str:
-    """``Run.selector`` for a selector ``name`` of ``run`` (whose enforces, shadow, calibration are set)."""
-    shadow = SHADOW_NAMES.get(run.shadow, run.shadow) if run.shadow else None
-    if run.enforces:  # one selector with other thresholds or another shadow is another configuration
-        setting = run.calibration.text() if run.calibration else _thresholds(init)
-        text = f"{name} {setting}" if setting else name
-        return f"{text} ({shadow} shadow)" if run.shadow not in (None, DEFAULT_SHADOW) else text
-    if not monitor:
-        return name  # KeepAll: keeps every token, no details to tell apart
-    details = ["monitor"]
-    if run.calibration:
-        details.append(run.calibration.text())
-    if shadow and (run.advance_when_monitoring or run.shadow != DEFAULT_SHADOW):
-        details.append(f"{shadow} shadow")
-    return f"{name} ({', '.join(details)})"
-
-
-def _shadow(name: str, init: dict) -> str | None:
-    """The selector's shadow optimizer model: its ``optimizer_model``, CAPO's default, or None (it has none)."""
-    if init.get("optimizer_model") is not None:
-        return str(init["optimizer_model"]).lower()
-    return DEFAULT_SHADOW if name == "CAPO" else None
-
-
-def _calibration(init: dict) -> Calibration | None:
-    """The selector's ``calibration_*`` settings when ``calibration_steps > 0``, else None (fixed thresholds)."""
-    try:
-        steps = int(init.get("calibration_steps") or 0)
-    except (TypeError, ValueError):
-        return None
-    if steps <= 0:
-        return None
-    percentile = _float(init.get("calibration_percentile"))
-    percentile = DEFAULT_PERCENTILE if percentile is None else percentile
-    return Calibration(steps, percentile, _float(init.get("calibration_lr")))
-
-
-def _float(value: Any) -> float | None:
-    """``float(value)``, None for a missing or non-numeric value (a bool is not a number here)."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _thresholds(init: dict) -> str:
-    """``δF 0.0001 τH 0.01`` from a CAPO-like selector's init_args ("" when it has none)."""
-    if "delta_f" not in init or "tau_h" not in init:
-        return ""
-    return f"δF {float(init['delta_f']):g} τH {float(init['tau_h']):g}"
-
-
 def load_run(run_dir: str | Path) -> Run:
-    """Read the run a RUN_DIR argument names: its ``metrics.csv`` and the ``config.yaml`` next to it.
+    """Read the run a RUN_DIR argument names: its ``metrics.csv`` and the ``config.yaml`` next to
+    it.
 
     Args:
-        run_dir: a run root, a ``version_N`` folder or a ``metrics.csv`` path (see ``find_metrics``).
+        run_dir: a run root, a ``version_N`` folder or a ``metrics.csv`` path (see
+            ``find_metrics``).
 
     Returns:
-        The run; without a readable ``config.yaml`` its objective and regime are ``"unknown"`` and a note says so.
+        The run; without a readable ``config.yaml`` its objective and regime are ``"unknown"`` and a
+        note says so.
     """
     metrics_path = find_metrics(run_dir)
     rows, paths = with_earlier_versions(metrics_path, read_rows)
     run = Run(path=metrics_path.parent, rows=rows)
     if len(paths) > 1:
-        run.notes.append(f"{metrics_path.parent.parent}: versions {', '.join(p.parent.name for p in paths)} joined")
+        run.notes.append(
+            f"{metrics_path.parent.parent}: versions {', '.join(p.parent.name for p in paths)} "
+            "joined"
+        )
     if not any(X_KEY in row for row in run.rows):
         run.notes.append(
-            f"{metrics_path} has no {X_KEY} yet, the x axis of every figure (a run before its first logged "
-            "training step, or logs of a version that did not log it): only its step-0 rows can be placed"
+            f"{metrics_path} has no {X_KEY} yet, the x axis of every figure (a run before its "
+            "first logged training step, or logs of a version that did not log it): only its "
+            "step-0 rows can be placed"
         )
     config_path = metrics_path.parent / "config.yaml"
     if not config_path.is_file():
-        run.notes.append(f"{config_path} is missing: objective, selector, regime and seed of this run are unknown")
+        run.notes.append(
+            f"{config_path} is missing: objective, selector, regime and seed of this run are "
+            "unknown"
+        )
         return run
     try:
         config = yaml.safe_load(config_path.read_text())
     except yaml.YAMLError as error:
-        run.notes.append(f"{config_path} could not be parsed ({error}); the run is grouped as unknown")
+        run.notes.append(
+            f"{config_path} could not be parsed ({error}); the run is grouped as unknown"
+        )
         return run
     if isinstance(config, dict):
         describe(run, config)

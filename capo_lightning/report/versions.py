@@ -1,9 +1,11 @@
-"""A resumed run writes its metrics to a new ``logs/version_N``: put the versions of one run back together.
+"""A resumed run writes its metrics to a new ``logs/version_N``: put the versions of one run back
+together.
 
-Rule: versions are read in order, and each one replaces the earlier rows from its own first step on. A
-resumed run (its first row is the step after the checkpoint) thus continues the earlier rows, and rows
-logged after that checkpoint by the interrupted process (steps that were redone) are replaced; a run
-restarted from scratch in the same folder (its first row is step 0 or 1) replaces everything before it.
+Rule: versions are read in order, and each one replaces the earlier rows from its own first step on.
+A resumed run (its first row is the step after the checkpoint) thus continues the earlier rows, and
+rows logged after that checkpoint by the interrupted process (steps that were redone) are replaced;
+a run restarted from scratch in the same folder (its first row is step 0 or 1) replaces everything
+before it.
 """
 
 from __future__ import annotations
@@ -22,13 +24,18 @@ def version(folder: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def with_earlier_versions(metrics_path: Path, read: Callable[[Path], Rows]) -> tuple[Rows, list[Path]]:
-    """The rows of ``metrics_path`` preceded by what its logger's earlier versions logged before them, and
-    the files used (oldest first). A ``metrics.csv`` outside a ``version_N`` folder is read alone."""
+def with_earlier_versions(
+    metrics_path: Path, read: Callable[[Path], Rows]
+) -> tuple[Rows, list[Path]]:
+    """The rows of ``metrics_path`` preceded by what its logger's earlier versions logged before
+    them, and the files used (oldest first). A ``metrics.csv`` outside a ``version_N`` folder is
+    read alone."""
     newest = version(metrics_path.parent)
     if newest is None:
         return read(metrics_path), [metrics_path]
-    numbered = {version(p.parent): p for p in metrics_path.parent.parent.glob("version_*/metrics.csv")}
+    numbered = {
+        version(p.parent): p for p in metrics_path.parent.parent.glob("version_*/metrics.csv")
+    }
     paths = [numbered[n] for n in sorted(n for n in numbered if n is not None and n <= newest)]
     rows: Rows = []
     for path in paths:

@@ -1,10 +1,12 @@
-"""Reward functions: ``reward(completions, answers, **columns) -> list[float]`` (contract: ``base.py``).
+"""Reward functions: ``reward(completions, answers, **columns) -> list[float]`` (contract:
+``base.py``).
 
 Rooms by cost: :mod:`~capo_lightning.rewards.extract` (string extraction),
 :mod:`~capo_lightning.rewards.grading` and :mod:`~capo_lightning.rewards.sympy_guard` (equivalence),
-:mod:`~capo_lightning.rewards.verifier` with :mod:`~capo_lightning.rewards._grader` (the timed process pool),
-:mod:`~capo_lightning.rewards.math` (the math reward), :mod:`~capo_lightning.rewards.format` and
-:mod:`~capo_lightning.rewards.shaping` (format rewards, wrappers).
+:mod:`~capo_lightning.rewards.verifier` with :mod:`~capo_lightning.rewards._grader` (the timed
+process pool), :mod:`~capo_lightning.rewards.math` (the math
+reward), :mod:`~capo_lightning.rewards.format` and :mod:`~capo_lightning.rewards.shaping` (format
+rewards, wrappers).
 """
 
 from capo_lightning.rewards.base import RewardFn, pop_stats

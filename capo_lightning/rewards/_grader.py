@@ -1,4 +1,5 @@
-"""The grading server that :class:`~capo_lightning.rewards.verifier.GradingPool` starts: ``python -m`` this module.
+"""The grading server that :class:`~capo_lightning.rewards.verifier.GradingPool` starts:
+``python -m`` this module.
 
 Protocol, one JSON document per line on stdin and stdout:
 
@@ -56,7 +57,11 @@ class _Child:
         seconds = time.perf_counter() - start
         if not line:
             self.kill()
-            return {"equal": False, "status": "timeout" if not ready else "error", "seconds": seconds}
+            return {
+                "equal": False,
+                "status": "timeout" if not ready else "error",
+                "seconds": seconds,
+            }
         result = json.loads(line)
         result["seconds"] = seconds
         return result
@@ -92,7 +97,8 @@ def _child_loop(request_fd: int, result_fd: int, memory_limit_mb: int) -> None:
 
 
 def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies, so a child stuck in sympy never outlives the server.
+    """Linux: SIGKILL this process when its parent dies, so a child stuck in sympy never outlives
+    the server.
 
     Only for the forked children: PR_SET_PDEATHSIG fires when the parent *thread* exits, and the
     server may have been started from a short-lived trainer thread; the server ends on stdin EOF.
@@ -118,7 +124,9 @@ def main() -> None:
         request = json.loads(line)
         for pred, gold in request["pairs"]:
             child = child if child is not None and child.pid > 0 else _Child(memory_limit_mb)
-            out.write(json.dumps(child.grade(pred, gold, float(request["timeout"]))).encode() + b"\n")
+            out.write(
+                json.dumps(child.grade(pred, gold, float(request["timeout"]))).encode() + b"\n"
+            )
             out.flush()
     if child is not None and child.pid > 0:
         child.kill()

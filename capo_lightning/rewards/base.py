@@ -20,10 +20,11 @@ RewardFn = Callable[..., list[float]]
 
 
 def pop_stats(source: Any) -> dict[str, float]:
-    """What ``source`` collected since the last call, if it keeps stats (has ``pop_stats()``), else ``{}``.
+    """What ``source`` collected since the last call, if it keeps stats (has ``pop_stats()``), else
+    ``{}``.
 
-    The one place that asks: the DataModule (rewards, engines) and the reward wrappers, which pass their
-    inner reward's stats on, so that ``verifier/*`` survives wrapping.
+    The one place that asks: the DataModule (rewards, engines) and the reward wrappers, which pass
+    their inner reward's stats on, so that ``verifier/*`` survives wrapping.
     """
     pop = getattr(source, "pop_stats", None)
     return dict(pop()) if callable(pop) else {}

@@ -47,7 +47,8 @@ def last_boxed(text: str) -> str | None:
 
 
 def _last_box(text: str) -> tuple[int, str | None, int] | None:
-    """``(start, content, end)`` of the last box command; content None if malformed, end -1 if unclosed."""
+    """``(start, content, end)`` of the last box command; content None if malformed, end -1 if
+    unclosed."""
     start = max(text.rfind(command) for command in _BOX_COMMANDS)
     if start < 0:
         return None
@@ -130,7 +131,8 @@ def extract_answer(text: str) -> str | None:
 
 
 def _answer_block(text: str) -> str | None:
-    """The answer inside the last closed ``<answer>...</answer>`` block ("" if blank), or None without one."""
+    """The answer inside the last closed ``<answer>...</answer>`` block ("" if blank), or None
+    without one."""
     close = text.rfind(_ANSWER_CLOSE)
     opening = text.rfind(_ANSWER_OPEN, 0, max(close, 0))
     if close < 0 or opening < 0:

@@ -1,4 +1,5 @@
-"""Format rewards: does a completion follow the answer format (a box, a think block)? Correctness is not checked."""
+"""Format rewards: does a completion follow the answer format (a box, a think block)? Correctness is
+not checked."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ class FormatReward:
 
     Args:
         require_box: the last box must be closed and non-empty (``\boxed{}`` alone fails).
-        require_think: exactly one ``<think>...</think>`` block with non-empty content, opened before
-            it is closed; with ``require_box`` the box must come after ``</think>``.
+        require_think: exactly one ``<think>...</think>`` block with non-empty content, opened
+            before it is closed; with ``require_box`` the box must come after ``</think>``.
     """
 
     def __init__(self, require_box: bool = True, require_think: bool = False) -> None:

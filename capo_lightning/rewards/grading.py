@@ -54,11 +54,16 @@ _SIGN_SPACE = re.compile(r"^([+-])\s+")
 _PLAIN_NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$|^[+-]?\.\d+$")
 _PLAIN_FRACTION = re.compile(r"^(?P<sign>[+-]?)(?P<num>-?\d+)/(?P<den>\d+)$")
 _LATEX_FRACTION = re.compile(r"^(?P<sign>[+-]?)\\frac\{(?P<num>-?\d+)\}\{(?P<den>\d+)\}$")
-_MIXED_NUMBER = re.compile(r"^(?P<sign>[+-]?)(?P<whole>\d+)\s*\\frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}$")
-_SCIENTIFIC = re.compile(
-    r"^(?P<sign>[+-]?)(?:(?P<mantissa>\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|\*)\s*)?10\s*\^\s*(?:\{\s*(?P<braced>[+-]?\d+)\s*\}|(?P<digit>\d))$"
+_MIXED_NUMBER = re.compile(
+    r"^(?P<sign>[+-]?)(?P<whole>\d+)\s*\\frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}$"
 )
-_REPEATING = re.compile(r"^(?P<sign>[+-]?)(?P<whole>\d*)\.(?P<fixed>\d*)\\overline\{(?P<period>\d+)\}$")
+_SCIENTIFIC = re.compile(
+    r"^(?P<sign>[+-]?)(?:(?P<mantissa>\d+(?:\.\d+)?)\s*(?:\\times|\\cdot|\*)\s*)?"
+    r"10\s*\^\s*(?:\{\s*(?P<braced>[+-]?\d+)\s*\}|(?P<digit>\d))$"
+)
+_REPEATING = re.compile(
+    r"^(?P<sign>[+-]?)(?P<whole>\d*)\.(?P<fixed>\d*)\\overline\{(?P<period>\d+)\}$"
+)
 _ASSIGNMENT = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(?P<value>[^=]+)$")
 _CHOICE_MARKUP = re.compile(_TEXT.replace("textrm", "textbf|textrm|mathbf") + "|[{}\\s]")
 _CHOICE = re.compile(r"^\(?(?P<letter>[A-E])\)?$")
@@ -66,7 +71,8 @@ _CHOICE_WITH_TEXT = re.compile(r"\((?P<letter>[A-E])\)")
 
 
 def normalize(text: str) -> str:
-    r"""Canonical surface form used for string equality, the number fast path and math_verify's input.
+    r"""Canonical surface form used for string equality, the number fast path and math_verify's
+    input.
 
     Drops invisible characters, math delimiters, ``\left``/``\right``, thin spaces, ``\$``,
     percent and degree signs and trailing units; writes ``\dfrac``/``\tfrac``/``\frac12`` as
@@ -104,7 +110,10 @@ def as_number(text: str) -> Fraction | None:
         num, den = int(match.group("num")), int(match.group("den"))
         return sign * (int(match.group("whole")) + Fraction(num, den)) if 0 < num < den else None
     if match := _SCIENTIFIC.match(compact):
-        mantissa, exponent = match.group("mantissa") or "1", int(match.group("braced") or match.group("digit"))
+        mantissa, exponent = (
+            match.group("mantissa") or "1",
+            int(match.group("braced") or match.group("digit")),
+        )
         if abs(exponent) + len(mantissa) > MAX_NUMBER_CHARS:
             return None
         return sign * Fraction(mantissa) * Fraction(10) ** exponent
@@ -116,7 +125,8 @@ def as_number(text: str) -> Fraction | None:
 
 
 def _choice_letter(text: str, with_text: bool) -> str | None:
-    r"""The multiple-choice letter ``A``-``E`` of ``B``, ``(B)``, ``\text{(B)}``, ``\textbf{B}``, or None.
+    r"""The multiple-choice letter ``A``-``E`` of ``B``, ``(B)``, ``\text{(B)}``, ``\textbf{B}``, or
+    None.
 
     With ``with_text``, ``(B) 12`` and ``\textbf{(B) } 12`` count too (the option's text follows),
     but not ``(B) or (C)``: a hedge between options is no letter.
@@ -130,7 +140,8 @@ def _choice_letter(text: str, with_text: bool) -> str | None:
 
 
 def quick_verdict(pred: str, gold: str) -> bool | None:
-    r"""Decides equivalence without sympy where that is exact; None means "ask :func:`symbolic_verdict`".
+    r"""Decides equivalence without sympy where that is exact; None means
+    "ask :func:`symbolic_verdict`".
 
     After :func:`normalize`: True for identical strings; for a gold multiple-choice letter and a
     predicted letter, whether the letters agree; for two numbers (see :func:`as_number`) the
@@ -172,7 +183,8 @@ SYMBOLIC_STATUSES = ("ok", "pred_unparsed", "gold_unparsed")
 
 
 def symbolic_verdict(pred: str, gold: str) -> tuple[bool, str]:
-    """Compares with ``math_verify`` (sympy) after :func:`normalize`; may run for minutes on adversarial input.
+    """Compares with ``math_verify`` (sympy) after :func:`normalize`; may run for minutes on
+    adversarial input.
 
     Run it under :class:`~capo_lightning.rewards.verifier.GradingPool` unless the inputs are
     trusted. ``math_verify``'s own signal-based timeouts are off (they only work on the main
@@ -195,7 +207,8 @@ def symbolic_verdict(pred: str, gold: str) -> tuple[bool, str]:
 
 
 def _has_math(parsed: list) -> bool:
-    """True when math_verify's parse holds a sympy object, not just the raw-string fallback it always adds."""
+    """True when math_verify's parse holds a sympy object, not just the raw-string fallback it
+    always adds."""
     return any(not isinstance(item, str) for item in parsed)
 
 

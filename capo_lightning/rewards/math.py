@@ -1,4 +1,5 @@
-r"""Math rewards: extract the final answer, grade it against the gold answer, report verifier health.
+r"""Math rewards: extract the final answer, grade it against the gold answer, report verifier
+health.
 
 For one completion: :func:`~capo_lightning.rewards.extract.extract_answer` takes the last
 ``\boxed{}`` (else an "answer is X" phrase, else the last number);
@@ -70,7 +71,9 @@ class MathReward:
 
     __name__ = "math_reward"
 
-    def __init__(self, timeout_s: float = 5.0, workers: int = 2, warn_all_zero: bool = True) -> None:
+    def __init__(
+        self, timeout_s: float = 5.0, workers: int = 2, warn_all_zero: bool = True
+    ) -> None:
         self.pool = GradingPool(workers=workers, timeout_s=timeout_s)
         self.warn_all_zero = warn_all_zero
         self._lock = threading.Lock()
@@ -93,7 +96,8 @@ class MathReward:
         return [grade.reward for grade in self.grade(completions, answers)]
 
     def grade(self, completions: list[str], answers: list[str]) -> list[Grade]:
-        """Grade each completion against its gold answer and record the grades for :meth:`pop_stats`.
+        """Grade each completion against its gold answer and record the grades
+        for :meth:`pop_stats`.
 
         Raises:
             ValueError: if ``completions`` and ``answers`` differ in length.
@@ -107,7 +111,9 @@ class MathReward:
             preds.append(pred)
             quick.append(None if pred is None else quick_verdict(pred, gold))
             seconds.append(time.perf_counter() - start)
-        todo = sorted({(p, g) for p, g, q in zip(preds, golds, quick) if q is None and p is not None})
+        todo = sorted(
+            {(p, g) for p, g, q in zip(preds, golds, quick) if q is None and p is not None}
+        )
         symbolic: dict[tuple[str, str], Outcome] = dict(zip(todo, self.pool.compare(todo)))
         self._report_golds(symbolic)
         grades = []
@@ -118,7 +124,9 @@ class MathReward:
                 grades.append(Grade(float(verdict), pred, "ok", sec))
             else:
                 outcome = symbolic[(pred, gold)]
-                grades.append(Grade(float(outcome.equal), pred, outcome.status, sec + outcome.seconds))
+                grades.append(
+                    Grade(float(outcome.equal), pred, outcome.status, sec + outcome.seconds)
+                )
         self._record(grades, completions)
         return grades
 
@@ -127,20 +135,27 @@ class MathReward:
         for (_, gold), outcome in symbolic.items():
             if outcome.status == "gold_unparsed" and gold not in self._bad_golds:
                 self._bad_golds.add(gold)
-                log.warning(f"capo: gold answer {gold[:200]!r} cannot be parsed; only exact matches score 1")
+                log.warning(
+                    f"capo: gold answer {gold[:200]!r} cannot be parsed; only exact matches score 1"
+                )
 
     def _record(self, grades: list[Grade], completions: list[str]) -> None:
         with self._lock:
             self._grades.extend(grades)
-        boxed = [g for g, c in zip(grades, completions) if g.pred is not None and "\\boxed" in str(c)[-TAIL_CHARS:]]
+        boxed = [
+            g
+            for g, c in zip(grades, completions)
+            if g.pred is not None and "\\boxed" in str(c)[-TAIL_CHARS:]
+        ]
         if not self.warn_all_zero or not boxed or any(g.reward > 0 for g in grades):
             return
         self._all_zero_calls += 1
         if (self._all_zero_calls - 1) % ALL_ZERO_WARN_EVERY == 0:
             log.warning(
-                f"capo: all {len(grades)} completions scored 0 although {len(boxed)} contain a \\boxed{{}} answer "
-                f"(e.g. {boxed[0].pred[:80]!r}, status {boxed[0].status}); occurrence {self._all_zero_calls}. If the "
-                "answers look right, the grader is failing: see the verifier/* metrics"
+                f"capo: all {len(grades)} completions scored 0 although {len(boxed)} contain a "
+                f"\\boxed{{}} answer (e.g. {boxed[0].pred[:80]!r}, status {boxed[0].status}); "
+                f"occurrence {self._all_zero_calls}. If the answers look right, the grader is "
+                "failing: see the verifier/* metrics"
             )
 
     def pop_stats(self) -> dict[str, float]:
@@ -157,7 +172,10 @@ class MathReward:
         statuses = [g.status for g in grades]
         latency = torch.tensor([g.seconds * 1000 for g in grades], dtype=torch.float64)
         return {
-            keys.VERIFIER_PARSE_FAIL_PRED: sum(s in ("no_answer", "pred_unparsed") for s in statuses) / len(grades),
+            keys.VERIFIER_PARSE_FAIL_PRED: sum(
+                s in ("no_answer", "pred_unparsed") for s in statuses
+            )
+            / len(grades),
             keys.VERIFIER_PARSE_FAIL_GOLD: statuses.count("gold_unparsed") / len(grades),
             keys.VERIFIER_TIMEOUTS: float(statuses.count("timeout")),
             keys.VERIFIER_ERRORS: float(statuses.count("error")),
@@ -171,22 +189,27 @@ class MathReward:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle the settings only: processes, locks and caches are rebuilt on the other side."""
-        return {"timeout_s": self.timeout_s, "workers": self.workers, "warn_all_zero": self.warn_all_zero}
+        return {
+            "timeout_s": self.timeout_s,
+            "workers": self.workers,
+            "warn_all_zero": self.warn_all_zero,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
 
 math_reward = MathReward()
-"""The shared default :class:`MathReward` (5 s timeout, 2 grading processes, started on first use)."""
+"""The shared default :class:`MathReward` (5 s timeout, 2 grading processes, started on first
+use)."""
 
 
 def answer_key(completion: str) -> str | None:
     """A canonical string for the completion's final answer, for majority voting (None: no answer).
 
-    Plain numbers map to their exact value (``0.50``, ``1/2`` and ``\\frac{1}{2}`` share a key); other
-    answers to their normalised text, so symbolically equal but differently written answers may vote
-    apart.
+    Plain numbers map to their exact value (``0.50``, ``1/2`` and ``\\frac{1}{2}`` share a key);
+    other answers to their normalised text, so symbolically equal but differently written answers
+    may vote apart.
     """
     pred = _safe_extract(completion)
     if pred is None:

@@ -38,17 +38,22 @@ class OverlongPenalty:
         max_tokens: int | None = None,
     ) -> None:
         if not 0 < cache_fraction <= 1:
-            raise ValueError(f"OverlongPenalty cache_fraction must be in (0, 1], got {cache_fraction}")
+            raise ValueError(
+                f"OverlongPenalty cache_fraction must be in (0, 1], got {cache_fraction}"
+            )
         self.reward_fn, self.cache_fraction, self.factor, self.max_tokens = (
             reward_fn,
             cache_fraction,
             factor,
             max_tokens,
         )
-        self.__name__ = f"OverlongPenalty({getattr(reward_fn, '__name__', type(reward_fn).__name__)})"
+        self.__name__ = (
+            f"OverlongPenalty({getattr(reward_fn, '__name__', type(reward_fn).__name__)})"
+        )
 
     def penalty(self, length: int, max_tokens: int) -> float:
-        """R_len of a completion of ``length`` tokens under budget L_max = ``max_tokens``, times ``factor``."""
+        """R_len of a completion of ``length`` tokens under budget L_max = ``max_tokens``, times
+        ``factor``."""
         cache = self.cache_fraction * max_tokens
         soft_start = max_tokens - cache
         if length <= soft_start:
@@ -60,13 +65,23 @@ class OverlongPenalty:
     def __call__(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
         """Base reward plus the length penalty of each completion."""
         if "completion_tokens" not in columns:
-            raise ValueError("OverlongPenalty needs the completion_tokens column (the RolloutDataModule passes it)")
-        budgets = columns.get("max_new_tokens") if self.max_tokens is None else [self.max_tokens] * len(completions)
+            raise ValueError(
+                "OverlongPenalty needs the completion_tokens column (the RolloutDataModule passes "
+                "it)"
+            )
+        budgets = (
+            columns.get("max_new_tokens")
+            if self.max_tokens is None
+            else [self.max_tokens] * len(completions)
+        )
         if budgets is None:
             raise ValueError("OverlongPenalty needs max_tokens or the max_new_tokens column")
         base = self.reward_fn(completions, answers, **columns)
         lengths = columns["completion_tokens"]
-        return [float(r) + self.penalty(int(n), int(m)) for r, n, m in zip(base, lengths, budgets, strict=True)]
+        return [
+            float(r) + self.penalty(int(n), int(m))
+            for r, n, m in zip(base, lengths, budgets, strict=True)
+        ]
 
     def pop_stats(self) -> dict[str, float]:
         """The base reward's stats (``verifier/*`` of the math reward), passed on."""
@@ -85,8 +100,8 @@ class WeightedSum:
         weights = [1.0] * len(rewards) if weights is None else list(weights)
         if not rewards or len(weights) != len(rewards):
             raise ValueError(
-                f"WeightedSum needs one weight per reward: got {len(rewards)} rewards and {len(weights)} weights "
-                "(data.reward_fn.init_args.weights)"
+                f"WeightedSum needs one weight per reward: got {len(rewards)} rewards and "
+                f"{len(weights)} weights (data.reward_fn.init_args.weights)"
             )
         self.rewards, self.weights = list(rewards), weights
         names = [getattr(r, "__name__", type(r).__name__) for r in rewards]

@@ -19,12 +19,15 @@ MAX_EXPONENTS = 8
 """More exponent operators than this in one string is treated as pathological."""
 
 MAX_NESTING = 8
-"""Deeper bracket nesting is pathological: the LaTeX parser is exponential in it (20 bare braces: minutes)."""
+"""Deeper bracket nesting is pathological: the LaTeX parser is exponential in it (20 bare braces:
+minutes)."""
 
 _BIG_EXPONENT = re.compile(r"(?:\^|\*\*)\s*\{?\s*[+-]?\d{5,}")
 _BIG_EXPONENT_ON_GROUP = re.compile(r"[)\]}|]\s*\^\s*\{?\s*[+-]?\d{4,}")
 _EXPONENT_CHAIN = re.compile(r"\^\s*(?:\{[^{}]*\}|\\?\w)\s*\^")
-_SUM_BOUNDS = re.compile(r"\\(?:sum|prod)(?:\\limits)?\s*((?:[_^]\s*(?:\{[^{}]*\}|\\[A-Za-z]+|\w)\s*){1,2})")
+_SUM_BOUNDS = re.compile(
+    r"\\(?:sum|prod)(?:\\limits)?\s*((?:[_^]\s*(?:\{[^{}]*\}|\\[A-Za-z]+|\w)\s*){1,2})"
+)
 _HEAVY_OPERAND = re.compile(r"[\^!*]|\\cdot|\\times")
 
 
@@ -46,7 +49,10 @@ def is_pathological(text: str) -> bool:
         max(accumulate((c in "{([") - (c in "})]") for c in text), default=0) > MAX_NESTING
         or exponent_count > MAX_EXPONENTS
         or ("**" in text and exponent_count > 1)
-        or any(pattern.search(text) for pattern in (_BIG_EXPONENT, _BIG_EXPONENT_ON_GROUP, _EXPONENT_CHAIN))
+        or any(
+            pattern.search(text)
+            for pattern in (_BIG_EXPONENT, _BIG_EXPONENT_ON_GROUP, _EXPONENT_CHAIN)
+        )
         or any(re.search(r"\d{3,}", bounds) for bounds in _SUM_BOUNDS.findall(text))
         or any(_is_heavy_operand(operand) for operand in _factorial_operands(text))
         or any(_is_tower(base, argument) for base, argument in _exponents(text))
@@ -56,12 +62,14 @@ def is_pathological(text: str) -> bool:
 def _is_heavy_operand(operand: str) -> bool:
     """A factorial or binomial argument that may be astronomically large."""
     return (
-        bool(_HEAVY_OPERAND.search(operand)) or sum(map(int, re.findall(r"\d+", operand.replace(",", "")))) >= 100_000
+        bool(_HEAVY_OPERAND.search(operand))
+        or sum(map(int, re.findall(r"\d+", operand.replace(",", "")))) >= 100_000
     )
 
 
 def _factorial_operands(text: str) -> list[str]:
-    r"""The argument of each ``!`` (``"!"`` for the second of ``!!``) and both arguments of each ``\binom``."""
+    r"""The argument of each ``!`` (``"!"`` for the second of ``!!``) and both arguments of each
+    ``\binom``."""
     operands = []
     for position, char in enumerate(text):
         if char != "!":
@@ -80,7 +88,8 @@ def _factorial_operands(text: str) -> list[str]:
 
 
 def _exponents(text: str) -> list[tuple[str, str]]:
-    """``(base, argument)`` of each ``^``: a bracket group or one char each (base "" if unbracketed)."""
+    """``(base, argument)`` of each ``^``: a bracket group or one char each (base "" if
+    unbracketed)."""
     pairs = []
     for position, char in enumerate(text):
         if char != "^":
@@ -92,14 +101,18 @@ def _exponents(text: str) -> list[tuple[str, str]]:
 
 
 def _is_tower(base: str, argument: str) -> bool:
-    """``a^{b^c}``, ``a^{b**c}``, or ``(a^b)^{cd}`` with a power of a power whose outer exponent has 2+ digits."""
+    """``a^{b^c}``, ``a^{b**c}``, or ``(a^b)^{cd}`` with a power of a power whose outer exponent has
+    2+ digits."""
     return (
-        "^" in argument or "**" in argument or (("^" in base or "**" in base) and bool(re.search(r"\d{2,}", argument)))
+        "^" in argument
+        or "**" in argument
+        or (("^" in base or "**" in base) and bool(re.search(r"\d{2,}", argument)))
     )
 
 
 def _group(text: str, backward: bool = False) -> str:
-    """The bracket group opening at ``text[0]`` (closing at ``text[-1]`` if ``backward``), or all of ``text``."""
+    """The bracket group opening at ``text[0]`` (closing at ``text[-1]`` if ``backward``), or all of
+    ``text``."""
     chars = text[::-1] if backward else text
     opener = chars[0]
     closer = {"(": ")", "{": "}", "[": "]", ")": "(", "}": "{", "]": "["}[opener]

@@ -70,9 +70,9 @@ class _Server:
         if line is None or not json.loads(line).get("ready"):
             self.kill()
             raise RuntimeError(
-                f"capo: a grading process ({sys.executable} -m capo_lightning.rewards._grader) did not start "
-                f"within {timeout:.0f} s; check that math-verify imports in this environment, or raise "
-                "startup_timeout_s"
+                f"capo: a grading process ({sys.executable} -m capo_lightning.rewards._grader) did "
+                f"not start within {timeout:.0f} s; check that math-verify imports in this "
+                "environment, or raise startup_timeout_s"
             )
         self.ready = True
 
@@ -91,7 +91,9 @@ class _Server:
                 self.kill()
                 break
             result = json.loads(line)
-            outcomes.append(Outcome(bool(result["equal"]), str(result["status"]), float(result["seconds"])))
+            outcomes.append(
+                Outcome(bool(result["equal"]), str(result["status"]), float(result["seconds"]))
+            )
         return outcomes + [Outcome(False, "error", 0.0)] * (len(pairs) - len(outcomes))
 
     def _readline(self, deadline: float) -> bytes | None:
@@ -146,7 +148,9 @@ class GradingPool:
         startup_timeout_s: how long to wait for a server to import sympy.
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, startup_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, workers: int = 2, timeout_s: float = 5.0, startup_timeout_s: float = 120.0
+    ) -> None:
         if workers < 1:
             raise ValueError(f"GradingPool workers must be >= 1, got {workers}")
         if timeout_s <= 0:
@@ -160,7 +164,8 @@ class GradingPool:
     def start(self) -> GradingPool:
         """Start the servers and wait until every one is ready."""
         with self._lock:
-            if self._pid != os.getpid():  # first use, or we are a forked copy: never touch the parent's servers
+            # first use, or we are a forked copy: never touch the parent's servers
+            if self._pid != os.getpid():
                 self._idle = queue.Queue()
                 servers = [_Server() for _ in range(self.workers)]
                 for server in servers:

@@ -4,4 +4,11 @@ from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingCon
 from capo_lightning.rollout.hf_engine import HFEngine
 from capo_lightning.rollout.vllm_engine import VLLMEngine, WeightSyncError
 
-__all__ = ["Completion", "HFEngine", "RolloutEngine", "SamplingConfig", "VLLMEngine", "WeightSyncError"]
+__all__ = [
+    "Completion",
+    "HFEngine",
+    "RolloutEngine",
+    "SamplingConfig",
+    "VLLMEngine",
+    "WeightSyncError",
+]

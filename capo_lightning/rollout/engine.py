@@ -18,9 +18,11 @@ class SamplingConfig:
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 disables it."""
     top_k: int = 50
-    """Sample among the k most likely tokens (HF's default, which the paper's runs used); 0 disables it."""
+    """Sample among the k most likely tokens (HF's default, which the paper's runs used); 0 disables
+    it."""
     seed: int | None = None
-    """Seed of the sampling RNG; the DataModule sets it per step so a resumed run samples the same."""
+    """Seed of the sampling RNG; the DataModule sets it per step so a resumed run samples the
+    same."""
     stop: list[str] | None = None
     """Strings that end a completion (kept out of it); VLLMEngine only, HFEngine stops at EOS."""
 
@@ -28,7 +30,9 @@ class SamplingConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise ValueError(
+                f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -41,7 +45,8 @@ class Completion:
 
     prompt_ids: list[int]  # [P_i] prompt token ids as the engine saw them
     token_ids: list[int]  # [L_i] response token ids, including the EOS token when it stopped
-    logprobs: list[float]  # [L_i] log pi(token) of the engine's model at temperature 1, no top-k/top-p
+    # [L_i] log pi(token) of the engine's model at temperature 1, no top-k/top-p
+    logprobs: list[float]
     finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
     text: str  # decoded response, special tokens removed
 

@@ -14,10 +14,11 @@ from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingCon
 class HFEngine(RolloutEngine):
     """Samples with ``policy.generate``; shares the policy, so weights are never stale.
 
-    Behavior logprobs are those of the raw model (temperature 1, no top-k/top-p), so they compare like for
-    like with the trainer's logprobs. They are read while ``generate`` runs (:class:`_RawLogprobs`), one
-    step at a time, instead of asking it for every step's logits (``output_logits``, which keeps an
-    [n, L, V] fp32 copy: 60 GB at the paper's shape) and a log-softmax of each.
+    Behavior logprobs are those of the raw model (temperature 1, no top-k/top-p), so they compare
+    like for like with the trainer's logprobs. They are read while ``generate`` runs
+    (:class:`_RawLogprobs`), one step at a time, instead of asking it for every step's logits
+    (``output_logits``, which keeps an [n, L, V] fp32 copy: 60 GB at the paper's shape) and a
+    log-softmax of each.
 
     Args:
         max_batch_size: rows (prompts x samples) per ``generate`` call; bounds memory.
@@ -38,8 +39,8 @@ class HFEngine(RolloutEngine):
             raise RuntimeError("HFEngine.generate called before bind(policy, tokenizer)")
         if sampling.stop:
             raise ValueError(
-                f"sampling.stop={sampling.stop} needs model.engine=capo_lightning.rollout.VLLMEngine; HFEngine "
-                "stops at EOS only"
+                f"sampling.stop={sampling.stop} needs "
+                "model.engine=capo_lightning.rollout.VLLMEngine; HFEngine stops at EOS only"
             )
         rows = [p for p in prompts for _ in range(n)]
         out: list[Completion] = []
@@ -50,14 +51,18 @@ class HFEngine(RolloutEngine):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 for start in range(0, len(rows), self.max_batch_size):
-                    out.extend(self._generate_rows(rows[start : start + self.max_batch_size], sampling))
+                    out.extend(
+                        self._generate_rows(rows[start : start + self.max_batch_size], sampling)
+                    )
         finally:
             self.policy.train(was_training)
         return out
 
     def _generate_rows(self, rows: list[str], sampling: SamplingConfig) -> list[Completion]:
         tok = self.tokenizer
-        enc = tok(rows, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        enc = tok(
+            rows, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+        )
         device = next(self.policy.parameters()).device
         input_ids = enc["input_ids"].to(device)  # [n, P]
         attention_mask = enc["attention_mask"].to(device)  # [n, P]
@@ -77,7 +82,9 @@ class HFEngine(RolloutEngine):
         responses = sequences[:, input_ids.shape[1] :]  # [n, L]
         logprobs = raw.finish(responses)  # [n, L]
         return [
-            self._completion(input_ids[i][attention_mask[i].bool()], responses[i], logprobs[i], sampling)
+            self._completion(
+                input_ids[i][attention_mask[i].bool()], responses[i], logprobs[i], sampling
+            )
             for i in range(len(rows))
         ]
 
@@ -112,21 +119,25 @@ class HFEngine(RolloutEngine):
 class _RawLogprobs:
     """log pi(a_t) under the raw logits of each decoding step, collected while ``generate`` runs.
 
-    A hook on the LM head keeps the last position's logits of the current step and its log-normaliser;
-    a hook on the model reads the token the step sampled from the next call's ``input_ids`` (with the KV
-    cache, its last column), gathers that token's logprob and drops the logits. So one [n, V] block is
-    alive at a time, and no [n, V] log-softmax is built.
+    A hook on the LM head keeps the last position's logits of the current step and its
+    log-normaliser; a hook on the model reads the token the step sampled from the next call's
+    ``input_ids`` (with the KV cache, its last column), gathers that token's logprob and drops the
+    logits. So one [n, V] block is alive at a time, and no [n, V] log-softmax is built.
     """
 
     def __init__(self, policy: Any) -> None:
         self.policy = policy
         self.columns: list[Tensor] = []
-        self.pending: tuple[Tensor, Tensor] | None = None  # (raw logits [n, V], logsumexp [n]) of the last step
+        # (raw logits [n, V], logsumexp [n]) of the last step
+        self.pending: tuple[Tensor, Tensor] | None = None
 
     def __enter__(self) -> _RawLogprobs:
         head = self.policy.get_output_embeddings()
-        self.handles = [  # on the transformers model itself: a PEFT wrapper's generate calls it directly
-            transformers_model(self.policy).register_forward_pre_hook(self._next_call, with_kwargs=True),
+        # on the transformers model itself: a PEFT wrapper's generate calls it directly
+        self.handles = [
+            transformers_model(self.policy).register_forward_pre_hook(
+                self._next_call, with_kwargs=True
+            ),
             head.register_forward_hook(self._logits),
         ]
         return self
@@ -150,12 +161,13 @@ class _RawLogprobs:
         self.pending = None
 
     def finish(self, responses: Tensor) -> Tensor:
-        """[n, L] logprobs of ``responses``, the tokens ``generate`` returned (the last one settled here)."""
+        """[n, L] logprobs of ``responses``, the tokens ``generate`` returned (the last one settled
+        here)."""
         if self.pending is not None:
             self._settle(responses[:, len(self.columns)])
         if len(self.columns) != responses.shape[1]:
             raise RuntimeError(
-                f"HFEngine read {len(self.columns)} decoding steps for {responses.shape[1]} generated tokens; "
-                "this model's generate does not call its LM head once per token"
+                f"HFEngine read {len(self.columns)} decoding steps for {responses.shape[1]} "
+                "generated tokens; this model's generate does not call its LM head once per token"
             )
         return torch.stack(self.columns, dim=1)

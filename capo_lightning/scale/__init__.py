@@ -1,1 +1,2 @@
-"""Scale-out: the FSDP2 strategy and what sharded weights need (:mod:`~capo_lightning.scale.parallel`)."""
+"""Scale-out: the FSDP2 strategy and what sharded weights need
+(:mod:`~capo_lightning.scale.parallel`)."""

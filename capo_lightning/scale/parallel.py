@@ -1,16 +1,18 @@
-"""FSDP2 for the policy: ``fully_shard`` per decoder layer over every rank, from one GPU to many nodes.
+"""FSDP2 for the policy: ``fully_shard`` per decoder layer over every rank, from one GPU to many
+nodes.
 
-``FSDP2Strategy`` is Lightning's ``ModelParallelStrategy`` with the mesh fixed to pure data parallelism
-(``data_parallel_size`` = world size, no tensor parallelism) and the sharding recipe here, applied by
-``CAPOModule.configure_model`` through :meth:`FSDP2Strategy.shard`: each decoder layer is its own FSDP unit
-(all-gathered for its forward and backward, then freed), the embeddings, final norm and LM head form the
-root unit. Mixed precision is FSDP2's ``MixedPrecisionPolicy`` (bf16 compute and all-gathers, fp32
-gradient reduction, fp32 sharded master weights), so the trainer's precision stays ``32-true``.
+``FSDP2Strategy`` is Lightning's ``ModelParallelStrategy`` with the mesh fixed to pure data
+parallelism (``data_parallel_size`` = world size, no tensor parallelism) and the sharding recipe
+here, applied by ``CAPOModule.configure_model`` through :meth:`FSDP2Strategy.shard`: each decoder
+layer is its own FSDP unit (all-gathered for its forward and backward, then freed), the embeddings,
+final norm and LM head form the root unit. Mixed precision is FSDP2's ``MixedPrecisionPolicy`` (bf16
+compute and all-gathers, fp32 gradient reduction, fp32 sharded master weights), so the trainer's
+precision stays ``32-true``.
 
 Why ``ModelParallelStrategy`` rather than Lightning's ``FSDPStrategy``: the latter wraps FSDP1
 (``FullyShardedDataParallel``, flat parameters), whose parameters are views into flat buffers the
-selector and the vLLM weight sync cannot address by name, and which PyTorch is retiring; FSDP2 keeps one
-``DTensor`` per parameter, so :func:`full_tensor` gathers exactly one weight at a time.
+selector and the vLLM weight sync cannot address by name, and which PyTorch is retiring; FSDP2 keeps
+one ``DTensor`` per parameter, so :func:`full_tensor` gathers exactly one weight at a time.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ from capo_lightning.models.policy import parse_dtype
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind a sharded parameter (an all-gather every rank must join); others as they are."""
+    """The whole tensor behind a sharded parameter (an all-gather every rank must join); others as
+    they are."""
     gather = getattr(tensor, "full_tensor", None)
     return gather() if callable(gather) else tensor
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks of a causal LM (``model.model.layers`` in transformers' decoders; a PEFT
-    model's inside its wrapped model)."""
+    """The repeated transformer blocks of a causal LM (``model.model.layers`` in transformers'
+    decoders; a PEFT model's inside its wrapped model)."""
     model = transformers_model(model)
     for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
         module: Any = model
@@ -43,8 +46,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         if isinstance(module, nn.ModuleList) and len(module):
             return list(module)
     raise ValueError(
-        f"FSDP2Strategy cannot find the decoder layers of {type(model).__name__} (looked for model.layers, "
-        "transformer.h, model.decoder.layers, gpt_neox.layers)"
+        f"FSDP2Strategy cannot find the decoder layers of {type(model).__name__} (looked for "
+        "model.layers, transformer.h, model.decoder.layers, gpt_neox.layers)"
     )
 
 
@@ -52,12 +55,13 @@ class FSDP2Strategy(ModelParallelStrategy):
     """Fully sharded data parallelism (FSDP2) of the policy over every rank of every node.
 
     Args:
-        param_dtype: dtype of the all-gathered weights and the compute ("bfloat16", "float16", "float32").
+        param_dtype: dtype of the all-gathered weights and the compute ("bfloat16", "float16",
+            "float32").
         reduce_dtype: dtype of the gradient reduce-scatter (fp32 keeps small gradients).
-        reshard_after_forward: free each layer's gathered weights after its forward (ZeRO-3; False keeps
-            them until the backward, ZeRO-2-like: faster, more memory).
-        save_distributed_checkpoint: each rank writes its shard (a checkpoint folder); False gathers one file
-            on rank 0.
+        reshard_after_forward: free each layer's gathered weights after its forward (ZeRO-3; False
+            keeps them until the backward, ZeRO-2-like: faster, more memory).
+        save_distributed_checkpoint: each rank writes its shard (a checkpoint folder); False gathers
+            one file on rank 0.
         process_group_backend: "nccl" on GPUs, "gloo" on CPUs; None picks by device.
         timeout: collective timeout.
     """
@@ -92,11 +96,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, model: nn.Module) -> nn.Module:
-        """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head). Idempotent.
+        """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head).
+        Idempotent.
 
-        A PEFT (LoRA) model's root unit is the transformers model it wraps: PEFT's ``generate`` calls that model
-        directly, so a root on the wrapper would never gather the embeddings for generation (its forward
-        reaches the wrapped model through ``__call__`` too, so training sees the same units)."""
+        A PEFT (LoRA) model's root unit is the transformers model it wraps: PEFT's ``generate``
+        calls that model directly, so a root on the wrapper would never gather the embeddings for
+        generation (its forward reaches the wrapped model through ``__call__`` too, so training sees
+        the same units)."""
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         root = transformers_model(model)
@@ -105,19 +111,24 @@ class FSDP2Strategy(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
         for layer in decoder_layers(model):
-            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(root, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+            fully_shard(
+                layer, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward
+            )
+        fully_shard(
+            root, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward
+        )
         return model
 
 
 def prepare_models(trainer: Any, *models: nn.Module | None) -> None:
-    """Fit the policy (and the frozen reference) to the trainer: refuse ``16-true``, and shard them when the
-    trainer runs :class:`FSDP2Strategy`."""
+    """Fit the policy (and the frozen reference) to the trainer: refuse ``16-true``, and shard them
+    when the trainer runs :class:`FSDP2Strategy`."""
     precision = str(getattr(trainer, "precision", ""))
     if precision in ("16-true", "16"):
         raise ValueError(
-            f"trainer.precision={precision} trains fp16 weights without loss scaling: sampling overflows and small "
-            "updates vanish; use 16-mixed (fp16 autocast with a grad scaler), bf16-mixed or bf16-true"
+            f"trainer.precision={precision} trains fp16 weights without loss scaling: sampling "
+            "overflows and small updates vanish; use 16-mixed (fp16 autocast with a grad scaler), "
+            "bf16-mixed or bf16-true"
         )
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
     if isinstance(strategy, FSDP2Strategy):

@@ -6,8 +6,9 @@ from torch import Tensor
 
 
 def shift_stats(prefix: str, values: Tensor) -> dict[str, Tensor]:
-    """``{prefix}_mean``, ``_max``, ``_p50``, ``_p95`` of 1-D ``values`` (fp64; quantiles interpolate linearly,
-    as ``torch.quantile``, without its 2^24-element limit); empty ``values`` give an empty dict."""
+    """``{prefix}_mean``, ``_max``, ``_p50``, ``_p95`` of 1-D ``values`` (fp64; quantiles
+    interpolate linearly, as ``torch.quantile``, without its 2^24-element limit); empty ``values``
+    give an empty dict."""
     if values.numel() == 0:
         return {}
     ordered = values.double().sort().values

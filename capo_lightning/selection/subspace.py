@@ -1,9 +1,10 @@
-"""Each token's top-k subspace of the LM head, where CAPO's curvature model lives, and its block sizes.
+"""Each token's top-k subspace of the LM head, where CAPO's curvature model lives, and its block
+sizes.
 
 For token t with LM-head input h_t, the subspace is the k vocabulary rows with the largest logits
 W h_t (the sampled token forced in); its policy is the softmax of those k logits. The ids can come
-from the scoring forward's own logits (:mod:`capo_lightning.models.lm_head`), so no second h W^T over the
-vocabulary is needed; only the k logits per token are recomputed here, in fp32.
+from the scoring forward's own logits (:mod:`capo_lightning.models.lm_head`), so no second h W^T
+over the vocabulary is needed; only the k logits per token are recomputed here, in fp32.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LOGIT_BUDGET = 2**25  # elements of one [chunk, V] logits block (128 MiB in fp32), when the top-k is not given
-BLOCK_BUDGET = 2**21  # elements of one [chunk, k, d] gradient/direction block on CPU (8 MiB in fp32): small blocks
-# are reused from the allocator's cache, large ones cost fresh zeroed pages on every call (measured on CPU,
-# benchmarks/capo_overhead.py --block-budget); read at call time by block_rows
-DEVICE_BLOCK_BUDGET = 2**26  # the same on an accelerator (256 MiB): few, large kernels; the caching allocator
-# reuses the memory, and each block launch costs the same whatever its size
+# elements of one [chunk, V] logits block (128 MiB in fp32), when the top-k is not given
+LOGIT_BUDGET = 2**25
+# elements of one [chunk, k, d] gradient/direction block on CPU (8 MiB in fp32): small blocks are
+# reused from the allocator's cache, large ones cost fresh zeroed pages on every call (measured on
+# CPU, benchmarks/capo_overhead.py --block-budget); read at call time by block_rows
+BLOCK_BUDGET = 2**21
+# the same on an accelerator (256 MiB): few, large kernels; the caching allocator reuses the memory,
+# and each block launch costs the same whatever its size
+DEVICE_BLOCK_BUDGET = 2**26
 
 
 @dataclass
@@ -35,7 +39,8 @@ class TopK:
 
 
 def block_rows(k: int, d: int, device: torch.device | None = None) -> int:
-    """Tokens per chunk so one [chunk, k, d] block stays within the budget of ``device`` (CPU if None):
+    """Tokens per chunk so one [chunk, k, d] block stays within the budget of ``device`` (CPU if
+    None):
     :data:`BLOCK_BUDGET` on CPU, :data:`DEVICE_BLOCK_BUDGET` on an accelerator."""
     budget = BLOCK_BUDGET if device is None or device.type == "cpu" else DEVICE_BLOCK_BUDGET
     return max(1, budget // max(1, k * d))
@@ -47,15 +52,21 @@ def token_chunk(num_vocab: int, budget: int = LOGIT_BUDGET) -> int:
 
 
 def topk_policy(
-    hidden: Tensor, lm_head: Tensor, actions: Tensor, k: int, chunk: int | None = None, known_ids: Tensor | None = None
+    hidden: Tensor,
+    lm_head: Tensor,
+    actions: Tensor,
+    k: int,
+    chunk: int | None = None,
+    known_ids: Tensor | None = None,
 ) -> TopK:
     """Top-k renormalised softmax of h W^T per token.
 
-    The k rows come from ``known_ids`` when the scoring forward already found them in its own logits (no
-    second h W^T over the vocabulary; their logits are then recomputed in fp32 from the k rows alone), else
-    from fp32 logits computed here in token chunks. If a sampled token is not among the top k (possible with
-    top_p/temperature > 1 sampling), it replaces the k-th entry so e_a is always defined; with the paper's
-    top-50 sampling it never is. No host synchronisation happens in the loops.
+    The k rows come from ``known_ids`` when the scoring forward already found them in its own logits
+    (no second h W^T over the vocabulary; their logits are then recomputed in fp32 from the k rows
+    alone), else from fp32 logits computed here in token chunks. If a sampled token is not among the
+    top k (possible with top_p/temperature > 1 sampling), it replaces the k-th entry so e_a is
+    always defined; with the paper's top-50 sampling it never is. No host synchronisation happens in
+    the loops.
 
     Args:
         hidden: [T, d] LM-head inputs.
@@ -82,7 +93,8 @@ def topk_policy(
 
 
 def with_action(ids: Tensor, actions: Tensor) -> Tensor:
-    """[T, k] ids with the sampled token in the last column of the rows that lack it (a new tensor)."""
+    """[T, k] ids with the sampled token in the last column of the rows that lack it (a new
+    tensor)."""
     missing = ~(ids == actions.unsqueeze(1)).any(dim=1)  # [T]
     out = ids.clone()
     out[:, -1] = torch.where(missing, actions, ids[:, -1])
@@ -92,14 +104,19 @@ def with_action(ids: Tensor, actions: Tensor) -> Tensor:
 def subspace_logits(hidden: Tensor, weight: Tensor, ids: Tensor) -> Tensor:
     """[T, k] fp32 logits W[ids_t] h_t of each token's own rows, in [chunk, k, d] blocks."""
     chunk = block_rows(ids.shape[1], hidden.shape[1], hidden.device)
-    return torch.cat([
-        torch.einsum("tkd,td->tk", weight[ids[s : s + chunk]], hidden[s : s + chunk].float())
-        for s in range(0, hidden.shape[0], chunk)
-    ])  # fmt: skip
+    return torch.cat(
+        [
+            torch.einsum("tkd,td->tk", weight[ids[s : s + chunk]], hidden[s : s + chunk].float())
+            for s in range(0, hidden.shape[0], chunk)
+        ]
+    )
 
 
-def _search_topk(hidden: Tensor, weight: Tensor, actions: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
-    """(ids, logits) [T, k] of each token's k largest fp32 logits (the action forced in), over [chunk, V] blocks."""
+def _search_topk(
+    hidden: Tensor, weight: Tensor, actions: Tensor, k: int, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """(ids, logits) [T, k] of each token's k largest fp32 logits (the action forced in), over
+    [chunk, V] blocks."""
     ids_parts, val_parts = [], []
     for start in range(0, hidden.shape[0], chunk):
         logits = hidden[start : start + chunk].float() @ weight.T  # [c, V]
@@ -107,7 +124,9 @@ def _search_topk(hidden: Tensor, weight: Tensor, actions: Tensor, k: int, chunk:
         act = actions[start : start + chunk]
         missing = ~(ids == act.unsqueeze(1)).any(dim=1)  # [c]
         ids[:, -1] = torch.where(missing, act, ids[:, -1])
-        vals[:, -1] = torch.where(missing, logits.gather(1, act.unsqueeze(1)).squeeze(1), vals[:, -1])
+        vals[:, -1] = torch.where(
+            missing, logits.gather(1, act.unsqueeze(1)).squeeze(1), vals[:, -1]
+        )
         ids_parts.append(ids)
         val_parts.append(vals)
     return torch.cat(ids_parts), torch.cat(val_parts)

@@ -37,6 +37,7 @@ class StepContext:
 
     @property
     def base_lr(self) -> float:
-        """The optimizer's configured lr (the peak of a warm-up/decay schedule; the current lr without one)."""
+        """The optimizer's configured lr (the peak of a warm-up/decay schedule; the current lr
+        without one)."""
         group = self.optimizer.param_groups[0]
         return float(group.get("initial_lr", group["lr"]))

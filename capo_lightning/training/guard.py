@@ -13,8 +13,8 @@ from torch import Tensor
 class NonFiniteGuard:
     """Decides whether an optimizer step may go ahead, and skips it when it may not.
 
-    A skipped step drops the gradient and takes an empty ``optimizer.step()`` (every grad is None, so
-    weights and Adam moments stay as they were) and a scheduler step: it still counts towards
+    A skipped step drops the gradient and takes an empty ``optimizer.step()`` (every grad is None,
+    so weights and Adam moments stay as they were) and a scheduler step: it still counts towards
     ``max_steps`` and the schedule, so a run cannot stall. ``max_consecutive_skips`` skips in a row
     raise ``FloatingPointError``: the last checkpoint then holds the last finite weights.
 
@@ -28,9 +28,12 @@ class NonFiniteGuard:
         self.consecutive_skips = 0
 
     @staticmethod
-    def any_rank_non_finite(loss: Tensor, sum_over_ranks: Callable[[Tensor], Tensor] | None) -> bool:
+    def any_rank_non_finite(
+        loss: Tensor, sum_over_ranks: Callable[[Tensor], Tensor] | None
+    ) -> bool:
         """True when ``loss`` is not finite on this rank or any other; every rank gets the same
-        answer, so all of them skip together (one rank skipping alone would hang DDP's all-reduce)."""
+        answer, so all of them skip together (one rank skipping alone would hang DDP's
+        all-reduce)."""
         bad = (~torch.isfinite(loss.detach())).float()
         if sum_over_ranks is not None:
             bad = sum_over_ranks(bad)
@@ -55,10 +58,13 @@ class NonFiniteGuard:
             scheduler.step()
         self.skipped_steps += 1
         self.consecutive_skips += 1
-        rank_zero_warn(f"capo: non-finite {what} at rollout step {rollout_step}; update skipped, weights unchanged")
+        rank_zero_warn(
+            f"capo: non-finite {what} at rollout step {rollout_step}; update skipped, weights "
+            "unchanged"
+        )
         if self.consecutive_skips >= self.max_consecutive_skips:
             raise FloatingPointError(
-                f"{self.consecutive_skips} consecutive optimizer steps had a non-finite {what}; stopping. "
-                "The last checkpoint holds the last finite weights; lower the learning rate "
-                "(model.optimizer.init_args.lr) or raise model.max_consecutive_skips"
+                f"{self.consecutive_skips} consecutive optimizer steps had a non-finite {what}; "
+                "stopping. The last checkpoint holds the last finite weights; lower the learning "
+                "rate (model.optimizer.init_args.lr) or raise model.max_consecutive_skips"
             )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -22,18 +23,19 @@ class WarmupCosineLR(LambdaLR):
 
     Stepped once per optimizer step. ``total_steps=None`` is filled in by the module from
     ``trainer.max_steps`` before the first step, so the schedule follows ``--trainer.max_steps``
-    overrides without interpolation tricks; a run without ``max_steps`` is refused (it used to schedule
-    over one step, so the lr fell to its floor after the first).
+    overrides without interpolation tricks; a run without ``max_steps`` is refused (it used to
+    schedule over one step, so the lr fell to its floor after the first).
 
     Args:
         optimizer: the optimizer whose lr is scheduled.
-        warmup_ratio: fraction of total steps spent warming up (HF ``warmup_ratio``; the paper uses 0.1).
+        warmup_ratio: fraction of total steps spent warming up (HF ``warmup_ratio``; the paper uses
+            0.1).
         warmup_steps: absolute warmup steps; overrides ``warmup_ratio`` when set.
         total_steps: steps of the whole schedule; None = the trainer's max_steps.
         min_lr_ratio: final lr as a fraction of the base lr.
 
-    Departure from HF's ``get_cosine_schedule_with_warmup``: warmup step s uses (s + 1) / (warmup + 1)
-    instead of s / warmup, so the first optimizer step does not run at lr 0.
+    Departure from HF's ``get_cosine_schedule_with_warmup``: warmup step s uses (s + 1) / (warmup +
+    1) instead of s / warmup, so the first optimizer step does not run at lr 0.
     """
 
     def __init__(
@@ -53,11 +55,12 @@ class WarmupCosineLR(LambdaLR):
         super().__init__(optimizer, self.factor)
 
     def set_total_steps(self, total_steps: int | None) -> None:
-        """Fix the schedule length (the trainer's ``max_steps``) and re-apply the factor of the current step."""
+        """Fix the schedule length (the trainer's ``max_steps``) and re-apply the factor of the
+        current step."""
         if total_steps is None or total_steps <= 0:
             raise ValueError(
-                f"WarmupCosineLR needs the run's length, but trainer.max_steps is {total_steps}: set "
-                "--trainer.max_steps N (optimizer steps), or the schedule's own total_steps "
+                f"WarmupCosineLR needs the run's length, but trainer.max_steps is {total_steps}: "
+                "set --trainer.max_steps N (optimizer steps), or the schedule's own total_steps "
                 "(model.lr_scheduler.init_args.total_steps)"
             )
         self.total_steps = total_steps
@@ -70,8 +73,35 @@ class WarmupCosineLR(LambdaLR):
         total = self.total_steps
         if total is None or total <= 0:
             return 1.0
-        warmup = self.warmup_steps if self.warmup_steps is not None else math.ceil(self.warmup_ratio * total)
+        warmup = (
+            self.warmup_steps
+            if self.warmup_steps is not None
+            else math.ceil(self.warmup_ratio * total)
+        )
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+
+
+def optimizer_config(
+    params: list[torch.nn.Parameter],
+    optimizer_factory: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+    scheduler_factory: Callable[[torch.optim.Optimizer], Any] | None,
+    run_steps: Callable[[], int],
+) -> Any:
+    """What ``configure_optimizers`` returns: the optimizer over ``params``, with its lr schedule
+    stepped once per optimizer step when one is configured. A :class:`WarmupCosineLR` without a
+    length of its own gets the run's (``run_steps()``, asked only then: ``trainer.max_steps``)."""
+    optimizer = optimizer_factory(params)
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer)
+    if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+        scheduler.set_total_steps(run_steps())
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+    }

@@ -1,6 +1,7 @@
-"""The pieces every schedule of a step is built from: what the selector sees and decides, the loss normaliser, one
-micro-batch's loss, and the optimizer step. Selection is entered only through :func:`decide` (and, for a streaming
-selector, :func:`judge` and its ``close``), the normaliser only through :func:`normalizer`."""
+"""The pieces every schedule of a step is built from: what the selector sees and decides, the loss
+normaliser, one micro-batch's loss, and the optimizer step. Selection is entered only
+through :func:`decide` (and, for a streaming selector, :func:`judge` and its ``close``), the
+normaliser only through :func:`normalizer`."""
 
 from __future__ import annotations
 
@@ -24,15 +25,19 @@ from capo_lightning.training.step_metrics import accumulate
 
 @dataclass
 class Update:
-    """What a schedule produced: the selection, the loss as the optimizer saw it, and the metrics."""
+    """What a schedule produced: the selection, the loss as the optimizer saw it, and the
+    metrics."""
 
     selection: Selection
     loss: Tensor
     metrics: dict[str, Tensor]
 
 
-def decide(ctx: StepContext, batch: RolloutBatch, adv: Tensor, seen: ForwardOut | None) -> tuple[Selection, Tensor]:
-    """The selector's decision on the whole step and the loss mask (response mask AND selection), [N, L] bool.
+def decide(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, seen: ForwardOut | None
+) -> tuple[Selection, Tensor]:
+    """The selector's decision on the whole step and the loss mask (response mask AND selection),
+    [N, L] bool.
 
     ``seen`` is the forward the selector reads (None for a selector that reads none)."""
     if ctx.selector is None:
@@ -43,15 +48,22 @@ def decide(ctx: StepContext, batch: RolloutBatch, adv: Tensor, seen: ForwardOut 
     return selection, batch.response_mask & selection.token_mask
 
 
-def judge(ctx: StepContext, batch: RolloutBatch, adv: Tensor, out: ForwardOut, rows: Tensor) -> Tensor:
-    """A streaming selector's keep mask [n, L] for the micro-batch ``rows``, from its own training forward."""
+def judge(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, out: ForwardOut, rows: Tensor
+) -> Tensor:
+    """A streaming selector's keep mask [n, L] for the micro-batch ``rows``, from its own training
+    forward."""
     view = token_view(ctx, batch, adv, out, rows)
     with torch.no_grad():
         return ctx.selector.judge(view, rows)
 
 
 def token_view(
-    ctx: StepContext, batch: RolloutBatch, adv: Tensor, seen: ForwardOut | None, rows: Tensor | None = None
+    ctx: StepContext,
+    batch: RolloutBatch,
+    adv: Tensor,
+    seen: ForwardOut | None,
+    rows: Tensor | None = None,
 ) -> TokenView:
     """What the selector sees of the step's ``rows`` (None: all of them)."""
     response_mask = _rows(batch.response_mask, rows)
@@ -62,7 +74,9 @@ def token_view(
         advantages=adv.expand_as(response_mask).detach(),
         old_logprobs=seen.logprobs.detach() if seen is not None else None,
         hidden=seen.hidden if seen is not None else None,
-        lm_head=full_tensor(lm_head_weight(ctx.policy).detach()) if ctx.selector.needs_hidden else None,
+        lm_head=full_tensor(lm_head_weight(ctx.policy).detach())
+        if ctx.selector.needs_hidden
+        else None,
         lr=ctx.lr,
         all_reduce=ctx.sum_over_ranks,
         topk_ids=seen.topk_ids if seen is not None else None,
@@ -73,7 +87,10 @@ def token_view(
 def normalizer(ctx: StepContext, batch: RolloutBatch, mask: Tensor) -> Normalizer:
     """Global counts of ``mask`` summed over ranks (gradients then match any data split)."""
     return Normalizer.from_mask(
-        mask, max_len=constant_len(ctx.objective, batch), all_reduce=ctx.sum_over_ranks, world_size=ctx.world_size
+        mask,
+        max_len=constant_len(ctx.objective, batch),
+        all_reduce=ctx.sum_over_ranks,
+        world_size=ctx.world_size,
     )
 
 
@@ -83,7 +100,8 @@ def denominator(ctx: StepContext, norm: Normalizer) -> Tensor:
 
 
 def constant_len(objective: Objective, batch: RolloutBatch) -> int:
-    """Dr.GRPO's constant L: the objective's ``max_len``, else the batch's token budget, else its padded length."""
+    """Dr.GRPO's constant L: the objective's ``max_len``, else the batch's token budget, else its
+    padded length."""
     if objective.max_len is not None:
         return int(objective.max_len)
     if batch.max_new_tokens is not None:
@@ -100,8 +118,9 @@ def tis_weights(ctx: StepContext, old: Tensor, behavior: Tensor) -> Tensor | Non
 
 @dataclass
 class MicroBatches:
-    """The micro-batches of one optimizer step: each one's loss (backpropagated at once, or by the step's
-    :func:`optimizer_step` when one forward holds the step), kept mask, entropy and old logprobs."""
+    """The micro-batches of one optimizer step: each one's loss (backpropagated at once, or by the
+    step's :func:`optimizer_step` when one forward holds the step), kept mask, entropy and old
+    logprobs."""
 
     ctx: StepContext
     batch: RolloutBatch
@@ -112,20 +131,30 @@ class MicroBatches:
     olds: list = field(default_factory=list)  # detached logprobs per micro-batch: the old policy's
 
     def add(self, out: ForwardOut, rows: Tensor | None, mask: Tensor, backward: bool) -> None:
-        """The objective on one micro-batch's forward ``out`` (rows ``rows``, None = all) with its kept ``mask``."""
+        """The objective on one micro-batch's forward ``out`` (rows ``rows``, None = all) with its
+        kept ``mask``."""
         old = out.logprobs.detach()
         self.olds.append(old)
         weights = tis_weights(self.ctx, old, _rows(self.batch.behavior_logprobs, rows))
         loss_out = self.ctx.objective(
-            out.logprobs, old, _rows(self.ref, rows), _rows(self.adv, rows), mask, self.norm, weights
+            out.logprobs,
+            old,
+            _rows(self.ref, rows),
+            _rows(self.adv, rows),
+            mask,
+            self.norm,
+            weights,
         )
         self.done.append((loss_out, mask, out.entropy))
         if backward:
             self.ctx.backward(loss_out.loss)
 
-    def finish(self, selection: Selection, mask: Tensor, chunks: list[Tensor] | None, scale: float = 1.0) -> Update:
-        """The step's metrics (losses weighted by each micro-batch's share of the kept tokens), then the optimizer
-        step (backward first when one forward holds the step, ``chunks`` None), then the engine/trainer gap."""
+    def finish(
+        self, selection: Selection, mask: Tensor, chunks: list[Tensor] | None, scale: float = 1.0
+    ) -> Update:
+        """The step's metrics (losses weighted by each micro-batch's share of the kept tokens), then
+        the optimizer step (backward first when one forward holds the step, ``chunks`` None), then
+        the engine/trainer gap."""
         ctx, norm = self.ctx, self.norm
         metrics = {keys.NORMALIZER: denominator(ctx, norm)}
         kept = max(float(mask.sum()), 1.0)
@@ -142,7 +171,8 @@ class MicroBatches:
 
 
 def rescale_gradients(ctx: StepContext, scale: float) -> None:
-    """Multiply every accumulated gradient by ``scale`` (the provisional over the true loss denominator)."""
+    """Multiply every accumulated gradient by ``scale`` (the provisional over the true loss
+    denominator)."""
     if scale != 1.0:
         for param in ctx.policy.parameters():
             if param.grad is not None:
@@ -150,8 +180,9 @@ def rescale_gradients(ctx: StepContext, scale: float) -> None:
 
 
 def optimizer_step(ctx: StepContext, loss: Tensor | None) -> dict[str, Tensor]:
-    """Backward (if ``loss`` is given), clip, and step, unless the loss or gradient is not finite (then the step
-    is skipped on every rank and no metric is returned); returns the gradient norm and the learning rate used."""
+    """Backward (if ``loss`` is given), clip, and step, unless the loss or gradient is not finite
+    (then the step is skipped on every rank and no metric is returned); returns the gradient norm
+    and the learning rate used."""
     if loss is not None:
         if ctx.guard.any_rank_non_finite(loss, ctx.sum_over_ranks):
             ctx.guard.skip(ctx.optimizer, ctx.scheduler, "loss", ctx.rollout_step)
@@ -159,12 +190,19 @@ def optimizer_step(ctx: StepContext, loss: Tensor | None) -> dict[str, Tensor]:
         ctx.backward(loss)
     params = [p for p in ctx.policy.parameters() if p.grad is not None]
     max_norm = ctx.max_grad_norm if ctx.max_grad_norm is not None else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros((), dtype=torch.float32)
+    grad_norm = (
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if params
+        else torch.zeros((), dtype=torch.float32)
+    )
     grad_norm = full_tensor(grad_norm)  # FSDP2: a replicated DTensor
     if not torch.isfinite(grad_norm):
         ctx.guard.skip(ctx.optimizer, ctx.scheduler, "gradient", ctx.rollout_step)
         return {}
-    metrics = {keys.GRAD_NORM: grad_norm.detach().float(), keys.LR: torch.tensor(ctx.lr, dtype=torch.float32)}
+    metrics = {
+        keys.GRAD_NORM: grad_norm.detach().float(),
+        keys.LR: torch.tensor(ctx.lr, dtype=torch.float32),
+    }
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.guard.stepped()

@@ -1,24 +1,28 @@
-"""The schedules of one training step: which forwards run, when the selector decides, when the optimizer steps.
+"""The schedules of one training step: which forwards run, when the selector decides, when the
+optimizer steps.
 
 :func:`choose` names the schedule once per step from the plan and what the selector declares
-(:class:`~capo_lightning.selection.Selector`'s ``needs_forward`` and ``streams``); :func:`run` runs it.
+(:class:`~capo_lightning.selection.Selector`'s ``needs_forward`` and ``streams``); :func:`run` runs
+it.
 
-=============  ======================================================================================================
-MASK_FIRST     the selector reads no forward (none, KeepAll): the mask is final before the first forward; one
-               optimizer step over the micro-batches
-ONE_FORWARD    one micro-batch holds the step: its training forward feeds the selector, then the loss
-LOOK_AHEAD     several micro-batches and a selector that needs the whole step: a no-grad pass first computes only
-               what it reads, then the training forwards with the final mask
-STREAMING      several micro-batches and a streaming selector (CAPO): each micro-batch is judged inside its own
-               training forward with a provisional normaliser (every response token); after the last, the
-               selector closes the step, and the gradient is rescaled to the final normaliser (only a token-mean
-               aggregation, DAPO, moves)
-MULTI_PASS     ``ppo_epochs`` or ``minibatches`` > 1: a no-grad pass fixes the old logprobs and the mask, then
-               ``ppo_epochs`` passes of ``minibatches`` optimizer steps, each accumulated over micro-batches
-=============  ======================================================================================================
+=============  =====================================================================================
+MASK_FIRST     the selector reads no forward (none, KeepAll): the mask is final before the first
+               forward; one optimizer step over the micro-batches
+ONE_FORWARD    one micro-batch holds the step: its training forward feeds the selector, then the
+               loss
+LOOK_AHEAD     several micro-batches and a selector that needs the whole step: a no-grad pass first
+               computes only what it reads, then the training forwards with the final mask
+STREAMING      several micro-batches and a streaming selector (CAPO): each micro-batch is judged
+               inside its own training forward with a provisional normaliser (every response token);
+               after the last, the selector closes the step, and the gradient is rescaled to the
+               final normaliser (only a token-mean aggregation, DAPO, moves)
+MULTI_PASS     ``ppo_epochs`` or ``minibatches`` > 1: a no-grad pass fixes the old logprobs and the
+               mask, then ``ppo_epochs`` passes of ``minibatches`` optimizer steps, each accumulated
+               over micro-batches
+=============  =====================================================================================
 
-In every schedule the selector's mask is applied before the normaliser, so rejected tokens leave both the
-numerator and the denominator, and normalisers count the whole step on every rank.
+In every schedule the selector's mask is applied before the normaliser, so rejected tokens leave
+both the numerator and the denominator, and normalisers count the whole step on every rank.
 """
 
 from __future__ import annotations
@@ -45,7 +49,13 @@ from capo_lightning.training.parts import (
     rescale_gradients,
     tis_weights,
 )
-from capo_lightning.training.passes import forward_topk, needs_hidden, policy_forward, row_lengths, scoring_pass
+from capo_lightning.training.passes import (
+    forward_topk,
+    needs_hidden,
+    policy_forward,
+    row_lengths,
+    scoring_pass,
+)
 from capo_lightning.training.plan import StepPlan
 from capo_lightning.training.step_metrics import accumulate
 
@@ -72,14 +82,22 @@ def choose(plan: StepPlan, selector: Selector | None) -> Schedule:
 
 
 def run(
-    schedule: Schedule, ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan
+    schedule: Schedule,
+    ctx: StepContext,
+    batch: RolloutBatch,
+    adv: Tensor,
+    ref: Tensor | None,
+    plan: StepPlan,
 ) -> Update:
     """Run ``schedule`` on one rollout batch."""
     return SCHEDULES[schedule](ctx, batch, adv, ref, plan)
 
 
-def mask_first(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan) -> Update:
-    """The mask before any forward; one training forward per micro-batch (the whole batch when one holds it)."""
+def mask_first(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan
+) -> Update:
+    """The mask before any forward; one training forward per micro-batch (the whole batch when one
+    holds it)."""
     chunks = plan.chunks(batch.num_completions, row_lengths(batch))
     selection, mask = decide(ctx, batch, adv, None)
     steps = MicroBatches(ctx, batch, adv, ref, normalizer(ctx, batch, mask))
@@ -91,7 +109,9 @@ def mask_first(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor |
     return steps.finish(selection, mask, chunks)
 
 
-def one_forward(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan) -> Update:
+def one_forward(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan
+) -> Update:
     """One forward of the whole batch feeds the selector and then the loss."""
     out = policy_forward(ctx, batch, need_hidden=needs_hidden(ctx), topk=forward_topk(ctx))
     selection, mask = decide(ctx, batch, adv, out)
@@ -100,7 +120,9 @@ def one_forward(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor 
     return steps.finish(selection, mask, None)
 
 
-def look_ahead(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan) -> Update:
+def look_ahead(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan
+) -> Update:
     """A no-grad pass for the selector, then the training forwards with the final mask."""
     chunks = plan.chunks(batch.num_completions, row_lengths(batch))
     selection, mask = decide(ctx, batch, adv, scoring_pass(ctx, batch, chunks))
@@ -110,15 +132,25 @@ def look_ahead(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor |
     return steps.finish(selection, mask, chunks)
 
 
-def streaming(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan) -> Update:
-    """Each micro-batch judged in its own forward; the step closed after the last; the gradient rescaled."""
+def streaming(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan
+) -> Update:
+    """Each micro-batch judged in its own forward; the step closed after the last; the gradient
+    rescaled."""
     chunks = plan.chunks(batch.num_completions, row_lengths(batch))
     provisional = normalizer(ctx, batch, batch.response_mask)
     steps = MicroBatches(ctx, batch, adv, ref, provisional)
     try:
         for rows in chunks:
-            out = policy_forward(ctx, batch, rows, need_hidden=needs_hidden(ctx), topk=forward_topk(ctx))
-            steps.add(out, rows, batch.response_mask[rows] & judge(ctx, batch, adv, out, rows), backward=True)
+            out = policy_forward(
+                ctx, batch, rows, need_hidden=needs_hidden(ctx), topk=forward_topk(ctx)
+            )
+            steps.add(
+                out,
+                rows,
+                batch.response_mask[rows] & judge(ctx, batch, adv, out, rows),
+                backward=True,
+            )
     except BaseException:
         ctx.selector.abandon()  # the judged parts of a failed step must not reach the next one
         raise
@@ -130,8 +162,11 @@ def streaming(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | 
     return steps.finish(selection, mask, chunks, scale)
 
 
-def multi_pass(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan) -> Update:
-    """A no-grad pass fixes old logprobs and the mask; then ``ppo_epochs`` x ``minibatches`` optimizer steps."""
+def multi_pass(
+    ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor | None, plan: StepPlan
+) -> Update:
+    """A no-grad pass fixes old logprobs and the mask; then ``ppo_epochs`` x ``minibatches``
+    optimizer steps."""
     lengths = row_lengths(batch)  # [N] on the host, read once: micro-batches group rows by it
     ahead = scoring_pass(ctx, batch, plan.chunks(batch.num_completions, lengths))
     selection, mask = decide(ctx, batch, adv, ahead)
@@ -139,7 +174,9 @@ def multi_pass(ctx: StepContext, batch: RolloutBatch, adv: Tensor, ref: Tensor |
     metrics = {keys.ENGINE_GAP: gap}
     for epoch in range(plan.ppo_epochs):
         for mb_rows in plan.minibatch_rows(epoch):
-            for values, weight in _minibatch_update(ctx, batch, adv, ref, ahead.logprobs, mask, plan, mb_rows, lengths):
+            for values, weight in _minibatch_update(
+                ctx, batch, adv, ref, ahead.logprobs, mask, plan, mb_rows, lengths
+            ):
                 if weight is None:
                     metrics.update(values)
                 else:
@@ -158,21 +195,29 @@ def _minibatch_update(
     mb_rows: Tensor,
     lengths: Tensor,
 ) -> list[tuple[dict[str, Tensor], float | None]]:
-    """One optimizer step of a multi-pass step over minibatch ``mb_rows``; its metrics with their weight in the
-    step's mean over updates (loss-side ones: their share of the kept tokens; None: the value is set, not added)."""
+    """One optimizer step of a multi-pass step over minibatch ``mb_rows``; its metrics with their
+    weight in the step's mean over updates (loss-side ones: their share of the kept tokens; None:
+    the value is set, not added)."""
     norm = normalizer(ctx, batch, mask[mb_rows])
     per_update = 1.0 / (plan.ppo_epochs * plan.minibatches)
-    parts: list[tuple[dict[str, Tensor], float | None]] = [({keys.NORMALIZER: denominator(ctx, norm)}, per_update)]
+    parts: list[tuple[dict[str, Tensor], float | None]] = [
+        ({keys.NORMALIZER: denominator(ctx, norm)}, per_update)
+    ]
     total = torch.zeros((), device=old.device, dtype=torch.float32)
     for rows in plan.micro_rows(mb_rows, lengths):
         out = policy_forward(ctx, batch, rows)
         weights = tis_weights(ctx, old[rows], batch.behavior_logprobs[rows])
         r_ref = ref[rows] if ref is not None else None
-        loss_out = ctx.objective(out.logprobs, old[rows], r_ref, adv[rows], mask[rows], norm, weights)
+        loss_out = ctx.objective(
+            out.logprobs, old[rows], r_ref, adv[rows], mask[rows], norm, weights
+        )
         ctx.backward(loss_out.loss)
         total = total + loss_out.loss.detach()
         share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0) / plan.ppo_epochs
-        parts += [(loss_out.metrics, share), ({keys.ENTROPY: masked_mean(out.entropy, mask[rows])}, share)]
+        parts += [
+            (loss_out.metrics, share),
+            ({keys.ENTROPY: masked_mean(out.entropy, mask[rows])}, share),
+        ]
     parts.append(({keys.LOSS: total}, per_update))
     stepped = optimizer_step(ctx, None)
     lr = {key: stepped.pop(key) for key in (keys.LR,) if key in stepped}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +24,7 @@ from capo_lightning.models.policy import PolicySpec
 from capo_lightning.module import CAPOModule
 from capo_lightning.rollout import SamplingConfig
 from capo_lightning.selection import CAPOSelector
+from capo_lightning.training import step_metrics
 from tests.helpers import SelectionRecorder, make_trainer, read_csv_metrics, tiny_datamodule
 
 
@@ -100,20 +100,52 @@ def test_step_column_counts_optimizer_steps_for_training_and_validation(tmp_path
     assert not [r for r in rows if "epoch" in r]
 
 
-class SlowValidation(L.Callback):
-    """Sleeps inside every validation, so a step timing that included it would show."""
+TRAIN_SECONDS, VAL_SECONDS = 1.0, 1000.0  # what a training batch and a validation batch "take"
+
+
+class FakeClock:
+    """Stands in for the ``time`` module the step clock reads: ``perf_counter`` moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class Ticks(L.Callback):
+    """Advances the fake clock by known amounts: a training batch TRAIN_SECONDS, a validation batch
+    VAL_SECONDS; counts each validation's batches."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock, self.val_batches = clock, []
+
+    def on_train_batch_start(self, *args, **kwargs) -> None:
+        self.clock.now += TRAIN_SECONDS
+
+    def on_validation_epoch_start(self, *args, **kwargs) -> None:
+        self.val_batches.append(0)
 
     def on_validation_batch_end(self, *args, **kwargs) -> None:
-        time.sleep(3.0)
+        self.clock.now += VAL_SECONDS
+        self.val_batches[-1] += 1
 
 
-def test_step_time_excludes_validation_which_has_its_own_key(tmp_path: Path, tiny_model_dir: Path) -> None:
-    _, rows = _fit(tmp_path, tiny_model_dir, [SlowValidation()], steps=4)
-    val_seconds = [r["time/val_s"] for r in rows if "time/val_s" in r]
-    assert len(val_seconds) == 2 and min(val_seconds) >= 3.0
-    step_after_validation = next(r for r in rows if r.get("step") == 3 and "time/step_s" in r)
-    # with the validation counted it would be >= 3 s + the step; a tiny step takes well under 1.5 s
-    assert step_after_validation["time/step_s"] < 0.5 * val_seconds[0], step_after_validation["time/step_s"]
+def test_step_time_excludes_validation_which_has_its_own_key(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No wall-clock comparison: the step clock reads a fake clock that each batch moves by a known amount."""
+    clock = FakeClock()
+    monkeypatch.setattr(step_metrics, "time", clock)
+    ticks = Ticks(clock)
+    _, rows = _fit(tmp_path, tiny_model_dir, [ticks], steps=4)
+    validations = [r for r in rows if "time/val_s" in r]
+    assert [int(r["step"]) for r in validations] == [2, 4] and all("val/accuracy" in r for r in validations)
+    assert ticks.val_batches and min(ticks.val_batches) > 0
+    assert [r["time/val_s"] for r in validations] == [VAL_SECONDS * n for n in ticks.val_batches]
+    step_seconds = {int(r["step"]): r["time/step_s"] for r in rows if "time/step_s" in r}
+    # each step is one training batch, step 3 too: the step-2 validation before it is not counted
+    assert step_seconds == {2: TRAIN_SECONDS, 3: TRAIN_SECONDS, 4: TRAIN_SECONDS}
 
 
 def test_progress_bar_counts_to_max_steps_and_shows_health(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from capo_lightning.data.prompts import JsonlSource
 from capo_lightning.rollout import Completion
 from capo_lightning.training.optim import WarmupCosineLR
 from capo_lightning.training.plan import plan_step
+from capo_lightning.training.schedules import SCHEDULES, Schedule, choose
 
 
 def test_collate_left_pads_prompts_and_right_pads_responses() -> None:
@@ -110,3 +112,39 @@ def test_micro_batches_group_rows_of_similar_length() -> None:
     assert [c.tolist() for c in plan.chunks(6)] == [[0, 1], [2, 3], [4, 5]]
     assert [c.tolist() for c in plan.micro_rows(torch.tensor([2, 0, 3]), lengths)] == [[3, 0], [2]]
     assert [c.tolist() for c in plan_step(6, 1, 1, None).chunks(6, lengths)] == [list(range(6))]  # one micro-batch
+
+
+class _Declares:
+    """Only what ``choose`` reads of a selector: whether it needs a forward and whether it streams."""
+
+    def __init__(self, needs_forward: bool, streams: bool) -> None:
+        self.needs_forward, self.streams = needs_forward, streams
+
+
+@pytest.mark.parametrize(
+    ("epochs", "minibatches", "micro", "selector", "expected"),
+    [
+        (1, 1, None, None, Schedule.MASK_FIRST),
+        (1, 1, 2, _Declares(needs_forward=False, streams=False), Schedule.MASK_FIRST),
+        (1, 1, None, _Declares(needs_forward=True, streams=True), Schedule.ONE_FORWARD),
+        (1, 1, 8, _Declares(needs_forward=True, streams=False), Schedule.ONE_FORWARD),
+        (1, 1, 2, _Declares(needs_forward=True, streams=False), Schedule.LOOK_AHEAD),
+        (1, 1, 2, _Declares(needs_forward=True, streams=True), Schedule.STREAMING),
+        (2, 1, None, _Declares(needs_forward=True, streams=True), Schedule.MULTI_PASS),
+        (1, 2, None, None, Schedule.MULTI_PASS),
+    ],
+)
+def test_the_schedule_is_named_from_the_plan_and_what_the_selector_declares(
+    epochs, minibatches, micro, selector, expected
+) -> None:
+    assert choose(plan_step(8, epochs, minibatches, micro), selector) is expected
+
+
+def test_every_schedule_is_a_function_of_at_most_40_lines_without_flags() -> None:
+    assert set(SCHEDULES) == set(Schedule)
+    for schedule, function in SCHEDULES.items():
+        lines, _ = inspect.getsourcelines(function)
+        assert len(lines) <= 40, (schedule, len(lines))
+        parameters = inspect.signature(function).parameters
+        assert list(parameters) == ["ctx", "batch", "adv", "ref", "plan"], schedule
+        assert not any(p.annotation in (bool, "bool") for p in parameters.values()), schedule

@@ -1,4 +1,4 @@
-"""Numerical checks of CAPO's last-layer curvature model (capo_lightning.selection.curvature).
+"""Numerical checks of CAPO's last-layer curvature model (capo_lightning.selection.curvature, .global_shifts).
 
 Every quantity the module computes is compared with something computed a different way, on a tiny
 LM head (V <= 64, d <= 16, a few tokens):
@@ -25,6 +25,7 @@ import torch
 from torch.func import hessian
 
 from capo_lightning.selection import curvature as C
+from capo_lightning.selection import global_shifts as G
 
 F64 = torch.float64
 
@@ -476,7 +477,7 @@ def test_row_gradient_sums_matches_python_loop() -> None:
     top = C.topk_policy(h, w, actions, k)
     grads = C.token_gradients(top, h, adv)
     keep = torch.tensor([True, False, True, True, False, True, False])
-    sums, counts = C.row_gradient_sums(top, grads, keep, V)
+    sums, counts = G.row_gradient_sums(top, grads, keep, V)
     exp_sums = torch.zeros(V, d, dtype=F64)
     exp_counts = torch.zeros(V, dtype=F64)
     for t in range(T):
@@ -494,10 +495,10 @@ def test_row_gradient_sums_matches_python_loop() -> None:
     # rejected tokens are ignored: changing their gradients changes nothing
     poisoned = grads.clone()
     poisoned[~keep] = 1e6
-    sums2, counts2 = C.row_gradient_sums(top, poisoned, keep, V)
+    sums2, counts2 = G.row_gradient_sums(top, poisoned, keep, V)
     assert torch.equal(sums2, sums) and torch.equal(counts2, counts)
     # nothing kept: all zeros
-    sums0, counts0 = C.row_gradient_sums(top, grads, torch.zeros(T, dtype=torch.bool), V)
+    sums0, counts0 = G.row_gradient_sums(top, grads, torch.zeros(T, dtype=torch.bool), V)
     assert not sums0.any() and not counts0.any()
 
 
@@ -511,5 +512,5 @@ def test_topk_policy_handles_no_tokens() -> None:
     top = C.topk_policy(torch.zeros(0, d), w, torch.zeros(0, dtype=torch.long), k)
     assert top.ids.shape == (0, k) and top.probs.shape == (0, k) and top.onehot.shape == (0, k)
     grads = C.token_gradients(top, torch.zeros(0, d), torch.zeros(0))
-    sums, counts = C.row_gradient_sums(top, grads, torch.zeros(0, dtype=torch.bool), V)
+    sums, counts = G.row_gradient_sums(top, grads, torch.zeros(0, dtype=torch.bool), V)
     assert grads.shape == (0, k, d) and not sums.any() and not counts.any()

@@ -15,13 +15,20 @@ is an edge to ``a.b`` when that is a module, else to ``a``; a submodule's implic
 package is not an edge (otherwise every package whose ``__init__`` re-exports would be a cycle). The old
 dotted names that ``capo_lightning/__init__.py`` maps to moved modules are strings there, not imports.
 
-The checker itself is tested on small packages written to ``tmp_path``, so a broken checker cannot
+Library code stays small by design, not by packing: no file over 300 lines, no function over 60, no
+line over 100 characters (the formatter's width for ``capo_lightning/``, its ``ruff.toml``) and no
+``# fmt: skip`` or ``# fmt: off`` that would exempt code from the formatter's layout.
+
+The checkers themselves are tested on small packages written to ``tmp_path``, so a broken checker cannot
 pass silently.
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -66,6 +73,8 @@ NEVER: dict[str, tuple[str, ...]] = {
 MAX_ROOT_FILES = 6  # .py files at the root besides __init__.py and __main__.py
 MAX_FILE_LINES = 300
 MAX_FUNCTION_LINES = 60
+MAX_LINE_CHARS = 100
+FORMATTER_OFF = re.compile(r"#\s*fmt:\s*(skip|off)\b")  # a comment that turns the formatter off
 
 
 def module_files(root: Path) -> dict[str, Path]:
@@ -199,6 +208,51 @@ def test_the_table_keeps_every_stated_boundary_and_has_no_cycle() -> None:
     assert [p for p, allowed in ALLOWED.items() if "report" in allowed] == ["commands"]
 
 
+def doc_table(text: str) -> dict[str, frozenset[str]]:
+    """The room table of docs/architecture.md section 1 as room -> rooms it may import: backticked
+    names before any ``;``, "nothing" for none, "anything" for every other room but the entry points,
+    "everything above except `x`" for the rows above it less those named."""
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in text.split("## 1.")[1].split("### The package")[0].splitlines()
+        if line.startswith("| `")
+    ]
+    rooms = [re.findall(r"`([^`]+)`", row[0])[0] for row in rows]
+    table = {}
+    for i, (room, row) in enumerate(zip(rooms, rows, strict=True)):
+        words = row[2].split(";")[0]
+        named = set(re.findall(r"`([^`]+)`", words))
+        if words.startswith("nothing"):
+            table[room] = frozenset()
+        elif words.startswith("anything"):
+            table[room] = frozenset(set(rooms) - {room, "__main__", "__init__"})
+        elif words.startswith("everything above except"):
+            table[room] = frozenset(set(rooms[:i]) - named)
+        else:
+            table[room] = frozenset(named)
+    return table
+
+
+def test_the_architecture_document_states_the_table_the_test_enforces() -> None:
+    doc = (PACKAGE_ROOT.parent / "docs" / "architecture.md").read_text()
+    assert doc_table(doc) == ALLOWED
+
+
+def test_the_document_table_reader_reads_each_form() -> None:
+    text = (
+        "## 1. Layers\n| room | what | may import |\n|---|---|---|\n| `a` | x | nothing of it |\n"
+        "| `b` | x | `a` |\n| `c` | x | everything above except `a` |\n| `d` | x | anything |\n"
+        "| `e` | x | `a` only; only `d` imports it |\n### The package\n| `z` | y | `a` |\n"
+    )
+    assert doc_table(text) == {
+        "a": frozenset(),
+        "b": frozenset({"a"}),
+        "c": frozenset({"b"}),
+        "d": frozenset({"a", "b", "c", "e"}),
+        "e": frozenset({"a"}),
+    }
+
+
 def test_the_root_shows_the_layers() -> None:
     """Few modules at the package root: the rest live in rooms named for what they are."""
     root_files = sorted(p.name for p in PACKAGE_ROOT.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
@@ -222,19 +276,39 @@ def test_module_probes_nothing_by_name() -> None:
     assert probes == []
 
 
-def test_files_and_functions_stay_small() -> None:
-    """No library file over 300 lines, no function over 60 (decorators and docstrings included)."""
-    too_long = []
-    for name, path in module_files(PACKAGE_ROOT).items():
+def size_violations(root: Path) -> list[str]:
+    """Every file of the package at ``root`` over ``MAX_FILE_LINES`` lines, function over
+    ``MAX_FUNCTION_LINES`` (decorators and docstrings included), line over ``MAX_LINE_CHARS``
+    characters, and comment that turns the formatter off (``# fmt: skip``, ``# fmt: off``)."""
+    found = []
+    for name, path in module_files(root).items():
         source = path.read_text()
-        if len(source.splitlines()) > MAX_FILE_LINES:
-            too_long.append(f"{name}: {len(source.splitlines())} lines")
+        lines = source.splitlines()
+        if len(lines) > MAX_FILE_LINES:
+            found.append(f"{name}: {len(lines)} lines")
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 start = min([node.lineno] + [d.lineno for d in node.decorator_list])
                 if node.end_lineno - start + 1 > MAX_FUNCTION_LINES:
-                    too_long.append(f"{name}.{node.name}: {node.end_lineno - start + 1} lines")
-    assert too_long == []
+                    found.append(f"{name}.{node.name}: {node.end_lineno - start + 1} lines")
+        found += [
+            f"{name}:{number}: {len(line)} characters"
+            for number, line in enumerate(lines, 1)
+            if len(line) > MAX_LINE_CHARS
+        ]
+        found += [
+            f"{name}:{token.start[0]}: {token.string}"
+            for token in tokenize.generate_tokens(io.StringIO(source).readline)
+            if token.type == tokenize.COMMENT and FORMATTER_OFF.search(token.string)
+        ]
+    return found
+
+
+def test_files_functions_and_lines_stay_small_without_formatter_exemptions() -> None:
+    """No library file over 300 lines, no function over 60 (decorators and docstrings included), no
+    line over 100 characters, no ``# fmt: skip`` or ``# fmt: off``."""
+    assert len(module_files(PACKAGE_ROOT)) > 40  # the walk found the package
+    assert size_violations(PACKAGE_ROOT) == []
 
 
 # ---- the checker, on packages written here -------------------------------------------------------
@@ -295,6 +369,32 @@ def test_checker_finds_layer_violations(tmp_path: Path, files: dict[str, str], e
         base["extras/__init__.py"] = ""
     root = _write_package(tmp_path, base | files)
     assert layer_violations(import_graph(root), "pkg") == expected
+
+
+_LONG_FUNCTION = "@decorator\ndef f():\n" + "    x = 1\n" * 59  # 61 lines with its decorator
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("x = 1\n" * MAX_FILE_LINES, []),  # at the limits: nothing to say
+        ("x = 1\n" * (MAX_FILE_LINES + 1), ["pkg.a: 301 lines"]),
+        ("def f():\n" + "    x = 1\n" * 59, []),  # 60 lines
+        (_LONG_FUNCTION, ["pkg.a.f: 61 lines"]),
+        (f"x = '{'y' * 94}'\n", []),  # 100 characters
+        (f"x = '{'y' * 95}'\n", ["pkg.a:1: 101 characters"]),
+        (f"x = 1\n# {'z' * 99}\n", ["pkg.a:2: 101 characters"]),  # a comment counts too
+        ("x = [1, 2]  # fmt: skip\n", ["pkg.a:1: # fmt: skip"]),
+        ("# fmt: off\nx = [1,2]\n# fmt: on\n", ["pkg.a:1: # fmt: off"]),
+        ("x = 1  # noqa: E501 # fmt:skip\n", ["pkg.a:1: # noqa: E501 # fmt:skip"]),
+        ('x = "# fmt: skip"  # a string that names it is no switch\n', []),
+    ],
+)
+def test_checker_finds_long_files_functions_lines_and_formatter_switches(
+    tmp_path: Path, source: str, expected: list[str]
+) -> None:
+    root = _write_package(tmp_path, {"__init__.py": "", "a.py": source})
+    assert size_violations(root) == expected
 
 
 def test_checker_finds_cycles_but_not_reexporting_packages(tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ from capo_lightning.report import build_report, main
 from capo_lightning.report.curves import EMA, Window, aggregate
 from capo_lightning.report.efficiency import SUSTAIN, sample_efficiency
 from capo_lightning.report.figures import draw_target, reference_line
-from capo_lightning.report.groups import group_runs, policy_name, summarize_group
+from capo_lightning.report.groups import group_runs, summarize_group
+from capo_lightning.report.labels import policy_name
 from capo_lightning.report.runs import Calibration, completions_at_step, load_run
 
 STEPS = (1, 2, 3, 4, 5)

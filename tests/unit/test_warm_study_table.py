@@ -23,12 +23,26 @@ def _script():
 
 
 def test_the_results_page_shows_the_tables_the_script_computes() -> None:
-    """Every line of the script's output over the committed runs is in docs/results.md, verbatim."""
-    runs = [p for p in STUDY.iterdir() if (p / "provenance.json").exists()] if STUDY.exists() else []
-    assert runs, f"no finished run under {STUDY}"
+    """The page names the finished runs its tables cover; the script's output over exactly those runs is in
+    docs/results.md, every line verbatim (runs the driver committed since only extend the study)."""
     page = (ROOT / "docs/results.md").read_text()
-    missing = [line for line in _script().table(STUDY).splitlines() if line.strip() and line not in page]
+    names = _script().named_runs(page)
+    assert names, "docs/results.md shows no warm-study table; paste scripts/warm_study_table.py's output"
+    missing = [line for line in _script().table(STUDY, names).splitlines() if line.strip() and line not in page]
     assert missing == [], "docs/results.md is out of date; rerun scripts/warm_study_table.py:\n" + "\n".join(missing)
+
+
+def test_the_page_reader_and_the_run_filter(tmp_path: Path) -> None:
+    script = _script()
+    assert script.named_runs("x\nRuns in these tables (2): a_s0, b_s1.\n| t |") == ["a_s0", "b_s1"]
+    assert script.named_runs("no table yet") is None
+    for seed in (0, 1):
+        _write_run(tmp_path / f"grpo_s{seed}", "conservative", 1.5e-5, {"enforce": False}, seed, collapse=False)
+    both, one = script.table(tmp_path), script.table(tmp_path, ["grpo_s1"])
+    assert both.splitlines()[0] == "Runs in these tables (2): grpo_s0, grpo_s1."
+    assert one.splitlines()[0] == "Runs in these tables (1): grpo_s1." and "| 1 |" in one and "| 0,1 |" in both
+    with pytest.raises(SystemExit, match="grpo_s7"):
+        script.table(tmp_path, ["grpo_s7"])
 
 
 def _write_run(
