@@ -27,7 +27,7 @@ from capo_lightning.models.lora import check_lora, drop_frozen, is_lora
 from capo_lightning.models.policy import PolicySpec, lm_head_weight, load_policy
 from capo_lightning.objectives import GRPO, Objective
 from capo_lightning.rollout import HFEngine, RolloutEngine
-from capo_lightning.scale.parallel import prepare_models
+from capo_lightning.scale.parallel import no_sync_for, prepare_models
 from capo_lightning.selection import Selector, keep_out_of_ddp_broadcasts
 from capo_lightning.training import schedules
 from capo_lightning.training.context import NonFiniteGuard, StepContext
@@ -218,20 +218,20 @@ class CAPOModule(EvaluationHooks, LightningModule):
         }
 
     def _step_context(self) -> StepContext:
-        world = self.trainer.world_size
         return StepContext(
             policy=self.policy,
             objective=self.objective,
             selector=self.selector,
             guard=self.guard,
-            backward=self.manual_backward,
+            manual_backward=self.manual_backward,
             optimizer=self.optimizers(),
             scheduler=self.lr_schedulers(),
-            sum_over_ranks=self._sum_over_ranks if world > 1 else None,
-            world_size=world,
+            sum_over_ranks=self._sum_over_ranks if self.trainer.world_size > 1 else None,
+            world_size=self.trainer.world_size,
             max_grad_norm=self.max_grad_norm,
             tis_cap=self.tis_cap,
             rollout_step=self.rollout_step,
+            no_sync=no_sync_for(self.trainer.strategy, self.policy),  # one reduction per step
         )
 
     def _sum_over_ranks(self, tensor: Tensor) -> Tensor:

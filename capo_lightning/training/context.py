@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ class StepContext:
     objective: Objective
     selector: Selector | None
     guard: NonFiniteGuard
-    backward: Callable[[Tensor], None]  # the module's manual_backward
+    manual_backward: Callable[[Tensor], None]  # the module's
     optimizer: Any  # Lightning-wrapped optimizer
     scheduler: Any | None  # stepped once per optimizer step
     sum_over_ranks: Callable[[Tensor], Tensor] | None  # None in one process
@@ -29,6 +30,16 @@ class StepContext:
     max_grad_norm: float | None
     tis_cap: float | None
     rollout_step: int  # for messages
+    # a backward inside it keeps its gradient on this rank (scale.parallel.no_sync_for)
+    no_sync: Callable[[], AbstractContextManager[Any]] = nullcontext
+
+    def backward(self, loss: Tensor, last: bool = True) -> None:
+        """Backpropagate ``loss``, reducing the gradient over ranks only if this is the ``last``
+        backward before the optimizer step: the others run under ``no_sync`` and accumulate on this
+        rank, so a step of k micro-batches makes one reduction, not k (DDP's all-reduce; FSDP2's
+        reduce-scatter when the strategy accumulates unsharded)."""
+        with nullcontext() if last else self.no_sync():
+            self.manual_backward(loss)
 
     @property
     def lr(self) -> float:

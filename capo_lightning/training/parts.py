@@ -118,9 +118,9 @@ def tis_weights(ctx: StepContext, old: Tensor, behavior: Tensor) -> Tensor | Non
 
 @dataclass
 class MicroBatches:
-    """The micro-batches of one optimizer step: each one's loss (backpropagated at once, or by the
-    step's :func:`optimizer_step` when one forward holds the step), kept mask, entropy and old
-    logprobs."""
+    """The micro-batches of one optimizer step: each one's loss (the schedule backpropagates it at
+    once, the step's last backward reducing over ranks; or :func:`optimizer_step` does when one
+    forward holds the step), kept mask, entropy and old logprobs."""
 
     ctx: StepContext
     batch: RolloutBatch
@@ -130,9 +130,9 @@ class MicroBatches:
     done: list = field(default_factory=list)  # (loss output, kept mask, entropy) per micro-batch
     olds: list = field(default_factory=list)  # detached logprobs per micro-batch: the old policy's
 
-    def add(self, out: ForwardOut, rows: Tensor | None, mask: Tensor, backward: bool) -> None:
+    def add(self, out: ForwardOut, rows: Tensor | None, mask: Tensor) -> Tensor:
         """The objective on one micro-batch's forward ``out`` (rows ``rows``, None = all) with its
-        kept ``mask``."""
+        kept ``mask``; returns the loss, not yet backpropagated."""
         old = out.logprobs.detach()
         self.olds.append(old)
         weights = tis_weights(self.ctx, old, _rows(self.batch.behavior_logprobs, rows))
@@ -146,8 +146,7 @@ class MicroBatches:
             weights,
         )
         self.done.append((loss_out, mask, out.entropy))
-        if backward:
-            self.ctx.backward(loss_out.loss)
+        return loss_out.loss
 
     def finish(
         self, selection: Selection, mask: Tensor, chunks: list[Tensor] | None, scale: float = 1.0

@@ -22,7 +22,9 @@ MULTI_PASS     ``ppo_epochs`` or ``minibatches`` > 1: a no-grad pass fixes the o
 =============  =====================================================================================
 
 In every schedule the selector's mask is applied before the normaliser, so rejected tokens leave
-both the numerator and the denominator, and normalisers count the whole step on every rank.
+both the numerator and the denominator, and normalisers count the whole step on every rank; and
+only the last backward before an optimizer step reduces the gradient over ranks (``last`` of
+:meth:`~capo_lightning.training.context.StepContext.backward`): one reduction per optimizer step.
 """
 
 from __future__ import annotations
@@ -102,10 +104,11 @@ def mask_first(
     selection, mask = decide(ctx, batch, adv, None)
     steps = MicroBatches(ctx, batch, adv, ref, normalizer(ctx, batch, mask))
     if len(chunks) == 1:
-        steps.add(policy_forward(ctx, batch), None, mask, backward=False)
+        steps.add(policy_forward(ctx, batch), None, mask)  # backpropagated by the optimizer step
         return steps.finish(selection, mask, None)
     for rows in chunks:
-        steps.add(policy_forward(ctx, batch, rows), rows, mask[rows], backward=True)
+        loss = steps.add(policy_forward(ctx, batch, rows), rows, mask[rows])
+        ctx.backward(loss, last=rows is chunks[-1])
     return steps.finish(selection, mask, chunks)
 
 
@@ -116,7 +119,7 @@ def one_forward(
     out = policy_forward(ctx, batch, need_hidden=needs_hidden(ctx), topk=forward_topk(ctx))
     selection, mask = decide(ctx, batch, adv, out)
     steps = MicroBatches(ctx, batch, adv, ref, normalizer(ctx, batch, mask))
-    steps.add(out, None, mask, backward=False)
+    steps.add(out, None, mask)  # backpropagated by the optimizer step
     return steps.finish(selection, mask, None)
 
 
@@ -128,7 +131,8 @@ def look_ahead(
     selection, mask = decide(ctx, batch, adv, scoring_pass(ctx, batch, chunks))
     steps = MicroBatches(ctx, batch, adv, ref, normalizer(ctx, batch, mask))
     for rows in chunks:
-        steps.add(policy_forward(ctx, batch, rows), rows, mask[rows], backward=True)
+        loss = steps.add(policy_forward(ctx, batch, rows), rows, mask[rows])
+        ctx.backward(loss, last=rows is chunks[-1])
     return steps.finish(selection, mask, chunks)
 
 
@@ -145,12 +149,8 @@ def streaming(
             out = policy_forward(
                 ctx, batch, rows, need_hidden=needs_hidden(ctx), topk=forward_topk(ctx)
             )
-            steps.add(
-                out,
-                rows,
-                batch.response_mask[rows] & judge(ctx, batch, adv, out, rows),
-                backward=True,
-            )
+            kept = batch.response_mask[rows] & judge(ctx, batch, adv, out, rows)
+            ctx.backward(steps.add(out, rows, kept), last=rows is chunks[-1])
     except BaseException:
         ctx.selector.abandon()  # the judged parts of a failed step must not reach the next one
         raise
@@ -204,14 +204,15 @@ def _minibatch_update(
         ({keys.NORMALIZER: denominator(ctx, norm)}, per_update)
     ]
     total = torch.zeros((), device=old.device, dtype=torch.float32)
-    for rows in plan.micro_rows(mb_rows, lengths):
+    micro = plan.micro_rows(mb_rows, lengths)
+    for rows in micro:
         out = policy_forward(ctx, batch, rows)
         weights = tis_weights(ctx, old[rows], batch.behavior_logprobs[rows])
         r_ref = ref[rows] if ref is not None else None
         loss_out = ctx.objective(
             out.logprobs, old[rows], r_ref, adv[rows], mask[rows], norm, weights
         )
-        ctx.backward(loss_out.loss)
+        ctx.backward(loss_out.loss, last=rows is micro[-1])  # the minibatch's step reduces once
         total = total + loss_out.loss.detach()
         share = float(mask[rows].sum()) / max(float(mask.sum()), 1.0) / plan.ppo_epochs
         parts += [
