@@ -84,7 +84,8 @@ class RolloutDataModule(EvalStreams, LightningDataModule):
         seed: seeds prompt order and sampling; None = the run's ``seed_everything`` (the ``capo``
             command fills it, so seeds are real replicates), 0 outside the command.
         dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards all agree and refill
-            with fresh prompts until B varied groups are found.
+            with fresh prompts until B varied groups are found; every rank runs the rounds the
+            neediest rank needs, agreed after each round (``keep_varied_groups``).
         max_sampling_rounds: generation rounds per step at most, with dynamic sampling; then the
             batch is topped up with zero-variance groups and a warning is logged.
     """
@@ -134,11 +135,8 @@ class RolloutDataModule(EvalStreams, LightningDataModule):
         self.val_sampling = (
             val_sampling if val_sampling is not None else default_val_sampling(self.sampling)
         )
-        self.val_samples, self.val_prompts, self.val_batch_size = (
-            val_samples,
-            val_prompts,
-            val_batch_size,
-        )
+        self.val_samples, self.val_prompts = val_samples, val_prompts
+        self.val_batch_size = val_batch_size
         warn_if_greedy_with_samples(self.val_sampling, val_samples)
         self.reward_fn, self.eval_reward_fn = reward_fn, eval_reward_fn
         self.system_prompt, self.max_prompt_tokens = system_prompt, max_prompt_tokens
@@ -187,9 +185,8 @@ class RolloutDataModule(EvalStreams, LightningDataModule):
         sampled = maker.sample(items, self.group_size, sampling, self.reward_fn)
         if self.dynamic_sampling:
             more = partial(self._refill_groups, maker, step, sampling)
-            kept = keep_varied_groups(
-                sampled.groups, self.prompts_per_step, self.max_sampling_rounds, more
-            )
+            wanted, rounds = self.prompts_per_step, self.max_sampling_rounds
+            kept = keep_varied_groups(sampled.groups, wanted, rounds, more, self._any_rank)
             sampled = Sampled(kept.groups, sampled.stats | kept.stats)
         stats = sampled.stats | pop_stats(self.reward_fn) | pop_stats(maker.engine)
         batch = maker.collate(sampled.groups, version, step, stats, sampling.max_new_tokens)
@@ -261,11 +258,9 @@ class RolloutDataModule(EvalStreams, LightningDataModule):
     def _processed(self) -> int | None:
         """The Trainer's count of processed training batches (Lightning's own restart record); None
         without one."""
-        return (
-            self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
-            if self._has_trainer()
-            else None
-        )
+        if not self._has_trainer():
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def _policy_version(self) -> int:
         """Optimizer steps done (the Trainer's ``global_step``): the weights a batch made now is
@@ -288,6 +283,12 @@ class RolloutDataModule(EvalStreams, LightningDataModule):
 
     def _world(self) -> int:
         return self.trainer.world_size if self._has_trainer() else 1
+
+    def _any_rank(self, decision: bool) -> bool:
+        """True when ``decision`` is True on any rank: one all-reduce (none in one process)."""
+        if self._world() == 1:
+            return decision
+        return self.trainer.strategy.reduce_boolean_decision(decision, all=False)
 
     def _has_trainer(self) -> bool:
         return getattr(self, "trainer", None) is not None

@@ -1,7 +1,8 @@
 """Prompts in, a RolloutBatch out: format, generate, score, collate (and DAPO's dynamic sampling).
 
 Nothing here knows about Lightning or ranks: :class:`RolloutMaker` is handed prompt items and
-returns a batch; which items, and when, is the DataModule's business.
+returns a batch; which items, and when, is the DataModule's business (and so is the agreement over
+ranks that dynamic sampling is handed as a callable).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def keep_varied_groups(
     wanted: int,
     max_rounds: int,
     more: Callable[[int], list[ScoredGroup]],
+    any_rank: Callable[[bool], bool] | None = None,
 ) -> Sampled:
     """DAPO's dynamic sampling: keep groups whose rewards differ; refill with fresh prompts.
 
@@ -168,11 +170,22 @@ def keep_varied_groups(
     round 1, 2, ...). If ``wanted`` varied groups are still missing, the batch is topped up with
     zero-variance groups (advantage 0, no gradient) so every rank keeps exactly ``wanted`` groups,
     and a warning says so.
+
+    The number of rounds is agreed over ranks, because under FSDP2 with the HF engine every round
+    is collective calls (``generate`` runs on the sharded policy): after each round that leaves
+    rounds to spare, ``any_rank(this rank still needs more)`` says whether any rank does, and if so
+    every rank runs the next round. So every rank runs the rounds the neediest rank needs; a rank
+    that already has ``wanted`` varied groups samples its round and discards it. Each rank keeps its
+    first ``wanted`` varied groups in round order, then its first zero-variance groups in round
+    order as top-up, so a rank's batch is what it would be had it decided alone. ``any_rank`` is
+    one all-reduce (``reduce_boolean_decision(..., all=False)`` of the trainer's strategy); None, in
+    one process, is this rank's own answer: no collective.
     """
+    agree = any_rank if any_rank is not None else bool
     kept = [g for g in groups if g.varies()]
     dropped = [g for g in groups if not g.varies()]
     generated, rounds = len(groups), 1
-    while len(kept) < wanted and rounds < max_rounds:
+    while rounds < max_rounds and agree(len(kept) < wanted):
         fresh = more(rounds)
         kept += [g for g in fresh if g.varies()]
         dropped += [g for g in fresh if not g.varies()]

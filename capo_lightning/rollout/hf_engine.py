@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from capo_lightning.models.lora import transformers_model
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
@@ -19,6 +21,11 @@ class HFEngine(RolloutEngine):
     (:class:`_RawLogprobs`), one step at a time, instead of asking it for every step's logits
     (``output_logits``, which keeps an [n, L, V] fp32 copy: 60 GB at the paper's shape) and a
     log-softmax of each.
+
+    On a policy sharded over ranks (FSDP2) every decoding step all-gathers parameters, so every
+    rank steps until all ranks' completions have ended (transformers' ``synced_gpus``: one
+    all-reduce per step); a rank whose completions ended first runs forwards that sample nothing,
+    and their logits are not read as behaviour logprobs.
 
     Args:
         max_batch_size: rows (prompts x samples) per ``generate`` call; bounds memory.
@@ -67,6 +74,7 @@ class HFEngine(RolloutEngine):
         input_ids = enc["input_ids"].to(device)  # [n, P]
         attention_mask = enc["attention_mask"].to(device)  # [n, P]
         greedy = sampling.temperature == 0
+        synced = _sharded_over_ranks(self.policy)
         with _RawLogprobs(self.policy) as raw:
             sequences = self.policy.generate(
                 input_ids=input_ids,
@@ -78,9 +86,10 @@ class HFEngine(RolloutEngine):
                 top_k=None if greedy else sampling.top_k,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=self._eos_ids(),
+                synced_gpus=synced,
             )
         responses = sequences[:, input_ids.shape[1] :]  # [n, L]
-        logprobs = raw.finish(responses)  # [n, L]
+        logprobs = raw.finish(responses, synced)  # [n, L]
         return [
             self._completion(
                 input_ids[i][attention_mask[i].bool()], responses[i], logprobs[i], sampling
@@ -114,6 +123,14 @@ class HFEngine(RolloutEngine):
             finish_reason=reason,
             text=self.tokenizer.decode(ids, skip_special_tokens=True),
         )
+
+
+def _sharded_over_ranks(policy: Any) -> bool:
+    """True when ``policy`` is sharded (FSDP2) over more than one rank: its forwards are
+    collective."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return isinstance(transformers_model(policy), FSDPModule)
 
 
 class _RawLogprobs:
@@ -160,12 +177,16 @@ class _RawLogprobs:
         self.columns.append(logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - norm)  # [n]
         self.pending = None
 
-    def finish(self, responses: Tensor) -> Tensor:
+    def finish(self, responses: Tensor, synced: bool = False) -> Tensor:
         """[n, L] logprobs of ``responses``, the tokens ``generate`` returned (the last one settled
-        here)."""
-        if self.pending is not None:
+        here). ``synced``: decoding may have gone on after this rank's completions ended (other
+        ranks' had not), each step after the end a forward that sampled nothing: dropped."""
+        length = responses.shape[1]
+        if self.pending is not None and len(self.columns) < length:
             self._settle(responses[:, len(self.columns)])
-        if len(self.columns) != responses.shape[1]:
+        if synced:
+            self.columns = self.columns[:length]
+        if len(self.columns) != length:
             raise RuntimeError(
                 f"HFEngine read {len(self.columns)} decoding steps for {responses.shape[1]} "
                 "generated tokens; this model's generate does not call its LM head once per token"
