@@ -214,3 +214,61 @@ SIGNALS_OFF = dict(
     reward_drop=None, entropy_ratio=None, entropy_rise=None, truncated_max=None, min_length=None, grad_spike=None,
     reject_max=None,
 )  # fmt: skip
+
+
+def _rollout_engine():
+    from capo_lightning.rollout.engine import RolloutEngine
+
+    return RolloutEngine
+
+
+class ScriptedEngine(_rollout_engine()):
+    """Completions that depend only on the prompt's text and the sample's index, never on the weights, the rank or
+    the step's seed: two ranks with half of a step's prompts each make the batch one process makes with all of them
+    (``tests/integration/test_launch.py`` trains through the real CLI on it). Each completion is 1..max_new_tokens
+    random non-special tokens seeded by a stable hash, so lengths, and length rewards, vary within a group.
+
+    ``record_dir``: at ``bind``, where the module binds a vLLM engine too, each rank writes ``rank<r>.json``: the
+    rank variables vLLM's external launcher reads, as this process's environment holds them then, the stamp its run
+    folder was named with (``CAPO_RUN_STAMP``), and the process group's rank and size."""
+
+    def __init__(self, record_dir: str | None = None) -> None:
+        self.record_dir = record_dir
+
+    def bind(self, policy: Any, tokenizer: Any) -> None:
+        import os
+
+        import torch.distributed as dist
+
+        from capo_lightning.scale.launch import RANK_VARIABLES, STAMP_VARIABLE
+
+        super().bind(policy, tokenizer)
+        if self.record_dir is None:
+            return
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        record = {name: os.environ.get(name) for name in (*RANK_VARIABLES, STAMP_VARIABLE)}
+        record["process_group"] = [rank, world]
+        Path(self.record_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.record_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+
+    def generate(self, prompts: list[str], n: int, sampling: Any) -> list[Any]:
+        import math
+        import zlib
+
+        import torch
+
+        from capo_lightning.rollout.engine import Completion
+
+        special = set(self.tokenizer.all_special_ids)
+        vocab = [i for i in range(len(self.tokenizer)) if i not in special]
+        completions = []
+        for prompt in prompts:
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            for j in range(n):
+                generator = torch.Generator().manual_seed(zlib.crc32(f"{j}|{prompt}".encode()))
+                length = int(torch.randint(1, sampling.max_new_tokens + 1, (1,), generator=generator))
+                ids = [vocab[k] for k in torch.randint(len(vocab), (length,), generator=generator).tolist()]
+                reason = "length" if length == sampling.max_new_tokens else "stop"
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                completions.append(Completion(prompt_ids, ids, [-math.log(len(vocab))] * length, reason, text))
+        return completions

@@ -6,7 +6,6 @@ import difflib
 import os
 import re
 import sys
-import time
 import warnings
 from importlib.util import find_spec
 from pathlib import Path
@@ -23,6 +22,7 @@ from capo_lightning.commands.wandb_config import (
 )
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.module import CAPOModule
+from capo_lightning.scale.launch import run_stamp
 
 DESCRIPTION = (
     "capo fit|validate|test --config A.yaml [--config B.yaml] [--key=value ...]: train or grade a "
@@ -154,10 +154,10 @@ def resolve_config(config: Any, started: bool = True) -> None:
        printed or saved config given back with ``--config`` does not apply them twice.
     2. ``data.seed`` left unset follows an integer ``seed_everything`` (replicates differ in prompts
        and samples, not only in name).
-    3. ``{run}`` (the run's name) and ``{stamp}`` (its start time) are filled in
-       ``trainer.default_root_dir``, W&B loggers get the run's name, group and tags, and callbacks
-       and loggers without a folder get one under the root (checkpoints in ``<root>/checkpoints``,
-       logs in ``<root>``).
+    3. ``{run}`` (the run's name) and ``{stamp}`` (its start time, the same on every rank of a
+       launch: :func:`.scale.launch.run_stamp`) are filled in ``trainer.default_root_dir``, W&B
+       loggers get the run's name, group and tags, and callbacks and loggers without a folder get
+       one under the root (checkpoints in ``<root>/checkpoints``, logs in ``<root>``).
 
     Only what the run cannot know before it starts stays as written when ``started`` is False:
     ``{stamp}`` (and the callback and logger folders under a root that holds it), and, when
@@ -177,10 +177,8 @@ def resolve_config(config: Any, started: bool = True) -> None:
     root_dir = str(trainer.get("default_root_dir") or "")
     if "{run}" in root_dir or "{stamp}" in root_dir:  # one folder per run (sweeps, studies)
         root_dir = root_dir.replace("{run}", run_name(config))
-        if started:
-            # DDP ranks inherit it
-            stamp = os.environ.setdefault("CAPO_RUN_STAMP", time.strftime("%Y%m%d-%H%M%S"))
-            root_dir = root_dir.replace("{stamp}", stamp)
+        if started:  # the same on every rank of the launch (torchrun, SLURM, Lightning's own)
+            root_dir = root_dir.replace("{stamp}", run_stamp())
         trainer["default_root_dir"] = root_dir
     root = Path(trainer.get("default_root_dir") or ".")
     entries: list[Any] = list(trainer.get("callbacks") or [])

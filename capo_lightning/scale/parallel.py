@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capo_lightning.models.lora import transformers_model
 from capo_lightning.models.policy import parse_dtype
+from capo_lightning.scale.launch import export_rank_environment
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -166,8 +167,9 @@ def _unsharded_gradients(root: nn.Module) -> Iterator[None]:
 
 
 def prepare_models(trainer: Any, *models: nn.Module | None) -> None:
-    """Fit the policy (and the frozen reference) to the trainer: refuse ``16-true``, and shard them
-    when the trainer runs :class:`FSDP2Strategy`."""
+    """Fit the policy (and the frozen reference) to the trainer: refuse ``16-true``, shard them
+    when the trainer runs :class:`FSDP2Strategy`, and, before the engine is bound, put this rank's
+    launch variables in the environment (:func:`.launch.export_rank_environment`, for vLLM)."""
     precision = str(getattr(trainer, "precision", ""))
     if precision in ("16-true", "16"):
         raise ValueError(
@@ -176,6 +178,7 @@ def prepare_models(trainer: Any, *models: nn.Module | None) -> None:
             "bf16-mixed or bf16-true"
         )
     strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    export_rank_environment(strategy)
     if isinstance(strategy, FSDP2Strategy):
         for model in models:
             if model is not None:
