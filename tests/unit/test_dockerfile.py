@@ -178,7 +178,7 @@ def _downloaded(pip_log: str) -> tuple[int, list[str]]:
 
 
 def test_the_base_cuda_is_the_cuda_of_the_pinned_torch_and_vllm() -> None:
-    """Needs PyPI (https://pypi.org/simple), nothing else; metadata only, a few seconds."""
+    """Needs PyPI (pip's default index), nothing else; metadata only, a few seconds."""
     instructions = _instructions()
     (base,) = [args for name, args in instructions if name == "FROM"]
     cuda = base_cuda(base)
@@ -189,7 +189,7 @@ def test_the_base_cuda_is_the_cuda_of_the_pinned_torch_and_vllm() -> None:
         log = Path(tmp) / "pip.log"
         command = [
             *(sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps", "--quiet"),
-            *("--report", "-", "--log", str(log), "--index-url", "https://pypi.org/simple"),
+            *("--report", "-", "--log", str(log)),  # pip's default index: PyPI
             # the wheels' METADATA through byte ranges where the index serves no .metadata file (PEP 658)
             "--use-feature=fast-deps",
             *("--only-binary=:all:", "--python-version", python, "--implementation", "cp"),
@@ -199,10 +199,10 @@ def test_the_base_cuda_is_the_cuda_of_the_pinned_torch_and_vllm() -> None:
         try:
             proc = subprocess.run(command, capture_output=True, text=True, env=_pip_environment(), timeout=180)
         except subprocess.TimeoutExpired:
-            pytest.fail("pip did not answer within 180 s: this test needs PyPI (https://pypi.org/simple)")
+            pytest.fail("pip did not answer within 180 s: this test needs PyPI")
         if proc.returncode != 0:
             pytest.fail(
-                f"pip could not read {' '.join(wanted)} from PyPI (this test needs https://pypi.org/simple; "
+                f"pip could not read {' '.join(wanted)} from PyPI (this test needs PyPI; "
                 f"no network is a failure here, not a skip):\n{proc.stderr[-3000:]}"
             )
         received, whole = _downloaded(log.read_text())
