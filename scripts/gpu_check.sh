@@ -36,26 +36,7 @@ mkdir -p "$out"
 py="${PYTHON:-python3}"
 dry="${CAPO_GPU_DRY_RUN:-0}"
 scale="${GPU_CHECK_SCALE:-1}"
-GRACE=5  # seconds between timeout's TERM and its KILL
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH="$PWD/.whl-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-
-names=() budgets=() took=() results=()
-run_part() {  # run_part NAME BUDGET_S COMMAND...: the command under timeout; its output to the screen and $out/NAME.log
-    local name=$1 budget=$(($2 * scale)) start=$SECONDS rc=0 result
-    shift 2
-    echo "== $name (budget ${budget} s): $*"
-    timeout -k "$GRACE" "$budget" "$@" 2>&1 | tee "$out/$name.log" || rc=$?
-    local seconds=$((SECONDS - start))
-    if [ "$rc" -eq 0 ]; then
-        result=pass
-    elif { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ "$seconds" -ge "$budget" ]; then
-        result=timeout
-    else
-        result="fail (exit $rc)"
-    fi
-    names+=("$name") budgets+=("$budget") took+=("$seconds") results+=("$result")
-}
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_parts.sh"  # GRACE, the environment, run_part
 skip_part() {  # skip_part NAME BUDGET_S WHY
     names+=("$1") budgets+=("$(($2 * scale))") took+=(0) results+=("not run ($3)")
 }

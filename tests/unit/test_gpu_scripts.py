@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import ROOT
 
 SCRIPTS = ("scripts/gpu_check.sh", "scripts/gpu_multi_check.sh")
+PARTS = ROOT / "scripts/gpu_parts.sh"  # run_part and GRACE, sourced by both
 
 
 def _budgets(text: str) -> tuple[dict[str, int], dict[str, int], int]:
@@ -19,14 +20,16 @@ def _budgets(text: str) -> tuple[dict[str, int], dict[str, int], int]:
     header = text.split("\nset -euo pipefail", 1)[0]
     declared = {m[1]: int(m[2]) for m in re.finditer(r"^#   (\S+)\s+(\d+)  ", header, flags=re.M)}
     used = {m[1]: int(m[2]) for m in re.finditer(r"^\s*run_part (\S+) (\d+) ", text, flags=re.M)}
-    grace = int(re.search(r"^GRACE=(\d+)", text, flags=re.M)[1])
+    grace = int(re.search(r"^GRACE=(\d+)", PARTS.read_text(), flags=re.M)[1])  # gpu_parts.sh, sourced
     return declared, used, grace
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_script_parses_and_is_strict(script: str) -> None:
     subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
+    subprocess.run(["bash", "-n", str(PARTS)], check=True)
     text = (ROOT / script).read_text()
+    assert '. "$(dirname "${BASH_SOURCE[0]}")/gpu_parts.sh"' in text
     assert "\nset -euo pipefail\n" in text
     assert '"${1:-${OUT:-' in text  # logs under $1, else $OUT
     assert "exit $status" in text
