@@ -11,6 +11,7 @@ before it.
 from __future__ import annotations
 
 import csv
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -61,4 +62,8 @@ def write_rows(rows: Rows, path: Path) -> None:
 
 
 def _cell(value: float) -> str:
+    """A value as CSVLogger writes it: integers without a fraction, NaN and infinities as ``nan``,
+    ``inf``, ``-inf`` (a calibrating selector logs NaN thresholds), the rest exactly (``repr``)."""
+    if not math.isfinite(value):
+        return repr(value)
     return str(int(value)) if value == int(value) and abs(value) < 1e15 else repr(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from capo_lightning.report.runs import load_run, read_rows
@@ -47,3 +48,17 @@ def test_folders_that_are_not_lightning_versions_are_left_out(tmp_path: Path) ->
     write_rows(resumed, logs / "version_1" / "metrics.csv")
     rows, paths = with_earlier_versions(logs / "version_1" / "metrics.csv", read_rows)
     assert rows == resumed and [p.parent.name for p in paths] == ["version_1"]
+
+
+def test_non_finite_values_round_trip(tmp_path: Path) -> None:
+    """A calibrating selector logs NaN thresholds (select/delta_f); joining a run's versions must keep them."""
+    rows = [
+        {"step": 1.0, "select/delta_f": float("nan"), "objective/grad_norm": float("inf"), "x": -float("inf")},
+        {"step": 2.0, "select/delta_f": 3.0e-4, "objective/grad_norm": 1.5, "x": 7.0},
+    ]
+    path = tmp_path / "metrics.csv"
+    write_rows(rows, path)
+    assert path.read_text().splitlines()[1] == "1,nan,inf,-inf"
+    back = read_rows(path)
+    assert back[1] == rows[1] and back[0]["step"] == 1.0 and back[0]["x"] == -float("inf")
+    assert math.isnan(back[0]["select/delta_f"]) and back[0]["objective/grad_norm"] == float("inf")
