@@ -159,12 +159,19 @@ def frontier(groups: dict[str, list[Run]]) -> list[str]:
     return lines
 
 
+# Commits that run the same training code as another: the study's pinned commit with a fix outside the training
+# path (tag warm-study-code: 3b7b2b3 + report/versions.write_rows' NaN fix, which only the driver's log copy uses).
+SAME_TRAINING_CODE = {"94b1e8c2ba8b3c48035bfaa0c4e8d9035b6119df": "3b7b2b3e26703c0c681346ad4fbbb7f78cb39119"}
+
+
 def provenance(folder: Path, groups: dict[str, list[Run]]) -> list[str]:
-    """Arms whose runs span several commits or starting policies."""
+    """Arms whose runs span several commits (of different training code) or starting policies."""
     notes = []
     for label, runs in groups.items():
         found = [json.loads((Path(r.path) / "provenance.json").read_text()) for r in runs
                  if (Path(r.path) / "provenance.json").exists()]  # fmt: skip
+        for p in found:
+            p["commit"] = SAME_TRAINING_CODE.get(p["commit"], p["commit"])
         for key in ("commit", "policy_sha256"):
             values = {p[key] for p in found}
             if len(values) > 1:

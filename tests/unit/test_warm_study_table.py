@@ -126,3 +126,11 @@ def test_sample_efficiency_is_against_conservative_grpo(tmp_path: Path) -> None:
     assert "| 20.00× at 16 (" in row
     with pytest.raises(StopIteration):
         next(line for line in _script().table(tmp_path).splitlines() if "never" in line)
+
+
+def test_the_pinned_commit_and_its_fix_outside_the_training_path_are_one_code_version(tmp_path: Path) -> None:
+    pinned, fixed = "3b7b2b3e26703c0c681346ad4fbbb7f78cb39119", "94b1e8c2ba8b3c48035bfaa0c4e8d9035b6119df"
+    assert _script().SAME_TRAINING_CODE == {fixed: pinned}
+    for seed, commit in enumerate((pinned, pinned, fixed)):
+        _write_run(tmp_path / f"aggressive_grpo_s{seed}", "aggressive", 7.5e-5, MONITOR, seed, False, commit)
+    assert "runs span" not in _script().table(tmp_path)
