@@ -22,7 +22,7 @@ from capo_lightning.commands.wandb_config import (
 )
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.module import CAPOModule
-from capo_lightning.scale.launch import run_stamp
+from capo_lightning.scale.launch import run_stamp, stamp_scope
 
 DESCRIPTION = (
     "capo fit|validate|test --config A.yaml [--config B.yaml] [--key=value ...]: train or grade a "
@@ -257,7 +257,8 @@ def main(args: ArgsType = None) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
-    build_cli(args)
+    with stamp_scope():  # the processes this command starts inherit its stamp; the next command not
+        build_cli(args)
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> CapoCLI:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -45,6 +46,22 @@ def run_stamp(
     stamp = environ.get(STAMP_VARIABLE) or _agreed_stamp(environ, clock)
     environ[STAMP_VARIABLE] = stamp
     return stamp
+
+
+@contextmanager
+def stamp_scope(environ: MutableMapping[str, str] | None = None) -> Iterator[None]:
+    """One command's stamp: the ``CAPO_RUN_STAMP`` that :func:`run_stamp` leaves for the processes
+    the command starts is taken back when the command ends (a launcher's own value is kept), so a
+    later command in the same process (a notebook, a test) stamps its own run."""
+    environ = os.environ if environ is None else environ
+    given = environ.get(STAMP_VARIABLE)
+    try:
+        yield
+    finally:
+        if given is None:
+            environ.pop(STAMP_VARIABLE, None)
+        else:
+            environ[STAMP_VARIABLE] = given
 
 
 def _agreed_stamp(environ: MutableMapping[str, str], clock: Callable[[], float]) -> str:

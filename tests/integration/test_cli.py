@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,18 @@ def test_fit_runs_two_steps_and_logs_csv(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints/last.ckpt").exists()
     config = next(tmp_path.glob("logs/version_*/config.yaml")).read_text()
     assert "capo_lightning.objectives.GRPO" in config
+
+
+def test_a_fit_leaves_no_stamp_behind_for_the_next_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """{stamp} is filled for the run (its processes inherit it), then taken back: the next command in the
+    same process stamps its own run."""
+    from capo_lightning.scale.launch import STAMP_VARIABLE
+
+    monkeypatch.delenv(STAMP_VARIABLE, raising=False)
+    main(tiny_args(tmp_path / "{run}-{stamp}", "--trainer.max_steps=1"))
+    [folder] = list(tmp_path.iterdir())
+    assert "{stamp}" not in folder.name and (folder / "checkpoints/last.ckpt").exists()
+    assert STAMP_VARIABLE not in os.environ
 
 
 def test_resume_from_last_continues_at_the_same_step_and_data(tmp_path: Path) -> None:

@@ -13,7 +13,13 @@ import pytest
 from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 from torch.distributed import TCPStore
 
-from capo_lightning.scale.launch import STAMP_FORMAT, STAMP_VARIABLE, export_rank_environment, run_stamp
+from capo_lightning.scale.launch import (
+    STAMP_FORMAT,
+    STAMP_VARIABLE,
+    export_rank_environment,
+    run_stamp,
+    stamp_scope,
+)
 
 HOUR = 3600.0
 
@@ -27,6 +33,20 @@ def test_a_stamp_given_by_the_launcher_wins_and_one_process_reads_its_clock() ->
     assert run_stamp(environ, clock=lambda: 0.0) == "given"
     environ = {}
     assert run_stamp(environ, clock=lambda: HOUR) == _own(HOUR) == environ[STAMP_VARIABLE]  # children inherit it
+
+
+def test_a_commands_stamp_is_taken_back_when_it_ends_and_a_launchers_is_kept() -> None:
+    environ: dict[str, str] = {}
+    with stamp_scope(environ):
+        first = run_stamp(environ, clock=lambda: 0.0)
+        assert environ[STAMP_VARIABLE] == first  # what the command's child processes inherit
+    assert STAMP_VARIABLE not in environ
+    with stamp_scope(environ):  # the next command in the same process stamps its own run
+        assert run_stamp(environ, clock=lambda: HOUR) == _own(HOUR) != first
+    launched = {STAMP_VARIABLE: "given"}
+    with stamp_scope(launched):
+        assert run_stamp(launched, clock=lambda: HOUR) == "given"
+    assert launched == {STAMP_VARIABLE: "given"}
 
 
 def test_slurm_tasks_of_one_step_share_the_job_and_step() -> None:
