@@ -52,7 +52,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 
-import capo_lightning.module as module_file  # noqa: E402
+import capo_lightning.scale.loading as loading_file  # noqa: E402
 from capo_lightning.batch import RolloutBatch  # noqa: E402
 from capo_lightning.models.policy import PolicySpec, _enable_checkpointing  # noqa: E402
 from capo_lightning.module import CAPOModule  # noqa: E402
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     model = build_model(args.shape, dtype, args.device, args.ckpt)
-    module_file.load_policy = lambda _spec: (model, None)  # the random-init model instead of a checkpoint
+    loading_file.load_policy = lambda _spec: (model, None)  # the random-init model instead of a checkpoint
     n = args.prompts * args.samples
     micro = args.micro or n
     module = CAPOModule(policy=PolicySpec(dtype=args.dtype), micro_batch_size=args.micro,

@@ -7,7 +7,6 @@ evaluation, checkpoint state.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import Any
@@ -24,10 +23,11 @@ from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.eval_sets import EvalSpec
 from capo_lightning.evaluation.hooks import EvaluationHooks
 from capo_lightning.models.lora import check_lora, drop_frozen, is_lora
-from capo_lightning.models.policy import PolicySpec, lm_head_weight, load_policy
+from capo_lightning.models.policy import PolicySpec, lm_head_weight
 from capo_lightning.objectives import GRPO, Objective
 from capo_lightning.rollout import HFEngine, RolloutEngine
-from capo_lightning.scale.parallel import no_sync_for, prepare_models
+from capo_lightning.scale.loading import build_models
+from capo_lightning.scale.parallel import no_sync_for
 from capo_lightning.selection import Selector, keep_out_of_ddp_broadcasts
 from capo_lightning.training import schedules
 from capo_lightning.training.context import NonFiniteGuard, StepContext
@@ -125,19 +125,14 @@ class CAPOModule(EvaluationHooks, LightningModule):
     def configure_model(self) -> None:
         """Load policy (+ reference), bind the engine and connect the DataModule. Idempotent."""
         if self.policy is None:
-            self.policy, self.tokenizer = load_policy(self.policy_spec)
-            # LoRA: the reference is the policy itself, scored with its adapters off
-            lora = is_lora(self.policy)
-            if self.objective.needs_reference:
-                reference = (
-                    self.policy if lora else copy.deepcopy(self.policy).requires_grad_(False).eval()
-                )
-                # not a child: kept out of state_dict, optimizer, DDP
-                object.__setattr__(self, "_reference", reference)
-            # FSDP2; refuses 16-true
-            prepare_models(self._trainer, self.policy, None if lora else self._reference)
+            self.policy, self.tokenizer, reference = build_models(
+                self.policy_spec, self._trainer, self.objective.needs_reference
+            )
+            # not a child: kept out of state_dict, optimizer, DDP; a LoRA policy is its own
+            object.__setattr__(self, "_reference", reference)
             check_lora(self.policy, self.selector)
-            self.strict_loading = not lora  # a LoRA checkpoint holds no frozen base weights
+            # a LoRA checkpoint holds no frozen base weights
+            self.strict_loading = not is_lora(self.policy)
             self.engine.bind(self.policy, self.tokenizer)
             if self.selector is not None:
                 # state exists before a restore

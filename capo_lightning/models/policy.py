@@ -23,8 +23,10 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -144,13 +146,40 @@ def load_policy(spec: PolicySpec) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     Raises:
         ValueError: Unknown `spec.dtype` (checked before any slow conversion).
     """
-    dtype = parse_dtype(spec.dtype)
+    kwargs = _model_kwargs(spec)
     model_dir = resolve_model_dir(spec)
-    tokenizer = _load_tokenizer_from(model_dir)
-    kwargs = {"dtype": dtype}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return _finish(model, spec, _load_tokenizer_from(model_dir))
+
+
+def policy_skeleton(spec: PolicySpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """:func:`load_policy`'s model on the meta device: shapes and dtypes, no storage, no file read.
+
+    Values must come afterwards for the state dict and for the non-persistent buffers (rotary
+    ``inv_freq``), which no state dict holds. Tied embeddings stay one parameter; LoRA adapters are
+    on the meta device too."""
+    kwargs = _model_kwargs(spec)
+    model_dir = resolve_model_dir(spec)
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    try:  # what from_pretrained reads from generation_config.json
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        model.generation_config = GenerationConfig.from_model_config(config)
+    return _finish(model, spec, _load_tokenizer_from(model_dir))
+
+
+def _model_kwargs(spec: PolicySpec) -> dict:
+    kwargs = {"dtype": parse_dtype(spec.dtype)}
     if spec.attn_implementation is not None:
         kwargs["attn_implementation"] = spec.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    return kwargs
+
+
+def _finish(
+    model: PreTrainedModel, spec: PolicySpec, tokenizer: PreTrainedTokenizerBase
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if spec.gradient_checkpointing:
         _enable_checkpointing(model)
     if spec.lora is not None:

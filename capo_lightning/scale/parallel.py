@@ -35,7 +35,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capo_lightning.models.lora import transformers_model
 from capo_lightning.models.policy import parse_dtype
-from capo_lightning.scale.launch import export_rank_environment
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,6 +79,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             step runs (4 bytes a parameter in fp32: ~30 GB at 7B), where the default holds only
             this rank's shard; it pays when a step has many micro-batches and reduce-scatters are
             slow (several nodes), and only if that memory is free.
+        rank0_loading: with several ranks, build the model on the meta device everywhere and let
+            rank 0 alone read the weights and hand out the shards (:mod:`.scale.loading`): host
+            memory of one whole model on rank 0 and a shard on the others, instead of a whole model
+            (two with a KL reference) on every rank. False: every rank loads it all.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = timedelta(minutes=30),
         accumulate_unsharded: bool = False,
+        rank0_loading: bool = True,
     ) -> None:
         dtypes = (
             parse_dtype(param_dtype, "FSDP2Strategy.param_dtype"),
@@ -106,6 +110,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.param_dtype, self.reduce_dtype = dtypes
         self.reshard_after_forward = reshard_after_forward
         self.accumulate_unsharded = accumulate_unsharded
+        self.rank0_loading = rank0_loading
 
     def setup_environment(self) -> None:
         """Every rank of every node is one data-parallel shard."""
@@ -164,22 +169,3 @@ def _unsharded_gradients(root: nn.Module) -> Iterator[None]:
         yield
     finally:
         root.set_requires_gradient_sync(True)
-
-
-def prepare_models(trainer: Any, *models: nn.Module | None) -> None:
-    """Fit the policy (and the frozen reference) to the trainer: refuse ``16-true``, shard them
-    when the trainer runs :class:`FSDP2Strategy`, and, before the engine is bound, put this rank's
-    launch variables in the environment (:func:`.launch.export_rank_environment`, for vLLM)."""
-    precision = str(getattr(trainer, "precision", ""))
-    if precision in ("16-true", "16"):
-        raise ValueError(
-            f"trainer.precision={precision} trains fp16 weights without loss scaling: sampling "
-            "overflows and small updates vanish; use 16-mixed (fp16 autocast with a grad scaler), "
-            "bf16-mixed or bf16-true"
-        )
-    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-    export_rank_environment(strategy)
-    if isinstance(strategy, FSDP2Strategy):
-        for model in models:
-            if model is not None:
-                strategy.shard(model)
