@@ -22,6 +22,7 @@ from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.datamodule import RolloutDataModule
 from capo_lightning.data.eval_sets import EvalSpec
 from capo_lightning.evaluation.hooks import EvaluationHooks
+from capo_lightning.faults import inject
 from capo_lightning.models.lora import check_lora, drop_frozen, is_lora
 from capo_lightning.models.policy import PolicySpec, lm_head_weight
 from capo_lightning.objectives import GRPO, Objective
@@ -259,6 +260,7 @@ class CAPOModule(EvaluationHooks, LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: RolloutBatch, batch_idx: int) -> None:
         """Push the new weights to the engine (a no-op for engines that share the policy)."""
+        inject("weight_sync")
         self.engine.sync_weights(self.policy, self.global_step)
         if (
             self.sample_every_n_steps
@@ -271,6 +273,7 @@ class CAPOModule(EvaluationHooks, LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the counters and the policy's spec next to the weights (the data position is the
         DataModule's)."""
+        inject("checkpoint_write")
         # LoRA: adapters (and a trained head) only
         drop_frozen(checkpoint["state_dict"], self.policy)
         checkpoint["capo_state"] = {

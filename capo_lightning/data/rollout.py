@@ -20,6 +20,7 @@ from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.collate import collate_completions
 from capo_lightning.data.prompts import PromptItem
 from capo_lightning.data.templates import PromptTemplate
+from capo_lightning.faults import inject
 from capo_lightning.rewards.base import RewardFn
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
@@ -94,10 +95,12 @@ class RolloutMaker:
         """Generate ``n`` completions per item and score them with ``reward_fn``."""
         prompts = [self.format_prompt(item.prompt, template) for item in items]
         t0 = time.perf_counter()
+        inject("generation")
         completions = self.engine.generate(prompts, n, sampling)
         gen_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         items_n = [item for item in items for _ in range(n)]
+        inject("grading")
         rewards = compute_rewards(reward_fn, completions, items_n, sampling.max_new_tokens)
         reward_s = time.perf_counter() - t1
         groups = [

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from capo_lightning.faults import inject
 from capo_lightning.models.lm_head import head_chunk, head_logprobs
 
 # config fields of models whose forward changes the head's output (Gemma 2/3, Cohere, Granite):
@@ -73,6 +74,7 @@ def score_responses(
             none).
         need_entropy: also return the entropies (one more exp over the logits).
     """
+    inject("forward")
     input_ids, attention_mask, kept = trim_padding(input_ids, attention_mask, response_len)
     actions = input_ids[:, -kept:]  # [n, L']
     fused = fusable_head(model)

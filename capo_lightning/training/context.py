@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from capo_lightning.faults import inject
 from capo_lightning.objectives import Objective
 from capo_lightning.selection import Selector
 from capo_lightning.training.guard import NonFiniteGuard
@@ -38,6 +39,7 @@ class StepContext:
         backward before the optimizer step: the others run under ``no_sync`` and accumulate on this
         rank, so a step of k micro-batches makes one reduction, not k (DDP's all-reduce; FSDP2's
         reduce-scatter when the strategy accumulates unsharded)."""
+        inject("backward")
         with nullcontext() if last else self.no_sync():
             self.manual_backward(loss)
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
+from capo_lightning.faults import inject
 from capo_lightning.models.forward import ForwardOut
 from capo_lightning.models.policy import lm_head_weight
 from capo_lightning.objectives import Normalizer, Objective
@@ -202,6 +203,7 @@ def optimizer_step(ctx: StepContext, loss: Tensor | None) -> dict[str, Tensor]:
         keys.GRAD_NORM: grad_norm.detach().float(),
         keys.LR: torch.tensor(ctx.lr, dtype=torch.float32),
     }
+    inject("optimizer_step")
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.guard.stepped()

@@ -36,11 +36,12 @@ import pytest
 import capo_lightning
 
 PACKAGE_ROOT = Path(capo_lightning.__file__).parent
-BASE = frozenset({"keys", "batch"})
+BASE = frozenset({"keys", "batch", "faults"})
 LEAVES = ("objectives", "selection", "rewards", "models")
 ALLOWED: dict[str, frozenset[str]] = {
     "__init__": frozenset(),  # the package imports nothing of itself (old names are mapped lazily)
     "keys": frozenset(),  # the leaf module of every metric key
+    "faults": frozenset(),  # the fault-injection points, a leaf every part may call
     "batch": frozenset(),  # the rollout batch and the shape legend
     **{leaf: BASE for leaf in LEAVES},
     "scale": BASE | {"models"},
@@ -58,12 +59,13 @@ ALLOWED: dict[str, frozenset[str]] = {
 # The boundaries docs/architecture.md states in words; the table above must keep every one of them.
 NEVER: dict[str, tuple[str, ...]] = {
     "keys": tuple(p for p in ALLOWED if p != "keys"),
+    "faults": tuple(p for p in ALLOWED if p != "faults"),
     "report": tuple(p for p in ALLOWED if p not in ("keys", "report")),
     "objectives": ("selection",),
     "selection": ("objectives",),
     **{
         leaf: ("module", "data", "training", "callbacks", "commands", "report")
-        for leaf in ("batch", "keys", *LEAVES, "scale", "rollout", "evaluation")
+        for leaf in ("batch", "keys", "faults", *LEAVES, "scale", "rollout", "evaluation")
     },
     "data": ("module", "training", "callbacks", "commands", "report"),
     "training": ("module", "data", "callbacks", "commands", "report"),
