@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import signal
 import sys
 import warnings
 from importlib.util import find_spec
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from capo_lightning.commands.regime import Regime, apply_regime
 from capo_lightning.commands.wandb_config import (
@@ -237,6 +239,16 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
+PREEMPTED_EXIT = 128 + signal.SIGTERM
+"""Exit status after SIGTERM (143, what a shell reports for a process SIGTERM ended): non-zero, so
+SLURM, torchrun's --max-restarts and Kubernetes count the run as failed and requeue or restart it,
+where 0 would record a preempted run as completed."""
+PREEMPTED_MESSAGE = (
+    "capo: stopped by SIGTERM (preempted) after finishing and logging the step under way; "
+    "resume with --ckpt_path last"
+)
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``capo`` console script (``fit``, ``validate``, ``test``, ``report``,
     ``export``); tests call ``main([...])``.
@@ -257,8 +269,13 @@ def main(args: ArgsType = None) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
-    with stamp_scope():  # the processes this command starts inherit its stamp; the next command not
-        build_cli(args)
+    try:
+        with stamp_scope():  # the processes this command starts inherit its stamp; the next not
+            build_cli(args)
+    except SIGTERMException:
+        # the step under way finished and was logged, InterruptCheckpoint (if configured) saved
+        print(PREEMPTED_MESSAGE, file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> CapoCLI:

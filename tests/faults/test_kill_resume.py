@@ -22,6 +22,8 @@ import pytest
 import torch
 
 from capo_lightning import keys
+from capo_lightning.callbacks import InterruptCheckpoint
+from capo_lightning.commands.cli import PREEMPTED_EXIT, PREEMPTED_MESSAGE
 from capo_lightning.faults import POINTS, TRACE_VARIABLE, VARIABLE
 from capo_lightning.report.runs import load_run
 from tests.conftest import ROOT
@@ -36,19 +38,22 @@ def _timed(key: str) -> bool:
 KILLED = -9  # a process killed by SIGKILL, as subprocess reports it
 
 
-def _fit(root: Path, model_dir: Path, env: dict[str, str], resume: bool = False) -> subprocess.CompletedProcess:
+def _fit(
+    root: Path, model_dir: Path, env: dict[str, str], resume: bool = False, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "capo_lightning", "fit", "--config", str(ROOT / "conf/debug/tiny_cpu.yaml"),
         "--config", str(ROOT / "conf/selector/capo.yaml"), f"--model.policy.name_or_path={model_dir}",
         f"--trainer.max_steps={STEPS}", f"--trainer.default_root_dir={root}",
         "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null",
+        *extra,
     ] + (["--ckpt_path", "last"] if resume else [])  # fmt: skip
     full_env = {k: v for k, v in os.environ.items() if k not in (VARIABLE, TRACE_VARIABLE)} | env
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
 
 
-def _state(root: Path) -> dict:
-    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+def _state(root: Path, name: str = "last.ckpt") -> dict:
+    checkpoint = torch.load(root / "checkpoints" / name, weights_only=False, map_location="cpu")
     datamodule = {k: v for k, v in checkpoint.items() if "DataModule" in k}
     assert datamodule, f"no data position in the checkpoint: {sorted(checkpoint)}"
     return {
@@ -117,3 +122,25 @@ def test_sigkill_at_a_point_then_resume_from_last_ends_as_the_uninterrupted_run(
     assert steps == wanted, f"{point}:{n}: rows (step, first key) {steps}, wanted {wanted}"
     for got, want in zip(rows, reference["rows"], strict=True):
         _assert_equal(got, want, f"{point}:{n} row step {want.get('step')}")
+
+
+def test_sigterm_finishes_the_step_saves_it_and_exits_143_then_resumes_exactly(
+    reference: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Preemption: SIGTERM during a step (here in a backward of steps 1..3) lets that step finish and be logged,
+    InterruptCheckpoint saves it, and capo exits with 143 (non-zero: a scheduler requeues it, docs/reliability.md)."""
+    per_step = reference["arrivals"]["backward"] // STEPS
+    n = random.Random(f"{SEED}:term").randint(1, per_step * (STEPS - 1))
+    interrupt = ("--trainer.callbacks+=capo_lightning.callbacks.InterruptCheckpoint",)
+    stopped = _fit(tmp_path, tiny_model_dir, {VARIABLE: f"backward:{n}:term"}, extra=interrupt)
+    assert stopped.returncode == PREEMPTED_EXIT, stopped.stderr[-3000:]
+    assert PREEMPTED_MESSAGE in stopped.stderr and "Traceback" not in stopped.stderr
+    saved = _state(tmp_path, InterruptCheckpoint.FILENAME)
+    assert saved["global_step"] == -(-n // per_step), f"backward {n} is in step {-(-n // per_step)}"
+    resumed = _fit(tmp_path, tiny_model_dir, {}, resume=True, extra=interrupt)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_equal(_state(tmp_path), reference["state"], "term")
+    rows = _rows(tmp_path)
+    assert [r.get("step") for r in rows] == [r.get("step") for r in reference["rows"]]
+    for got, want in zip(rows, reference["rows"], strict=True):
+        _assert_equal(got, want, f"term row step {want.get('step')}")
