@@ -11,6 +11,7 @@ from capo_lightning.callbacks.checkpoint import InterruptCheckpoint
 from capo_lightning.callbacks.collapse import CollapseDetector
 from capo_lightning.callbacks.completions import CompletionsLog
 from capo_lightning.callbacks.curvature import CurvatureMonitor
+from capo_lightning.callbacks.durable_log import DurableLog
 from capo_lightning.callbacks.progress import CapoProgressBar
 from capo_lightning.callbacks.rejection import RejectionMonitor
 from capo_lightning.callbacks.summary import RunSummary
@@ -20,6 +21,7 @@ __all__ = [
     "CollapseDetector",
     "CompletionsLog",
     "CurvatureMonitor",
+    "DurableLog",
     "InterruptCheckpoint",
     "RejectionMonitor",
     "RunSummary",

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from capo_lightning.callbacks.durable_log import DurableLog
 from capo_lightning.commands.regime import Regime, apply_regime
 from capo_lightning.commands.wandb_config import (
     CapoSaveConfig,
@@ -290,6 +291,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> CapoCLI:
         parser_class=CapoArgumentParser,
         save_config_callback=CapoSaveConfig,
         parser_kwargs={"parser_mode": "omegaconf", "description": DESCRIPTION},
+        trainer_defaults={"callbacks": [DurableLog()]},  # every run: the log survives a kill
     )
 
 

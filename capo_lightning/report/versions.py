@@ -1,11 +1,14 @@
 """A resumed run writes its metrics to a new ``logs/version_N``: put the versions of one run back
 together.
 
-Rule: versions are read in order, and each one replaces the earlier rows from its own first step on.
-A resumed run (its first row is the step after the checkpoint) thus continues the earlier rows, and
-rows logged after that checkpoint by the interrupted process (steps that were redone) are replaced;
-a run restarted from scratch in the same folder (its first row is step 0 or 1) replaces everything
-before it.
+Rule: versions are read in order, and each one replaces the earlier rows from its own first step on,
+except, at that first step itself, earlier rows whose metrics it does not log again there. A resumed
+run (its first row is the step after the checkpoint) thus continues the earlier rows, and rows
+logged after that checkpoint by the interrupted process (steps that were redone) are replaced; a
+run restarted from scratch in the same folder (its first row is step 0 or 1) replaces everything
+before it. The exception serves a run resumed from a checkpoint saved before its step was logged
+(:class:`capo_lightning.callbacks.DurableLog`): it logs that step's training row again, first, but
+not the validation that ran after the checkpoint, which the earlier version keeps.
 """
 
 from __future__ import annotations
@@ -43,9 +46,21 @@ def with_earlier_versions(
         new = read(path)
         first = min((row["step"] for row in new if "step" in row), default=None)
         if first is not None:
-            rows = [row for row in rows if row.get("step", -1.0) < first]
+            again = {key for row in new if row.get("step") == first for key in row} - _INDEX
+            rows = [row for row in rows if _kept(row, first, again)]
         rows += new
     return rows, paths
+
+
+_INDEX = {"step", "epoch"}
+
+
+def _kept(row: dict[str, float], first: float, again: set[str]) -> bool:
+    """An earlier row survives a later version whose rows start at step ``first`` and log the
+    metrics ``again`` there: a row of an earlier step, or one of that step none of whose metrics
+    the later version logs again."""
+    step = row.get("step", -1.0)
+    return step < first or (step == first and again.isdisjoint(set(row) - _INDEX))
 
 
 def write_rows(rows: Rows, path: Path) -> None:

@@ -62,3 +62,16 @@ def test_non_finite_values_round_trip(tmp_path: Path) -> None:
     back = read_rows(path)
     assert back[1] == rows[1] and back[0]["step"] == 1.0 and back[0]["x"] == -float("inf")
     assert math.isnan(back[0]["select/delta_f"]) and back[0]["objective/grad_norm"] == float("inf")
+
+
+def test_a_step_relogged_from_its_checkpoint_keeps_the_validation_that_followed_it(tmp_path: Path) -> None:
+    """DurableLog: the checkpoint of step 2 was saved before step 2 was logged, so the resumed version logs step 2's
+    training row again, first; the validation at step 2 ran after the checkpoint and is not redone: version 0's
+    validation row at step 2 stays, its training row at step 2 and everything later are replaced."""
+    logs = tmp_path / "logs"
+    v0 = [_train(1, 0.1), _train(2, 0.2), {"step": 2.0, "val/accuracy": 0.3}, _train(3, 0.3)]
+    v1 = [_train(2, 0.2), _train(3, 0.35), _train(4, 0.4), {"step": 4.0, "val/accuracy": 0.5}]
+    write_rows(v0, logs / "version_0" / "metrics.csv")
+    write_rows(v1, logs / "version_1" / "metrics.csv")
+    rows, _ = with_earlier_versions(logs / "version_1" / "metrics.csv", read_rows)
+    assert rows == [v0[0], v0[2]] + v1
