@@ -1,0 +1,299 @@
+r"""The fault soak: real ``capo fit`` runs killed at every injection point and at seeded random moments, each
+resumed from ``--ckpt_path last`` until done and compared with an uninterrupted run; and ``docs/reliability.md``
+written from what it measured.
+
+    .venv/bin/python scripts/fault_soak.py run              # ~25 min on 2 idle cores; resumable
+    .venv/bin/python scripts/fault_soak.py page             # docs/reliability.md from docs/reliability/soak.json
+
+What runs: ``conf/debug/tiny_cpu.yaml`` with CAPO's selector (``conf/selector/capo.yaml``), the tiny model, 6 steps,
+a checkpoint after every step, validation every 2 steps, ``InterruptCheckpoint``. First an uninterrupted reference,
+traced (``CAPO_FAULT_TRACE``) to count how often it reaches each injection point and timed. Then the cases, each in
+a fresh folder: ``SIGKILL`` from inside at a seeded arrival of each point (``CAPO_FAULT=<point>:<n>:kill``),
+``SIGTERM`` at a seeded backward (preemption), and ``--kills`` timed ``SIGKILL``\ s from outside at a seeded moment
+uniform over the reference's wall time (a kill that lands after the run ended is drawn again, up to 3 times).
+Every case then runs ``--ckpt_path last`` until the run reports its last step. Measured per case: exit statuses,
+resumes, the step of the checkpoint it resumed from and the last step the killed process had logged (the
+difference: steps recomputed), and whether the final weights, AdamW state, lr schedule, selector state, data
+position and counters equal the reference's bitwise and the joined log (``capo report``'s view of all versions) has
+the reference's rows, every key but timings, each step once. Results go to ``docs/reliability/soak.json`` after
+every case (a rerun skips the cases already there); ``page`` turns them into ``docs/reliability.md``.
+
+tests/faults/test_kill_resume.py uses this file's harness (:func:`fit`, :func:`final_state`, :func:`log_rows`,
+:func:`differences`) for the CI subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from capo_lightning import faults, keys  # noqa: E402
+from capo_lightning.report.runs import load_run  # noqa: E402
+
+RESULTS = ROOT / "docs/reliability/soak.json"
+PAGE = ROOT / "docs/reliability.md"
+SEED = 20261207
+KILLED = -signal.SIGKILL  # how subprocess reports a process SIGKILL ended
+INTERRUPT = "--trainer.callbacks+=capo_lightning.callbacks.InterruptCheckpoint"
+
+
+# ---- harness (also the CI subset's) -----------------------------------------------------------
+def fit(
+    root: Path, model: str, steps: int, env: dict[str, str] | None = None, resume: bool = False,
+    extra: tuple[str, ...] = (),
+) -> subprocess.Popen:  # fmt: skip
+    """Start one ``capo fit`` of the soak's configuration into ``root`` (``wait()`` it, or kill it); its output is
+    appended to ``<root>.log``."""
+    cmd = [
+        sys.executable, "-m", "capo_lightning", "fit", "--config", str(ROOT / "conf/debug/tiny_cpu.yaml"),
+        "--config", str(ROOT / "conf/selector/capo.yaml"), f"--model.policy.name_or_path={model}",
+        f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={root}",
+        "--trainer.val_check_interval=2", "--trainer.check_val_every_n_epoch=null", *extra,
+    ] + (["--ckpt_path", "last"] if resume else [])  # fmt: skip
+    clean = {k: v for k, v in os.environ.items() if k not in (faults.VARIABLE, faults.TRACE_VARIABLE)}
+    log = open(root.parent / f"{root.name}.log", "a")  # noqa: SIM115 (the process writes it)
+    return subprocess.Popen(cmd, cwd=ROOT, env=clean | (env or {}), stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_to_end(process: subprocess.Popen, timeout: float = 600) -> int:
+    return process.wait(timeout=timeout)
+
+
+def final_state(root: Path, name: str = "last.ckpt") -> dict:
+    """What must survive any fault: weights, optimizer, schedule, selector state (in the state dict), the
+    data position and the counters of a run's checkpoint."""
+    checkpoint = torch.load(root / "checkpoints" / name, weights_only=False, map_location="cpu")
+    return {
+        "state_dict": checkpoint["state_dict"], "optimizer": checkpoint["optimizer_states"],
+        "schedulers": checkpoint["lr_schedulers"], "capo": checkpoint["capo_state"],
+        "data": {k: v for k, v in checkpoint.items() if "DataModule" in k}, "global_step": checkpoint["global_step"],
+    }  # fmt: skip
+
+
+def _timed(key: str) -> bool:
+    """Timings, throughput and grader latencies: measured, so never equal between two runs."""
+    return key.startswith("time/") or key == keys.TOKENS_PER_S or "latency_ms" in key
+
+
+def log_rows(root: Path) -> list[dict[str, float]]:
+    """The joined log of all versions, as ``capo report`` reads it, without timings; in step order, the rows of
+    one step (training, validation) by their keys (a resumed version may log a step's training row after the
+    validation row the earlier version kept)."""
+    rows = [{k: v for k, v in row.items() if not _timed(k)} for row in load_run(root).rows]
+    return sorted(rows, key=lambda row: (row.get("step", -1.0), sorted(row)))
+
+
+def differences(got: object, want: object, where: str = "") -> list[str]:
+    """Where ``got`` and ``want`` differ (tensors bitwise, NaN equal to NaN); [] when they are the same."""
+    if isinstance(want, torch.Tensor):
+        same = isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(got, want)
+        return [] if same else [where]
+    if isinstance(want, dict):
+        if not isinstance(got, dict) or got.keys() != want.keys():
+            return [f"{where}: keys differ"]
+        return [d for key in want for d in differences(got[key], want[key], f"{where}/{key}")]
+    if isinstance(want, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(want):
+            return [f"{where}: length {len(got) if isinstance(got, (list, tuple)) else '?'} != {len(want)}"]
+        return [d for i, (a, b) in enumerate(zip(got, want, strict=True)) for d in differences(a, b, f"{where}[{i}]")]
+    same = got == want or (isinstance(want, float) and want != want and got != got)
+    return [] if same else [f"{where}: {got!r} != {want!r}"]
+
+
+def last_logged_step(root: Path) -> float | None:
+    """The highest training step any version of the run's log holds."""
+    steps = [
+        float(row["step"]) for path in root.glob("logs/version_*/metrics.csv") for row in _csv(path)
+        if row.get("step") not in (None, "") and any(k.startswith("train/") and row[k] != "" for k in row)
+    ]  # fmt: skip
+    return max(steps, default=None)
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---- the soak ---------------------------------------------------------------------------------
+def reference(workdir: Path, model: str, steps: int) -> dict:
+    root = workdir / "reference"
+    trace = workdir / "reference_trace.txt"
+    start = time.perf_counter()
+    rc = run_to_end(fit(root, model, steps, {faults.TRACE_VARIABLE: str(trace)}, extra=(INTERRUPT,)))
+    if rc != 0:
+        sys.exit(f"the reference run failed (rc {rc}); see {root}.log")
+    return {
+        "root": root, "wall_s": time.perf_counter() - start, "state": final_state(root), "rows": log_rows(root),
+        "arrivals": Counter(trace.read_text().split()),
+    }  # fmt: skip
+
+
+def one_case(case: dict, ref: dict, workdir: Path, model: str, steps: int) -> dict:
+    """Attack one run as ``case`` says, resume until done, compare with the reference."""
+    root = workdir / case["name"]
+    if case["kind"] == "timed_kill":
+        process = fit(root, model, steps, extra=(INTERRUPT,))
+        time.sleep(case["delay_s"])
+        process.send_signal(signal.SIGKILL)
+        first_rc = process.wait()
+    else:
+        first_rc = run_to_end(fit(root, model, steps, {faults.VARIABLE: case["spec"]}, extra=(INTERRUPT,)))
+    logged = last_logged_step(root)
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    resumed_from = int(torch.load(checkpoint, weights_only=False)["global_step"]) if checkpoint.exists() else 0
+    resumes, rcs = 0, []
+    while resumes < 4 and not (checkpoint.exists() and final_state(root)["global_step"] == steps):
+        rcs.append(run_to_end(fit(root, model, steps, resume=True, extra=(INTERRUPT,))))
+        resumes += 1
+    state_diff = differences(final_state(root), ref["state"], "state")
+    rows_diff = differences(log_rows(root), ref["rows"], "rows")
+    return case | {
+        "first_exit": first_rc, "resume_exits": rcs, "resumes": resumes, "resumed_from_step": resumed_from,
+        "last_logged_step_when_stopped": logged,
+        "steps_recomputed": max(0, int(logged or 0) - resumed_from) if resumes else 0,
+        "state_equal": not state_diff, "log_equal": not rows_diff, "differences": (state_diff + rows_diff)[:5],
+    }  # fmt: skip
+
+
+def cases(ref: dict, steps: int, kills: int) -> list[dict]:
+    rng = random.Random(SEED)
+    out = [
+        {"name": f"kill_at_{point}", "kind": "injected_kill", "point": point,
+         "spec": f"{point}:{rng.randint(1, ref['arrivals'][point])}:kill"}
+        for point in faults.POINTS
+    ]  # fmt: skip
+    per_step = ref["arrivals"]["backward"] // steps
+    out.append({"name": "sigterm", "kind": "sigterm", "point": "backward",
+                "spec": f"backward:{rng.randint(1, per_step * (steps - 1))}:term"})  # fmt: skip
+    for i in range(kills):
+        out.append({"name": f"timed_kill_{i:02d}", "kind": "timed_kill",
+                    "delay_s": round(rng.uniform(3.0, ref["wall_s"]), 2)})  # fmt: skip
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    done = json.loads(args.results.read_text()) if args.results.exists() else {"cases": []}
+    names = {c["name"] for c in done["cases"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        from capo_lightning.models.tiny import build_tiny_model
+
+        model = str(build_tiny_model(workdir / "tiny_model", seed=0))
+        ref = reference(workdir, model, args.steps)
+        done |= {"steps": args.steps, "reference_wall_s": round(ref["wall_s"], 1), "seed": SEED,
+                 "arrivals": dict(ref["arrivals"])}  # fmt: skip
+        for case in cases(ref, args.steps, args.kills):
+            if case["name"] in names:
+                continue
+            result = one_case(case, ref, workdir, model, args.steps)
+            if case["kind"] == "timed_kill" and result["first_exit"] == 0:  # landed after the end: one more try
+                result = one_case(case | {"delay_s": round(case["delay_s"] / 2, 2)}, ref, workdir, model, args.steps)
+            done["cases"].append(result)
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(done, indent=1) + "\n")
+            verdict = {True: "equal", False: "DIFFERENT"}
+            print(f"{case['name']}: state {verdict[result['state_equal']]}, log {verdict[result['log_equal']]}, "
+                  f"resumes {result['resumes']}", flush=True)  # fmt: skip
+
+
+# ---- the page ---------------------------------------------------------------------------------
+NOT_YET = [
+    ("A checkpoint truncated or corrupted on disk", "not attacked yet: Lightning's load fails with an unpickling "
+     "or a distributed-checkpoint error; no fallback to an earlier checkpoint is kept"),
+    ("The disk full during a checkpoint write", "not attacked yet (`CAPO_FAULT=checkpoint_write:<n>:enospc` "
+     "simulates it); a single file is written whole by Lightning, a sharded folder is not yet committed atomically"),
+    ("A sharded (FSDP2) checkpoint killed while its shards are written", "not attacked yet: the shards are "
+     "written into the folder in place"),
+    ("The grader killed or crashing mid-batch", "not attacked yet: a grading timeout scores the answer 0"),
+    ("The rollout engine raising or dying mid-generation", "not attacked yet: the exception ends the run, "
+     "InterruptCheckpoint saves the last finished step"),
+    ("Bad data (a row without an answer, non-UTF-8, over the token budget, an empty source)", "not attacked yet"),
+    ("SLURM's requeue signal (SIGUSR1 with auto-requeue)", "not attacked yet: Lightning saves an hpc checkpoint "
+     "and calls scontrol requeue"),
+    ("A rank that dies under DDP or FSDP2", "the survivors stop within the process-group timeout and say which "
+     "rank they lost; tested in tests/integration/test_rank_death.py (docs/scaling.md, 'A rank dies')"),
+]  # fmt: skip
+KINDS = {
+    "injected_kill": "SIGKILL at an injection point", "timed_kill": "SIGKILL from outside at a random moment",
+    "sigterm": "SIGTERM (preemption) during a step",
+}  # fmt: skip
+
+
+def render(results: dict) -> str:
+    """docs/reliability.md from the soak's results file."""
+    rows = results["cases"]
+    lines = [
+        "# Reliability: what a run survives",
+        "",
+        "<!-- written by `scripts/fault_soak.py page` from docs/reliability/soak.json; do not edit by hand -->",
+        "",
+        "Every fault class the package is meant to survive, what it promises, and what the soak measured. The soak",
+        f"(`scripts/fault_soak.py run`) runs `capo fit` on the tiny model for {results['steps']} steps (checkpoint "
+        "after every step, CAPO's",
+        f"selector, validation every 2 steps; {results['reference_wall_s']} s uninterrupted), attacks each run once, "
+        "resumes it with `--ckpt_path last`",
+        "until done, and compares the final weights, AdamW state, lr schedule, selector state, data position and "
+        "counters",
+        "(bitwise) and the joined log's rows (every key but timings, each step once) with an uninterrupted run's.",
+        "",
+        "| fault | cases | state equal | log equal | resumes | steps recomputed (mean, max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, label in KINDS.items():
+        mine = [r for r in rows if r["kind"] == kind]
+        if not mine:
+            continue
+        recomputed = [r["steps_recomputed"] for r in mine]
+        lines.append(
+            f"| {label} | {len(mine)} | {sum(r['state_equal'] for r in mine)}/{len(mine)} | "
+            f"{sum(r['log_equal'] for r in mine)}/{len(mine)} | {sum(r['resumes'] for r in mine)} | "
+            f"{sum(recomputed) / len(mine):.2f}, {max(recomputed)} |"
+        )
+    lines += ["", "Each case:", "", "| case | how | first exit | resumed from step | state | log |"]
+    lines.append("|---|---|---|---|---|---|")
+    for r in rows:
+        how = r.get("spec") or f"after {r['delay_s']} s"
+        lines.append(
+            f"| {r['name']} | `{how}` | {r['first_exit']} | {r['resumed_from_step']} | "
+            f"{'equal' if r['state_equal'] else 'different'} | {'equal' if r['log_equal'] else 'different'} |"
+        )
+    lines += ["", "Not measured by the soak yet:", "", "| fault | today |", "|---|---|"]
+    lines += [f"| {fault} | {today} |" for fault, today in NOT_YET]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    soak = sub.add_parser("run", help="run the soak (resumable)")
+    soak.add_argument("--results", type=Path, default=RESULTS)
+    soak.add_argument("--steps", type=int, default=6)
+    soak.add_argument("--kills", type=int, default=20, help="timed SIGKILLs from outside")
+    page = sub.add_parser("page", help="write docs/reliability.md from the results")
+    page.add_argument("--results", type=Path, default=RESULTS)
+    page.add_argument("--out", type=Path, default=PAGE)
+    args = parser.parse_args()
+    if args.command == "run":
+        run(args)
+    else:
+        args.out.write_text(render(json.loads(args.results.read_text())))
+
+
+if __name__ == "__main__":
+    main()
