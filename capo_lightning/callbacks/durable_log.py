@@ -7,8 +7,9 @@ from typing import Any
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 
-KEY = "capo_unlogged_row"
-"""The checkpoint entry holding the row of a step saved before it was logged (None otherwise)."""
+KEY = "capo_unlogged_step"
+"""The checkpoint entry of a step saved before it was logged: its row, and whether a validation was
+due after it (None for a checkpoint saved later)."""
 
 
 class DurableLog(Callback):
@@ -22,11 +23,17 @@ class DurableLog(Callback):
     it is not logged yet; the resumed run logs that row first. Its new log version then starts at
     that step and replaces what the killed process may have written from there on, so the joined
     log has every step once. ``capo fit`` adds this callback to every run.
+
+    A validation due at that step runs after the checkpoint, and Lightning, resuming from it, skips
+    it (its loop fast-forwards past a validation it believes done); a kill during that validation
+    would lose its rows. So the checkpoint also says whether one was due, and the resumed run runs
+    it first, as :class:`.ValidateBeforeTraining` runs its baseline (each validation's sampling is
+    seeded on its own, so it gives the rows the killed process would have logged).
     """
 
     def __init__(self) -> None:
         self._unlogged = False  # the current step has ended but its row is not yet logged
-        self._restored: dict[str, float] | None = None
+        self._restored: dict[str, Any] | None = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *_: Any) -> None:
         self._unlogged = True  # Lightning logs the step after every on_train_batch_end hook
@@ -45,10 +52,14 @@ class DurableLog(Callback):
     ) -> None:
         for logger in trainer.loggers:
             logger.save()
-        row = None
-        if self._unlogged and trainer.training:
-            row = convert_tensors_to_scalars(dict(trainer._logger_connector.metrics["log"]))
-        checkpoint[KEY] = row
+        step = None
+        if self._unlogged and trainer.training:  # private, but Lightning's own row and val rule
+            loop = trainer.fit_loop.epoch_loop
+            step = {
+                "row": convert_tensors_to_scalars(dict(trainer._logger_connector.metrics["log"])),
+                "validation_due": loop._should_check_val_fx(trainer.fit_loop._data_fetcher),
+            }
+        checkpoint[KEY] = step
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -56,6 +67,11 @@ class DurableLog(Callback):
         self._restored = checkpoint.get(KEY)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        row, self._restored = self._restored, None
-        if row:
-            trainer._logger_connector.log_metrics(row)  # as Lightning would have logged it
+        step, self._restored = self._restored, None
+        if not step:
+            return
+        trainer._logger_connector.log_metrics(step["row"])  # as Lightning would have logged it
+        if step["validation_due"]:
+            trainer.validating = True
+            trainer.fit_loop.epoch_loop.val_loop.run()
+            trainer.training = True

@@ -74,6 +74,19 @@ def test_sigkill_at_a_point_then_resume_from_last_ends_as_the_uninterrupted_run(
     _assert_same_as_reference(root, reference, f"{point}:{n}")
 
 
+def test_a_kill_during_the_validation_after_a_checkpoint_loses_no_validation_row(
+    reference: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Step 2's checkpoint is saved before the validation due at step 2 runs, and Lightning, resuming from it, skips
+    that validation; killed in it (its generation is the run's third: steps 1, 2, then the validation), the run
+    must redo it on resume (DurableLog), or the joined log lacks its rows."""
+    root = tmp_path / "run"
+    assert _run(root, tiny_model_dir, {VARIABLE: "generation:3:kill"}) == soak.KILLED
+    assert soak.final_state(root)["global_step"] == 2  # killed after step 2's checkpoint, before step 3
+    assert _run(root, tiny_model_dir, resume=True) == 0, _output(root)[-3000:]
+    _assert_same_as_reference(root, reference, "generation:3 (validation)")
+
+
 def test_sigterm_finishes_the_step_saves_it_and_exits_143_then_resumes_exactly(
     reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
