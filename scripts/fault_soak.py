@@ -158,7 +158,7 @@ def one_case(case: dict, ref: dict, workdir: Path, model: str, steps: int) -> di
     checkpoint = root / "checkpoints" / "last.ckpt"
     resumed_from = int(torch.load(checkpoint, weights_only=False)["global_step"]) if checkpoint.exists() else 0
     resumes, rcs = 0, []
-    while resumes < 4 and not (checkpoint.exists() and final_state(root)["global_step"] == steps):
+    while resumes < 4 and first_rc != 0 and (not rcs or rcs[-1] != 0):  # as a scheduler reruns a failed job
         rcs.append(run_to_end(fit(root, model, steps, resume=True, extra=(INTERRUPT,))))
         resumes += 1
     state_diff = differences(final_state(root), ref["state"], "state")

@@ -67,6 +67,14 @@ class DurableLog(Callback):
         self._restored = checkpoint.get(KEY)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._replay(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # resumed from the last step's checkpoint: training is skipped, on_train_start never runs
+        self._replay(trainer)
+
+    def _replay(self, trainer: Trainer) -> None:
+        """Log the restored step's row, then run the validation it owes (once)."""
         step, self._restored = self._restored, None
         if not step:
             return

@@ -67,10 +67,7 @@ def test_sigkill_at_a_point_then_resume_from_last_ends_as_the_uninterrupted_run(
     n = random.Random(f"{SEED}:{point}").randint(1, arrivals)
     root = tmp_path / "run"
     assert _run(root, tiny_model_dir, {VARIABLE: f"{point}:{n}:kill"}) == soak.KILLED, f"{point}:{n} did not kill"
-    for _attempt in range(3):  # one resume finishes; more would mean a checkpoint that resumes nowhere
-        assert _run(root, tiny_model_dir, resume=True) == 0, _output(root)[-3000:]
-        if soak.final_state(root)["global_step"] == STEPS:
-            break
+    assert _run(root, tiny_model_dir, resume=True) == 0, _output(root)[-3000:]  # one resume finishes the run
     _assert_same_as_reference(root, reference, f"{point}:{n}")
 
 
@@ -85,6 +82,18 @@ def test_a_kill_during_the_validation_after_a_checkpoint_loses_no_validation_row
     assert soak.final_state(root)["global_step"] == 2  # killed after step 2's checkpoint, before step 3
     assert _run(root, tiny_model_dir, resume=True) == 0, _output(root)[-3000:]
     _assert_same_as_reference(root, reference, "generation:3 (validation)")
+
+
+def test_a_kill_after_the_last_steps_checkpoint_still_logs_that_step_on_resume(
+    reference: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Killed in the last step's weight sync, after its checkpoint: the resumed run has no step left to train
+    (Lightning skips training and on_train_start), yet must log that step's row and its validation."""
+    root = tmp_path / "run"
+    assert _run(root, tiny_model_dir, {VARIABLE: f"weight_sync:{STEPS}:kill"}) == soak.KILLED
+    assert soak.final_state(root)["global_step"] == STEPS
+    assert _run(root, tiny_model_dir, resume=True) == 0, _output(root)[-3000:]
+    _assert_same_as_reference(root, reference, "weight_sync at the last step")
 
 
 def test_sigterm_finishes_the_step_saves_it_and_exits_143_then_resumes_exactly(
