@@ -10,7 +10,9 @@ a checkpoint after every step, validation every 2 steps, ``InterruptCheckpoint``
 traced (``CAPO_FAULT_TRACE``) to count how often it reaches each injection point and timed. Then the cases, each in
 a fresh folder: ``SIGKILL`` from inside at a seeded arrival of each point (``CAPO_FAULT=<point>:<n>:kill``),
 ``SIGTERM`` at a seeded backward (preemption), and ``--kills`` timed ``SIGKILL``\ s from outside at a seeded moment
-uniform over the reference's wall time (a kill that lands after the run ended is drawn again, up to 3 times).
+uniform over the reference's running time, counted from its first generation (start-up and loading take most of a
+tiny run's wall time: kills drawn over the whole of it landed before the first step); a kill that lands after the
+run ended is drawn once more at half the delay.
 Every case then runs ``--ckpt_path last`` until the run reports its last step. Measured per case: exit statuses,
 resumes, the step of the checkpoint it resumed from and the last step the killed process had logged (the
 difference: steps recomputed), and whether the final weights, AdamW state, lr schedule, selector state, data
@@ -135,20 +137,35 @@ def reference(workdir: Path, model: str, steps: int) -> dict:
     root = workdir / "reference"
     trace = workdir / "reference_trace.txt"
     start = time.perf_counter()
-    rc = run_to_end(fit(root, model, steps, {faults.TRACE_VARIABLE: str(trace)}, extra=(INTERRUPT,)))
-    if rc != 0:
+    process = fit(root, model, steps, {faults.TRACE_VARIABLE: str(trace)}, extra=(INTERRUPT,))
+    first = _first_arrival(trace, process)
+    rc = run_to_end(process)
+    if rc != 0 or first is None:
         sys.exit(f"the reference run failed (rc {rc}); see {root}.log")
     return {
-        "root": root, "wall_s": time.perf_counter() - start, "state": final_state(root), "rows": log_rows(root),
-        "arrivals": Counter(trace.read_text().split()),
+        "root": root, "wall_s": time.perf_counter() - start, "run_s": time.perf_counter() - first,
+        "state": final_state(root), "rows": log_rows(root), "arrivals": Counter(trace.read_text().split()),
     }  # fmt: skip
+
+
+def _first_arrival(trace: Path, process: subprocess.Popen, limit_s: float = 300) -> float | None:
+    """When the run first reached an injection point (its first generation: start-up and loading done), polled
+    from its trace file; None if it ended or ``limit_s`` passed first."""
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline and process.poll() is None:
+        if trace.exists():
+            return time.perf_counter()
+        time.sleep(0.02)
+    return None
 
 
 def one_case(case: dict, ref: dict, workdir: Path, model: str, steps: int) -> dict:
     """Attack one run as ``case`` says, resume until done, compare with the reference."""
     root = workdir / case["name"]
-    if case["kind"] == "timed_kill":
-        process = fit(root, model, steps, extra=(INTERRUPT,))
+    if case["kind"] == "timed_kill":  # delay_s counts from the run's first generation, as the reference's run_s
+        trace = workdir / f"{case['name']}_trace.txt"
+        process = fit(root, model, steps, {faults.TRACE_VARIABLE: str(trace)}, extra=(INTERRUPT,))
+        _first_arrival(trace, process)
         time.sleep(case["delay_s"])
         process.send_signal(signal.SIGKILL)
         first_rc = process.wait()
@@ -183,7 +200,7 @@ def cases(ref: dict, steps: int, kills: int) -> list[dict]:
                 "spec": f"backward:{rng.randint(1, per_step * (steps - 1))}:term"})  # fmt: skip
     for i in range(kills):
         out.append({"name": f"timed_kill_{i:02d}", "kind": "timed_kill",
-                    "delay_s": round(rng.uniform(3.0, ref["wall_s"]), 2)})  # fmt: skip
+                    "delay_s": round(rng.uniform(0.0, ref["run_s"]), 2)})  # fmt: skip
     return out
 
 
@@ -197,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
         model = str(build_tiny_model(workdir / "tiny_model", seed=0))
         ref = reference(workdir, model, args.steps)
         done |= {"steps": args.steps, "reference_wall_s": round(ref["wall_s"], 1), "seed": SEED,
-                 "arrivals": dict(ref["arrivals"])}  # fmt: skip
+                 "reference_run_s": round(ref["run_s"], 1), "arrivals": dict(ref["arrivals"])}  # fmt: skip
         for case in cases(ref, args.steps, args.kills):
             if case["name"] in names:
                 continue
@@ -246,8 +263,10 @@ def render(results: dict) -> str:
         "Every fault class the package is meant to survive, what it promises, and what the soak measured. The soak",
         f"(`scripts/fault_soak.py run`) runs `capo fit` on the tiny model for {results['steps']} steps (checkpoint "
         "after every step, CAPO's",
-        f"selector, validation every 2 steps; {results['reference_wall_s']} s uninterrupted), attacks each run once, "
-        "resumes it with `--ckpt_path last`",
+        f"selector, validation every 2 steps; {results['reference_wall_s']} s uninterrupted, "
+        f"{results['reference_run_s']} s of them",
+        "from its first generation on, the span the timed kills are drawn from), attacks each run once, resumes it "
+        "with `--ckpt_path last`",
         "until done, and compares the final weights, AdamW state, lr schedule, selector state, data position and "
         "counters",
         "(bitwise) and the joined log's rows (every key but timings, each step once) with an uninterrupted run's.",
@@ -268,7 +287,7 @@ def render(results: dict) -> str:
     lines += ["", "Each case:", "", "| case | how | first exit | resumed from step | state | log |"]
     lines.append("|---|---|---|---|---|---|")
     for r in rows:
-        how = r.get("spec") or f"after {r['delay_s']} s"
+        how = r.get("spec") or f"{r['delay_s']} s after the first generation"
         lines.append(
             f"| {r['name']} | `{how}` | {r['first_exit']} | {r['resumed_from_step']} | "
             f"{'equal' if r['state_equal'] else 'different'} | {'equal' if r['log_equal'] else 'different'} |"
