@@ -223,7 +223,8 @@ def run(args: argparse.Namespace) -> None:
                 continue
             result = one_case(case, ref, workdir, model, args.steps)
             if case["kind"] == "timed_kill" and result["first_exit"] == 0:  # landed after the end: one more try
-                result = one_case(case | {"delay_s": round(case["delay_s"] / 2, 2)}, ref, workdir, model, args.steps)
+                retry = case | {"name": f"{case['name']}_retry", "delay_s": round(case["delay_s"] / 2, 2)}
+                result = one_case(retry, ref, workdir, model, args.steps) | {"name": case["name"], "retried": True}
             done["cases"].append(result)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(json.dumps(done, indent=1) + "\n")
