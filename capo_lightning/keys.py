@@ -107,6 +107,7 @@ def collapse(signal: str) -> str:
 
 
 # ---- time/ ---------------------------------------------------------------------------------------
+TIME = "time/"
 TIME_STEP = "time/step_s"
 TIME_TRAIN = "time/train_s"
 TIME_VAL = "time/val_s"
@@ -121,6 +122,14 @@ VERIFIER_TIMEOUTS = "verifier/timeouts"
 VERIFIER_ERRORS = "verifier/errors"
 VERIFIER_LATENCY_P95 = "verifier/latency_ms_p95"
 VERIFIER_LATENCY_MAX = "verifier/latency_ms_max"
+
+
+def measured(key: str) -> bool:
+    """Whether ``key`` measures the machine (``time/*``, rollout throughput, grader latency, also
+    per evaluation dataset): two runs of one seed never log it equal, while every other key is a
+    function of the seed and the code (what resume, fault and behaviour comparisons check)."""
+    return key.startswith(TIME) or key == TOKENS_PER_S or "latency_ms" in key
+
 
 # ---- eval/: a batch's own bookkeeping (not logged) -----------------------------------------------
 VALID_PROMPTS = "eval/valid_prompts"  # the problems of an eval batch that are not padding repeats

@@ -26,6 +26,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from capo_lightning import keys  # noqa: E402
+
 TINY = "--config conf/debug/tiny_cpu.yaml --trainer.max_steps 3 --trainer.limit_val_batches 0"
 # the tiny model never answers right: a reward that varies with length (DAPO's soft overlong penalty over the whole
 # budget) gives every group advantages, so selection, normalisers and clipping all act
@@ -48,7 +52,6 @@ CASES: dict[str, list[str]] = {
     }.items()
 }
 QUICKSTART = ["--config", "conf/quickstart.yaml"]
-SKIPPED = ("time/", "tokens_per_s", "latency", "throughput")  # timings: never equal twice
 
 
 def record(out: Path, quickstart: bool) -> None:
@@ -71,7 +74,7 @@ def rows(path: Path) -> dict[tuple[float, int], dict[str, float]]:
         for row in csv.DictReader(handle):
             step = float(row.get("step") or "nan")
             key = (step, sum(1 for s, _ in out if s == step))
-            kept = {k: v for k, v in row.items() if v not in ("", None) and not any(part in k for part in SKIPPED)}
+            kept = {k: v for k, v in row.items() if v not in ("", None) and not keys.measured(k)}
             out[key] = {k: float(v) for k, v in kept.items()}
     return out
 

@@ -87,16 +87,11 @@ def final_state(root: Path, name: str = "last.ckpt") -> dict:
     }  # fmt: skip
 
 
-def _timed(key: str) -> bool:
-    """Timings, throughput and grader latencies: measured, so never equal between two runs."""
-    return key.startswith("time/") or key == keys.TOKENS_PER_S or "latency_ms" in key
-
-
 def log_rows(root: Path) -> list[dict[str, float]]:
     """The joined log of all versions, as ``capo report`` reads it, without timings; in step order, the rows of
     one step (training, validation) by their keys (a resumed version may log a step's training row after the
     validation row the earlier version kept)."""
-    rows = [{k: v for k, v in row.items() if not _timed(k)} for row in load_run(root).rows]
+    rows = [{k: v for k, v in row.items() if not keys.measured(k)} for row in load_run(root).rows]
     return sorted(rows, key=lambda row: (row.get("step", -1.0), sorted(row)))
 
 

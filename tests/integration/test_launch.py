@@ -43,6 +43,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from capo_lightning import keys
 from capo_lightning.commands.cli import main
 from capo_lightning.commands.export import read_checkpoint
 from capo_lightning.models.policy import PolicySpec, load_policy
@@ -183,8 +184,7 @@ def _train_rows(folder: Path) -> list[dict[str, float]]:
 
 
 def _untimed(row: dict[str, float]) -> dict[str, float]:
-    measured = ("time/", "rollout/tokens_per_s", "verifier/latency")  # timings, throughput: never equal twice
-    return {k: v for k, v in row.items() if not k.startswith(measured)}
+    return {k: v for k, v in row.items() if not keys.measured(k)}
 
 
 @pytest.fixture(scope="module")
