@@ -112,22 +112,6 @@ def differences(got: object, want: object, where: str = "") -> list[str]:
     return [] if same else [f"{where}: {got!r} != {want!r}"]
 
 
-def last_logged_step(root: Path) -> float | None:
-    """The highest training step any version of the run's log holds."""
-    steps = [
-        float(row["step"]) for path in root.glob("logs/version_*/metrics.csv") for row in _csv(path)
-        if row.get("step") not in (None, "") and any(k.startswith("train/") and row[k] != "" for k in row)
-    ]  # fmt: skip
-    return max(steps, default=None)
-
-
-def _csv(path: Path) -> list[dict[str, str]]:
-    import csv
-
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
-
-
 # ---- the soak ---------------------------------------------------------------------------------
 def reference(workdir: Path, model: str, steps: int) -> dict:
     root = workdir / "reference"
@@ -169,7 +153,6 @@ def one_case(case: dict, ref: dict, workdir: Path, model: str, steps: int) -> di
     else:
         first_rc = run_to_end(fit(root, model, steps, env | {faults.VARIABLE: case["spec"]}, extra=(INTERRUPT,)))
     reached = trace.read_text().split().count("optimizer_step") if trace.exists() else 0
-    logged = last_logged_step(root)
     checkpoint = root / "checkpoints" / "last.ckpt"
     resumed_from = int(torch.load(checkpoint, weights_only=False)["global_step"]) if checkpoint.exists() else 0
     resumes, rcs = 0, []
@@ -180,7 +163,6 @@ def one_case(case: dict, ref: dict, workdir: Path, model: str, steps: int) -> di
     rows_diff = differences(log_rows(root), ref["rows"], "rows")
     return case | {
         "first_exit": first_rc, "resume_exits": rcs, "resumes": resumes, "resumed_from_step": resumed_from,
-        "last_logged_step_when_stopped": logged,
         "steps_reached_optimizer": reached, "steps_recomputed": max(0, reached - resumed_from) if resumes else 0,
         "state_equal": not state_diff, "log_equal": not rows_diff, "differences": (state_diff + rows_diff)[:5],
     }  # fmt: skip
