@@ -64,7 +64,7 @@ def inject(point: str, path: str | None = None) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    if action == "term":
+    elif action == "term":
         os.kill(os.getpid(), signal.SIGTERM)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected by {VARIABLE})", path)

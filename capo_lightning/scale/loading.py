@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from capo_lightning.models.lora import is_lora
 from capo_lightning.models.policy import PolicySpec, load_policy, policy_skeleton, resolve_model_dir
 from capo_lightning.scale.launch import export_rank_environment
 from capo_lightning.scale.parallel import FSDP2Strategy
@@ -102,8 +103,6 @@ def _copy_local(target: nn.Module, source: nn.Module) -> None:
 def _reference_of(policy: nn.Module, needs_reference: bool) -> nn.Module | None:
     """A frozen copy of the policy, or the policy itself when it is LoRA (scored with its adapters
     off); None without a KL term."""
-    from capo_lightning.models.lora import is_lora
-
     if not needs_reference:
         return None
     if is_lora(policy):
