@@ -4,14 +4,19 @@ process die or fail on purpose, reproducibly. They do nothing unless ``CAPO_FAUL
 ``CAPO_FAULT=<point>:<n>[:<action>]`` acts at the ``n``-th time (counted from 1, in this process)
 the run reaches ``point``; ``CAPO_FAULT_RANK=<r>`` limits it to global rank ``r`` (default: all).
 Actions: ``kill`` (default: ``SIGKILL`` to this process, the preemption nothing can catch),
-``term`` (``SIGTERM``, the polite preemption), ``raise`` (a :class:`InjectedFault`, an ordinary
-crash), ``enospc`` (an ``OSError(ENOSPC)``, a simulated full disk, at places that write).
+``term`` (``SIGTERM``, the polite preemption), ``requeue`` (``SIGUSR1``, SLURM's requeue signal),
+``raise`` (a :class:`InjectedFault`, an ordinary crash), ``enospc`` (an ``OSError(ENOSPC)``, a
+simulated full disk, at places that write).
 
 The points, in the order a step reaches them: ``generation`` (before the engine generates),
 ``grading`` (before the rewards are computed), ``forward`` (each scoring forward of the policy or
 the reference), ``backward`` (each backward), ``optimizer_step`` (before the optimizer steps),
 ``weight_sync`` (before the engine receives new weights), ``checkpoint_write`` (as a checkpoint's
-contents are gathered, before the file is written).
+contents are gathered, before the file is written), ``checkpoint_shard`` (each rank, once its part
+of a checkpoint is on disk and before the checkpoint is committed: with several ranks, a kill on one
+leaves the others' shards written and nothing committed); ``grader`` (in a grading server
+process, before each symbolic comparison: ``kill`` there is a grader dying mid-batch, which the run
+survives).
 
 ``CAPO_FAULT_TRACE=<file>`` appends each point reached to ``<file>``, one name a line: how a test
 learns how often a run reaches each point before it picks where to strike.
@@ -34,8 +39,12 @@ POINTS = (
     "optimizer_step",
     "weight_sync",
     "checkpoint_write",
+    "checkpoint_shard",
+    "grader",
 )
-ACTIONS = ("kill", "term", "raise", "enospc")
+SERVER_POINTS = ("grader",)  # reached in a helper process the run outlives, not in the run itself
+RUN_POINTS = tuple(point for point in POINTS if point not in SERVER_POINTS)
+ACTIONS = ("kill", "term", "requeue", "raise", "enospc")
 _reached: dict[str, int] = {}
 
 
@@ -64,8 +73,8 @@ def inject(point: str, path: str | None = None) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    elif action == "term":
-        os.kill(os.getpid(), signal.SIGTERM)
+    elif action in ("term", "requeue"):
+        os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGUSR1)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected by {VARIABLE})", path)
     elif action == "raise":
@@ -87,4 +96,11 @@ def parse(spec: str) -> tuple[str, int, str]:
 
 def _this_rank() -> bool:
     wanted = os.environ.get(RANK_VARIABLE)
-    return wanted is None or wanted == os.environ.get("RANK", "0")
+    if wanted is None:
+        return True
+    import torch.distributed as dist  # noqa: PLC0415 (only when a rank is named)
+
+    # Lightning's own launcher sets no RANK: the process group knows
+    started = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if started else os.environ.get("RANK", "0")
+    return wanted == str(rank)

@@ -15,6 +15,7 @@ from capo_lightning.callbacks.durable_log import DurableLog
 from capo_lightning.callbacks.progress import CapoProgressBar
 from capo_lightning.callbacks.rejection import RejectionMonitor
 from capo_lightning.callbacks.summary import RunSummary
+from capo_lightning.callbacks.verified_checkpoint import VerifiedCheckpoint
 
 __all__ = [
     "CapoProgressBar",
@@ -26,4 +27,5 @@ __all__ = [
     "RejectionMonitor",
     "RunSummary",
     "ValidateBeforeTraining",
+    "VerifiedCheckpoint",
 ]

@@ -10,6 +10,8 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from capo_lightning.callbacks.verified_checkpoint import CheckpointWriteError, commit
+
 
 def collective_failed(exception: BaseException) -> bool:
     """Whether ``exception`` came out of a collective (a peer rank died, hung or was cut off): a
@@ -45,6 +47,13 @@ class InterruptCheckpoint(Checkpoint):
     is the newest. Unlike Lightning's ``OnExceptionCheckpoint``, its presence does not make a plain
     ``capo fit`` (without ``--ckpt_path``) resume silently: resuming is always asked for.
 
+    It saves only once training has run a step past where this process started (its first
+    ``on_train_start``): an exception before then (while loading, restoring or setting up) would
+    otherwise save an untrained or unrestored state as the newest ``last*`` checkpoint, which
+    ``--ckpt_path last`` then resumes from, losing the run. A failed checkpoint write
+    (:class:`.CheckpointWriteError`, a full disk) is not retried. The checkpoint is committed like
+    :class:`.VerifiedCheckpoint`'s (written aside, hashed into the manifest, renamed into place).
+
     When the exception came out of a collective (a peer rank is lost: :func:`collective_failed`),
     nothing is saved: saving is itself collective (a sharded checkpoint needs every rank's shard,
     one file a barrier) and would fail again or wait out the process-group timeout once more. The
@@ -59,6 +68,11 @@ class InterruptCheckpoint(Checkpoint):
 
     def __init__(self, dirpath: str = "") -> None:
         self.dirpath = dirpath
+        self._started_at: int | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The step this process resumed at (0 for a new run): nothing before it is worth saving."""
+        self._started_at = trainer.global_step
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
@@ -67,9 +81,17 @@ class InterruptCheckpoint(Checkpoint):
         if trainer.world_size > 1 and collective_failed(exception):
             print(lost_peer_message(trainer, exception), file=sys.stderr, flush=True)
             return
+        if isinstance(exception, CheckpointWriteError):
+            return  # the disk refused a checkpoint already: the error names it and what is intact
+        if self._started_at is None or trainer.global_step <= self._started_at:
+            rank_zero_info(
+                f"capo: {type(exception).__name__} before a step was trained in this process; no "
+                "interrupt checkpoint (the checkpoints already written are unchanged)"
+            )
+            return
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
         path = folder / self.FILENAME
-        trainer.save_checkpoint(path)
+        commit(trainer, path, keep_previous=False)
         rank_zero_info(
             f"capo: {type(exception).__name__} at step {trainer.global_step}; saved {path} "
             "(resume with --ckpt_path last)"

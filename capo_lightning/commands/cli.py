@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import signal
 import sys
 import warnings
 from importlib.util import find_spec
@@ -16,6 +15,8 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from capo_lightning.callbacks.durable_log import DurableLog
+from capo_lightning.callbacks.verified_checkpoint import refuse_unverified
+from capo_lightning.commands import preemption
 from capo_lightning.commands.regime import Regime, apply_regime
 from capo_lightning.commands.wandb_config import (
     CapoSaveConfig,
@@ -35,13 +36,8 @@ DESCRIPTION = (
 # init arg -> sub-folder of trainer.default_root_dir
 _DIR_ARGS = {"dirpath": "checkpoints", "save_dir": ""}
 _PRINT_CONFIG = "--print_config"
-# jsonargparse's --print_config flags -> ArgumentParser.dump keywords (skip_null: its deprecated
-# skip_unset)
-_PRINT_FLAGS = {
-    "skip_default": "skip_default",
-    "skip_unset": "skip_unset",
-    "skip_null": "skip_unset",
-}
+# jsonargparse's --print_config flags -> dump keywords (skip_null: its deprecated skip_unset)
+_PRINT_FLAGS = dict(skip_default="skip_default", skip_unset="skip_unset", skip_null="skip_unset")
 # jsonargparse offers "comments" only with ruamel.yaml
 if find_spec("ruamel") and find_spec("ruamel.yaml"):
     _PRINT_FLAGS["comments"] = "with_comments"
@@ -88,12 +84,14 @@ class CapoCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """``fit``, ``validate`` and ``test``; ``predict`` is left out, since the module has no
-        predict step (``capo export`` writes the trained model for other tools, ``capo test`` grades
-        it)."""
-        return {
-            name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"
-        }
+        """``fit``, ``validate`` and ``test`` (the module has no predict step)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path``'s file here: refuse it first if it does not verify."""
+        if subcommand := self.config.get("subcommand"):
+            refuse_unverified(self.config[subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``regime``: scale-free multipliers on the base config
@@ -240,16 +238,6 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
-PREEMPTED_EXIT = 128 + signal.SIGTERM
-"""Exit status after SIGTERM (143, what a shell reports for a process SIGTERM ended): non-zero, so
-SLURM, torchrun's --max-restarts and Kubernetes count the run as failed and requeue or restart it,
-where 0 would record a preempted run as completed."""
-PREEMPTED_MESSAGE = (
-    "capo: stopped by SIGTERM (preempted) after finishing and logging the step under way; "
-    "resume with --ckpt_path last"
-)
-
-
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``capo`` console script (``fit``, ``validate``, ``test``, ``report``,
     ``export``); tests call ``main([...])``.
@@ -270,13 +258,13 @@ def main(args: ArgsType = None) -> None:
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
+    preemption.install()  # SIGUSR1: stop after the step, requeue (SLURM)
     try:
         with stamp_scope():  # the processes this command starts inherit its stamp; the next not
             build_cli(args)
     except SIGTERMException:
         # the step under way finished and was logged, InterruptCheckpoint (if configured) saved
-        print(PREEMPTED_MESSAGE, file=sys.stderr, flush=True)
-        sys.exit(PREEMPTED_EXIT)
+        preemption.exit_preempted()
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> CapoCLI:

@@ -1,4 +1,4 @@
-"""SIGKILL at every injection point, and SIGTERM, then ``--ckpt_path last`` until done: nothing lost, nothing doubled.
+"""SIGKILL at every injection point, SIGTERM and SLURM's SIGUSR1, then ``--ckpt_path last``: nothing lost or doubled.
 
 The CI subset of the fault soak (``scripts/fault_soak.py``, whose harness it uses): real ``capo fit`` processes on
 the tiny model (``conf/debug/tiny_cpu.yaml`` with CAPO's selector, 4 steps, a checkpoint after every step,
@@ -12,53 +12,25 @@ versions), every key but timings, each step exactly once.
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import random
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from capo_lightning.callbacks import InterruptCheckpoint
-from capo_lightning.commands.cli import PREEMPTED_EXIT, PREEMPTED_MESSAGE
-from capo_lightning.faults import POINTS, TRACE_VARIABLE, VARIABLE
-from tests.conftest import ROOT
+from capo_lightning.commands.preemption import PREEMPTED_EXIT, PREEMPTED_MESSAGE, REQUEUE_EXIT
+from capo_lightning.faults import RUN_POINTS, VARIABLE
+from tests.faults.harness import SEED, STEPS, soak
+from tests.faults.harness import assert_same_as_reference as _assert_same_as_reference
+from tests.faults.harness import output as _output
+from tests.faults.harness import run as _run
 
 pytestmark = pytest.mark.faults
 
-_spec = importlib.util.spec_from_file_location("fault_soak", ROOT / "scripts/fault_soak.py")
-soak = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(soak)
 
-STEPS = 4
-SEED = 20261207
-
-
-def _run(root: Path, model: Path, env: dict[str, str] | None = None, resume: bool = False, interrupt: bool = False):
-    extra = (soak.INTERRUPT,) if interrupt else ()
-    return soak.run_to_end(soak.fit(root, str(model), STEPS, env, resume=resume, extra=extra))
-
-
-def _output(root: Path) -> str:
-    return (root.parent / f"{root.name}.log").read_text()
-
-
-def _assert_same_as_reference(root: Path, reference: dict, what: str) -> None:
-    assert soak.differences(soak.final_state(root), reference["state"], "state") == [], what
-    assert soak.differences(soak.log_rows(root), reference["rows"], "rows") == [], what
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("reference") / "run"
-    trace = root.parent / "trace.txt"
-    assert _run(root, tiny_model_dir, {TRACE_VARIABLE: str(trace)}) == 0, _output(root)[-3000:]
-    rows = soak.log_rows(root)
-    assert {row["step"] for row in rows} == set(map(float, range(1, STEPS + 1)))  # the comparison has substance
-    return {"state": soak.final_state(root), "rows": rows, "arrivals": Counter(trace.read_text().split())}
-
-
-@pytest.mark.parametrize("point", POINTS)
+# the grader point is in the grading server, whose death the run survives (tests/integration/test_ungraded.py)
+@pytest.mark.parametrize("point", RUN_POINTS)
 def test_sigkill_at_a_point_then_resume_from_last_ends_as_the_uninterrupted_run(
     point: str, reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -110,6 +82,46 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_143_then_resumes_exactly(
     assert saved["global_step"] == -(-n // per_step), f"backward {n} is in step {-(-n // per_step)}"
     assert _run(root, tiny_model_dir, resume=True, interrupt=True) == 0, _output(root)[-3000:]
     _assert_same_as_reference(root, reference, "term")
+
+
+def test_an_engine_that_raises_mid_generation_stops_the_run_with_a_resumable_checkpoint(
+    reference: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The engine raising in step 3's generation (the run's 4th: steps 1, 2, step 2's validation, step 3): the run
+    stops (exit 1, the error and the checkpoint named), InterruptCheckpoint saves step 2, the resume ends as the
+    reference. No retry: an engine that raised once is not trusted with the next step's weights (documented)."""
+    root = tmp_path / "run"
+    assert _run(root, tiny_model_dir, {VARIABLE: "generation:4:raise"}, interrupt=True) == 1
+    assert "capo: InjectedFault at step 2; saved" in _output(root) and "last-interrupted.ckpt" in _output(root)
+    assert soak.final_state(root, InterruptCheckpoint.FILENAME)["global_step"] == 2
+    assert _run(root, tiny_model_dir, resume=True, interrupt=True) == 0, _output(root)[-3000:]
+    _assert_same_as_reference(root, reference, "engine raised")
+
+
+def test_slurms_requeue_signal_finishes_the_step_saves_it_requeues_the_job_and_exits_138(
+    reference: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """SIGUSR1 (``#SBATCH --signal=USR1@600``) in a backward of steps 1..3: the step finishes and is saved as on
+    SIGTERM, then rank 0 runs ``scontrol requeue <job>`` and capo exits 138. ``scontrol`` here is a FAKE (a script
+    on PATH that records its arguments): there is no SLURM on this machine."""
+    per_step = reference["arrivals"]["backward"] // STEPS
+    n = random.Random(f"{SEED}:requeue").randint(1, per_step * (STEPS - 1))
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol_calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    root = tmp_path / "run"
+    code = _run(root, tiny_model_dir, {VARIABLE: f"backward:{n}:requeue", **slurm}, interrupt=True)
+    assert code == REQUEUE_EXIT, _output(root)[-3000:]
+    assert "capo: stopped by SIGUSR1 (SLURM's requeue signal)" in _output(root)
+    assert "asked SLURM to requeue job 4242" in _output(root) and "Traceback" not in _output(root)
+    assert calls.read_text() == "requeue 4242\n"
+    saved = soak.final_state(root, InterruptCheckpoint.FILENAME)
+    assert saved["global_step"] == -(-n // per_step), f"backward {n} is in step {-(-n // per_step)}"
+    assert not list(root.glob("hpc_ckpt_*.ckpt"))  # not Lightning's mid-step save
+    assert _run(root, tiny_model_dir, resume=True, interrupt=True) == 0, _output(root)[-3000:]
+    _assert_same_as_reference(root, reference, "requeue")
 
 
 def test_the_comparison_sees_a_difference() -> None:
