@@ -34,6 +34,7 @@ GROUPS_GENERATED = "rollout/groups_generated"
 GROUPS_KEPT_FRAC = "rollout/groups_kept_frac"
 GROUPS_FILLED = "rollout/groups_filled"
 SYNC_PROBE_GAP = "rollout/sync_probe_gap"
+UNGRADED_GROUPS = "rollout/ungraded_groups"  # groups with a reward the grader failed to give
 
 # ---- objective/: the loss side -------------------------------------------------------------------
 LOSS = "objective/loss"

@@ -152,8 +152,7 @@ class RolloutDataModule(EvalStreams, LightningDataModule):
     def connect(
         self, engine: RolloutEngine, tokenizer: Any, context_len: int | None = None
     ) -> EvalSpec:
-        """Attach what exists only once the policy is built; CAPOModule calls it in
-        ``configure_model``.
+        """Attach what exists only once the policy is built (CAPOModule's ``configure_model``).
 
         Args:
             engine: the module's rollout engine (already bound to the policy).
@@ -167,6 +166,7 @@ class RolloutDataModule(EvalStreams, LightningDataModule):
         samplings = {"sampling": self.sampling, "val_sampling": self.val_sampling}
         check_token_budget(self.max_prompt_tokens, samplings, context_len)
         self.engine, self.tokenizer = engine, tokenizer
+        self._maker().check_source(self.train_source, "data.train_source")
         return EvalSpec(
             tuple(self.eval_names("val")), tuple(self.eval_names("test")), self.val_samples
         )

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from capo_lightning import keys
 from capo_lightning.batch import RolloutBatch
 from capo_lightning.data.collate import collate_completions
-from capo_lightning.data.prompts import PromptItem
+from capo_lightning.data.prompts import PromptItem, PromptSource
 from capo_lightning.data.templates import PromptTemplate
 from capo_lightning.faults import inject
 from capo_lightning.rewards.base import RewardFn
@@ -33,6 +33,9 @@ class ScoredGroup:
     prompt: str  # formatted
     completions: list[Completion]
     rewards: list[float]
+    ungraded: bool = (
+        False  # a reward was NaN (the grader failed): rewards 0, masked out of the loss
+    )
 
     def varies(self, tol: float = 1e-6) -> bool:
         """True when the rewards differ (max - min > tol), i.e. the group has a learning signal."""
@@ -73,7 +76,7 @@ class RolloutMaker:
     def format_prompt(self, question: str, template: PromptTemplate | None = None) -> str:
         """Apply ``template`` (default: this maker's); raise if the result exceeds
         max_prompt_tokens."""
-        text = (template or self.template).format(question, self.tokenizer, self.system_prompt)
+        text = self.format_prompt_unchecked(question, template)
         num = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if num > self.max_prompt_tokens:
             raise ValueError(
@@ -83,6 +86,28 @@ class RolloutMaker:
                 "remove long prompts from the source"
             )
         return text
+
+    def check_source(self, source: PromptSource, field: str) -> None:
+        """Format every prompt of a finite ``source`` now, so one over ``max_prompt_tokens`` stops
+        the run before it trains, naming its indices, not at the step that first draws it (an
+        unbounded source is checked prompt by prompt as its steps draw them)."""
+        if source.size is None:
+            return
+        texts = [self.format_prompt_unchecked(source.item(i).prompt) for i in range(source.size)]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        over = [(i, n) for i, n in enumerate(lengths) if n > self.max_prompt_tokens]
+        if over:
+            shown = ", ".join(f"item {i} ({n} tokens)" for i, n in over[:5])
+            raise ValueError(
+                f"{field} ({source.name()}): {len(over)} of {source.size} prompts are longer than "
+                f"data.max_prompt_tokens={self.max_prompt_tokens} once formatted: {shown}"
+                f"{' ...' if len(over) > 5 else ''}. Raise data.max_prompt_tokens (prompt + "
+                "max_new_tokens must fit the model's context) or remove them from the source"
+            )
+
+    def format_prompt_unchecked(self, question: str, template: PromptTemplate | None = None) -> str:
+        """``question`` formatted by ``template`` (default: this maker's), length unchecked."""
+        return (template or self.template).format(question, self.tokenizer, self.system_prompt)
 
     def sample(
         self,
@@ -104,9 +129,7 @@ class RolloutMaker:
         rewards = compute_rewards(reward_fn, completions, items_n, sampling.max_new_tokens)
         reward_s = time.perf_counter() - t1
         groups = [
-            ScoredGroup(
-                item, prompt, completions[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n]
-            )
+            _scored(item, prompt, completions[j * n : (j + 1) * n], rewards[j * n : (j + 1) * n])
             for j, (item, prompt) in enumerate(zip(items, prompts))
         ]
         tokens = sum(len(c.token_ids) for c in completions)
@@ -114,6 +137,7 @@ class RolloutMaker:
             keys.TIME_GENERATE: gen_s,
             keys.TIME_REWARD: reward_s,
             keys.TOKENS_PER_S: tokens / max(gen_s, 1e-9),
+            keys.UNGRADED_GROUPS: float(sum(g.ungraded for g in groups)),
         }
         return Sampled(groups, stats)
 
@@ -133,8 +157,21 @@ class RolloutMaker:
             answers=[g.item.answer for g in groups for _ in range(n)],
             max_new_tokens=max_new_tokens,
         )
+        for j, group in enumerate(groups):
+            if group.ungraded:  # nothing learnt from it, no token counted
+                batch.response_mask[j * n : (j + 1) * n] = False
         batch.stats.update(stats)
         return batch
+
+
+def _scored(item: PromptItem, prompt: str, completions: list[Completion], rewards: list[float]):
+    """A ScoredGroup; one with an ungraded (NaN) reward is kept for the batch's shape but marked:
+    rewards 0 (no variance: dynamic sampling replaces it) and, once collated, no loss tokens.
+    Dropping the group, not scoring the answer 0, keeps a correct answer from being taught as
+    wrong."""
+    if any(math.isnan(r) for r in rewards):
+        return ScoredGroup(item, prompt, completions, [0.0] * len(rewards), ungraded=True)
+    return ScoredGroup(item, prompt, completions, rewards)
 
 
 def compute_rewards(
@@ -155,8 +192,8 @@ def compute_rewards(
         raise ValueError(
             f"data.reward_fn {name} returned {len(rewards)} rewards for {len(texts)} completions"
         )
-    if not all(math.isfinite(r) for r in rewards):
-        raise ValueError(f"data.reward_fn {name} returned a non-finite reward: {rewards}")
+    if any(math.isinf(r) for r in rewards):  # NaN: could not grade (its group is dropped)
+        raise ValueError(f"data.reward_fn {name} returned an infinite reward: {rewards}")
     return rewards
 
 

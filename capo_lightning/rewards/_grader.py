@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 
+from capo_lightning.faults import inject
 from capo_lightning.rewards.grading import symbolic_verdict
 
 
@@ -123,6 +124,7 @@ def main() -> None:
     for line in sys.stdin.buffer:
         request = json.loads(line)
         for pred, gold in request["pairs"]:
+            inject("grader")
             child = child if child is not None and child.pid > 0 else _Child(memory_limit_mb)
             out.write(
                 json.dumps(child.grade(pred, gold, float(request["timeout"]))).encode() + b"\n"

@@ -20,6 +20,7 @@ exact string/number only, counted in ``verifier/parse_fail_gold`` and logged onc
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ class Grade:
     """How one completion was graded.
 
     Attributes:
-        reward: 1.0 or 0.0.
+        reward: 1.0 or 0.0; NaN when the grading process died on it (status ``error``).
         pred: the extracted answer, or None.
         status: ``ok``; ``no_answer`` (nothing extracted); ``pred_unparsed`` / ``gold_unparsed``
             (math_verify could not parse that side); ``timeout``; ``error``.
@@ -60,7 +61,8 @@ class Grade:
 
 
 class MathReward:
-    """The default reward: 1.0 when the completion's final answer equals the gold answer, else 0.0.
+    """The default reward: 1.0 when the completion's final answer equals the gold answer, else 0.0;
+    NaN (ungraded) when the grading process died comparing it.
 
     Args:
         timeout_s: hard wall-clock limit per symbolic comparison; longer ones grade 0 (``timeout``).
@@ -124,9 +126,10 @@ class MathReward:
                 grades.append(Grade(float(verdict), pred, "ok", sec))
             else:
                 outcome = symbolic[(pred, gold)]
-                grades.append(
-                    Grade(float(outcome.equal), pred, outcome.status, sec + outcome.seconds)
-                )
+                # the grader died on it: no verdict, not a 0 (a correct answer scored 0 would
+                # be taught as wrong); the rollout drops its group (rollout/ungraded_groups)
+                value = math.nan if outcome.status == "error" else float(outcome.equal)
+                grades.append(Grade(value, pred, outcome.status, sec + outcome.seconds))
         self._record(grades, completions)
         return grades
 

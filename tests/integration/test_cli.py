@@ -117,6 +117,19 @@ def test_prompt_longer_than_budget_fails_with_the_field_name(tmp_path: Path) -> 
         main(tiny_args(tmp_path, "--data.max_prompt_tokens=5"))
 
 
+def test_a_finite_source_with_one_prompt_over_budget_fails_before_training_naming_it(tmp_path: Path) -> None:
+    """Bad data in a file: found when the run starts (every prompt formatted and counted), not at the step that
+    would first draw it, which for item 7 of 9 might be hours in."""
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(9)]
+    rows[7]["prompt"] = "what is " + "one plus " * 60 + "one?"
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    source = ["--data.train_source=capo_lightning.data.prompts.JsonlSource", f"--data.train_source.path={data}"]
+    with pytest.raises(ValueError, match=r"data.train_source \(jsonl:train\): 1 of 9 prompts .* item 7 \("):
+        main(tiny_args(tmp_path, *source))
+    assert not (tmp_path / "checkpoints").exists() and not list(tmp_path.glob("logs/version_*/metrics.csv"))
+
+
 def test_print_config_shows_documented_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", TINY, "--print_config"])
