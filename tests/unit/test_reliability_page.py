@@ -1,12 +1,13 @@
 """docs/reliability.md is what scripts/fault_soak.py writes from the committed soak results, and those results
-cover what the page claims: every injection point, at least 20 timed kills, SIGTERM."""
+cover what the page claims: every injection point a run reaches, at least 20 timed kills, SIGTERM and SIGUSR1, the
+engine raising, a full disk, damaged checkpoints, and every check (both damaged, sharded, grader, bad data) held."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 
-from capo_lightning.faults import POINTS
+from capo_lightning.faults import RUN_POINTS
 from tests.conftest import ROOT
 
 _spec = importlib.util.spec_from_file_location("fault_soak", ROOT / "scripts/fault_soak.py")
@@ -19,9 +20,15 @@ def test_the_page_is_generated_from_the_committed_results() -> None:
     assert soak.PAGE.read_text() == soak.render(results), "rerun: python scripts/fault_soak.py page"
 
 
-def test_the_soak_covered_every_point_twenty_timed_kills_and_sigterm() -> None:
-    cases = json.loads(soak.RESULTS.read_text())["cases"]
-    assert {c["point"] for c in cases if c["kind"] == "injected_kill"} == set(POINTS)
+def test_the_soak_covered_every_fault_class_and_each_held() -> None:
+    results = json.loads(soak.RESULTS.read_text())
+    cases = results["cases"]
+    assert {c["point"] for c in cases if c["kind"] == "injected_kill"} == set(RUN_POINTS)
     timed = [c for c in cases if c["kind"] == "timed_kill"]
     assert len(timed) >= 20 and all(c["first_exit"] == soak.KILLED for c in timed)
-    assert any(c["kind"] == "sigterm" for c in cases)
+    assert {c["kind"] for c in cases} == set(soak.KINDS)
+    assert {c.get("damage") for c in cases if c["kind"] == "damaged_checkpoint"} == {"truncate", "flip"}
+    assert all(c["state_equal"] and c["log_equal"] for c in cases), [c["name"] for c in cases if not c["state_equal"]]
+    checks = {c["name"]: c for c in results["checks"]}
+    assert {"both_damaged", "sharded", "grader"} <= checks.keys() and len(checks) == 3 + len(soak.BAD_ROWS)
+    assert all(c["held"] for c in checks.values()), [n for n, c in checks.items() if not c["held"]]
