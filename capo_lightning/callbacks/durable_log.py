@@ -28,11 +28,13 @@ class DurableLog(Callback):
     it (its loop fast-forwards past a validation it believes done); a kill during that validation
     would lose its rows. So the checkpoint also says whether one was due, and the resumed run runs
     it first, as :class:`.ValidateBeforeTraining` runs its baseline (each validation's sampling is
-    seeded on its own, so it gives the rows the killed process would have logged).
+    seeded on its own, so it gives the rows the killed process would have logged). A checkpoint
+    saved during a validation (``InterruptCheckpoint``, when it fails) owes that validation too.
     """
 
     def __init__(self) -> None:
         self._unlogged = False  # the current step has ended but its row is not yet logged
+        self._validating = False  # a validation inside training has started and not ended
         self._restored: dict[str, Any] | None = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *_: Any) -> None:
@@ -43,6 +45,10 @@ class DurableLog(Callback):
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._unlogged = False  # a validation inside training runs after the step is logged
+        self._validating = trainer.state.fn == "fit" and not trainer.sanity_checking
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validating = False
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, _: BaseException) -> None:
         self._unlogged = False  # SIGTERM stops after the step is logged
@@ -59,6 +65,8 @@ class DurableLog(Callback):
                 "row": convert_tensors_to_scalars(dict(trainer._logger_connector.metrics["log"])),
                 "validation_due": loop._should_check_val_fx(trainer.fit_loop._data_fetcher),
             }
+        elif self._validating:  # saved because the validation failed: it is owed, its rows unlogged
+            step = {"row": None, "validation_due": True}
         checkpoint[KEY] = step
 
     def on_load_checkpoint(
@@ -78,7 +86,8 @@ class DurableLog(Callback):
         step, self._restored = self._restored, None
         if not step:
             return
-        trainer._logger_connector.log_metrics(step["row"])  # as Lightning would have logged it
+        if step["row"]:
+            trainer._logger_connector.log_metrics(step["row"])  # as Lightning would have logged it
         if step["validation_due"]:
             trainer.validating = True
             trainer.fit_loop.epoch_loop.val_loop.run()

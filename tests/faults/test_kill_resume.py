@@ -98,6 +98,19 @@ def test_an_engine_that_raises_mid_generation_stops_the_run_with_a_resumable_che
     _assert_same_as_reference(root, reference, "engine raised")
 
 
+def test_an_engine_that_raises_during_a_validation_owes_that_validation_on_resume(
+    reference: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The engine raising in step 2's validation (the run's 3rd generation): InterruptCheckpoint saves step 2 from
+    inside the validation, and Lightning, resuming from it, skips that validation; the soak found its rows missing
+    from the joined log (8 of 9). The checkpoint now says the validation is owed, and the resume runs it first."""
+    root = tmp_path / "run"
+    assert _run(root, tiny_model_dir, {VARIABLE: "generation:3:raise"}, interrupt=True) == 1
+    assert soak.final_state(root, InterruptCheckpoint.FILENAME)["global_step"] == 2
+    assert _run(root, tiny_model_dir, resume=True, interrupt=True) == 0, _output(root)[-3000:]
+    _assert_same_as_reference(root, reference, "engine raised in a validation")
+
+
 def test_slurms_requeue_signal_finishes_the_step_saves_it_requeues_the_job_and_exits_138(
     reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
