@@ -35,7 +35,7 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how", ["truncate", "flip"])
+@pytest.mark.parametrize("how", [pytest.param("truncate", marks=pytest.mark.slow), "flip"])
 def test_a_damaged_last_is_refused_by_name_and_last_resumes_from_the_previous(
     how: str, reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -58,6 +58,7 @@ def test_a_damaged_last_is_refused_by_name_and_last_resumes_from_the_previous(
     assert verify(last)[0]["step"] == STEPS and verify(previous)[0]["step"] == STEPS - 1  # good ones again
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_verifies_the_resume_stops_naming_each(tiny_model_dir: Path, tmp_path: Path) -> None:
     root = tmp_path / "run"
     assert run(root, tiny_model_dir, steps=2) == 0, output(root)[-3000:]
@@ -87,6 +88,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_and_names_the_path(
     assert_same_as_reference(root, reference, "enospc")
 
 
+@pytest.mark.slow
 def test_an_exception_before_a_resumed_run_trains_writes_no_interrupt_checkpoint(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

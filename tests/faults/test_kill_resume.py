@@ -1,13 +1,15 @@
 """SIGKILL at every injection point, SIGTERM and SLURM's SIGUSR1, then ``--ckpt_path last``: nothing lost or doubled.
 
-The CI subset of the fault soak (``scripts/fault_soak.py``, whose harness it uses): real ``capo fit`` processes on
+The fault soak's cases as tests (``scripts/fault_soak.py``, whose harness it uses): real ``capo fit`` processes on
 the tiny model (``conf/debug/tiny_cpu.yaml`` with CAPO's selector, 4 steps, a checkpoint after every step,
 validation every 2 steps). An uninterrupted reference run is traced (``CAPO_FAULT_TRACE``) to learn how often it
 reaches each point; each case then kills a run at a seeded arrival of one point (``CAPO_FAULT=<point>:<n>:kill``,
 ``SIGKILL`` from inside, which nothing can catch) and resumes it from ``last`` until it finishes. Asserted against
 the reference, bitwise: the final weights, AdamW state, lr schedule, selector state (in the state dict), the data
 position and counters; the training and validation rows of the joined log (``capo report``'s view of all
-versions), every key but timings, each step exactly once.
+versions), every key but timings, each step exactly once. The default suite runs the kill at ``checkpoint_shard``
+and SIGUSR1 (with test_checkpoints.py's flipped bit and full disk: the CI subset, ~3 min); the rest is marked
+``slow`` (all: ``pytest -m faults``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ pytestmark = pytest.mark.faults
 
 
 # the grader point is in the grading server, whose death the run survives (tests/integration/test_ungraded.py)
-@pytest.mark.parametrize("point", RUN_POINTS)
+@pytest.mark.parametrize(
+    "point", [p if p == "checkpoint_shard" else pytest.param(p, marks=pytest.mark.slow) for p in RUN_POINTS]
+)
 def test_sigkill_at_a_point_then_resume_from_last_ends_as_the_uninterrupted_run(
     point: str, reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -43,6 +47,7 @@ def test_sigkill_at_a_point_then_resume_from_last_ends_as_the_uninterrupted_run(
     _assert_same_as_reference(root, reference, f"{point}:{n}")
 
 
+@pytest.mark.slow
 def test_a_kill_during_the_validation_after_a_checkpoint_loses_no_validation_row(
     reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -56,6 +61,7 @@ def test_a_kill_during_the_validation_after_a_checkpoint_loses_no_validation_row
     _assert_same_as_reference(root, reference, "generation:3 (validation)")
 
 
+@pytest.mark.slow
 def test_a_kill_after_the_last_steps_checkpoint_still_logs_that_step_on_resume(
     reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -68,6 +74,7 @@ def test_a_kill_after_the_last_steps_checkpoint_still_logs_that_step_on_resume(
     _assert_same_as_reference(root, reference, "weight_sync at the last step")
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_it_and_exits_143_then_resumes_exactly(
     reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -84,6 +91,7 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_143_then_resumes_exactly(
     _assert_same_as_reference(root, reference, "term")
 
 
+@pytest.mark.slow
 def test_an_engine_that_raises_mid_generation_stops_the_run_with_a_resumable_checkpoint(
     reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -98,6 +106,7 @@ def test_an_engine_that_raises_mid_generation_stops_the_run_with_a_resumable_che
     _assert_same_as_reference(root, reference, "engine raised")
 
 
+@pytest.mark.slow
 def test_an_engine_that_raises_during_a_validation_owes_that_validation_on_resume(
     reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
