@@ -207,7 +207,6 @@ class VerifiedCheckpoint(ModelCheckpoint):
         for path in candidates:
             entry, why = verify(path)
             if entry is not None:
-                self._resolved = str(path)
                 for skipped, reason in rejected:
                     rank_zero_info(f"capo: not resuming from {skipped}: {reason}")
                 note = f" instead of {rejected[0][0]}" if rejected else ""
