@@ -92,32 +92,22 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_143_then_resumes_exactly(
 
 
 @pytest.mark.slow
-def test_an_engine_that_raises_mid_generation_stops_the_run_with_a_resumable_checkpoint(
-    reference: dict, tiny_model_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("n", [4, 3], ids=["in_a_step", "in_a_validation"])
+def test_an_engine_that_raises_stops_the_run_with_a_resumable_checkpoint(
+    n: int, reference: dict, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """The engine raising in step 3's generation (the run's 4th: steps 1, 2, step 2's validation, step 3): the run
-    stops (exit 1, the error and the checkpoint named), InterruptCheckpoint saves step 2, the resume ends as the
-    reference. No retry: an engine that raised once is not trusted with the next step's weights (documented)."""
+    """The engine raising at the run's n-th generation (1 and 2: steps 1 and 2, 3: step 2's validation, 4: step 3):
+    the run stops (exit 1, the error and the checkpoint named), InterruptCheckpoint saves step 2, the resume ends as
+    the reference. No retry: an engine that raised once is not trusted with the next step's weights (documented).
+    Raised inside the validation, the checkpoint is saved from within it and Lightning, resuming, skips that
+    validation: the soak found its rows missing from the joined log (8 of 9); the checkpoint now says the validation
+    is owed, and the resume runs it first."""
     root = tmp_path / "run"
-    assert _run(root, tiny_model_dir, {VARIABLE: "generation:4:raise"}, interrupt=True) == 1
+    assert _run(root, tiny_model_dir, {VARIABLE: f"generation:{n}:raise"}, interrupt=True) == 1
     assert "capo: InjectedFault at step 2; saved" in _output(root) and "last-interrupted.ckpt" in _output(root)
     assert soak.final_state(root, InterruptCheckpoint.FILENAME)["global_step"] == 2
     assert _run(root, tiny_model_dir, resume=True, interrupt=True) == 0, _output(root)[-3000:]
-    _assert_same_as_reference(root, reference, "engine raised")
-
-
-@pytest.mark.slow
-def test_an_engine_that_raises_during_a_validation_owes_that_validation_on_resume(
-    reference: dict, tiny_model_dir: Path, tmp_path: Path
-) -> None:
-    """The engine raising in step 2's validation (the run's 3rd generation): InterruptCheckpoint saves step 2 from
-    inside the validation, and Lightning, resuming from it, skips that validation; the soak found its rows missing
-    from the joined log (8 of 9). The checkpoint now says the validation is owed, and the resume runs it first."""
-    root = tmp_path / "run"
-    assert _run(root, tiny_model_dir, {VARIABLE: "generation:3:raise"}, interrupt=True) == 1
-    assert soak.final_state(root, InterruptCheckpoint.FILENAME)["global_step"] == 2
-    assert _run(root, tiny_model_dir, resume=True, interrupt=True) == 0, _output(root)[-3000:]
-    _assert_same_as_reference(root, reference, "engine raised in a validation")
+    _assert_same_as_reference(root, reference, f"engine raised at generation {n}")
 
 
 def test_slurms_requeue_signal_finishes_the_step_saves_it_requeues_the_job_and_exits_138(
