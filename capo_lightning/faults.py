@@ -44,7 +44,8 @@ POINTS = (
 )
 SERVER_POINTS = ("grader",)  # reached in a helper process the run outlives, not in the run itself
 RUN_POINTS = tuple(point for point in POINTS if point not in SERVER_POINTS)
-ACTIONS = ("kill", "term", "requeue", "raise", "enospc")
+_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "requeue": signal.SIGUSR1}
+ACTIONS = (*_SIGNALS, "raise", "enospc")
 _reached: dict[str, int] = {}
 
 
@@ -71,10 +72,8 @@ def inject(point: str, path: str | None = None) -> None:
     _reached[point] = _reached.get(point, 0) + 1
     if _reached[point] != n:
         return
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif action in ("term", "requeue"):
-        os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGUSR1)
+    if action in _SIGNALS:
+        os.kill(os.getpid(), _SIGNALS[action])
     elif action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected by {VARIABLE})", path)
     elif action == "raise":

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from capo_lightning import faults, keys  # noqa: E402
-from capo_lightning.callbacks.verified_checkpoint import MANIFEST, verify  # noqa: E402
+from capo_lightning.callbacks.verified_checkpoint import MANIFEST, newest_verified  # noqa: E402
 from capo_lightning.report.runs import load_run  # noqa: E402
 
 RESULTS = ROOT / "docs/reliability/soak.json"
@@ -177,13 +177,8 @@ def one_case(case: dict, ref: dict, workdir: Path, model: str, steps: int) -> di
 
 def _resume_point(root: Path) -> int:
     """The step ``--ckpt_path last`` will resume from: the newest ``last*`` checkpoint that verifies (0: none)."""
-    folder = root / "checkpoints"
-    candidates = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        entry, _ = verify(path)
-        if entry is not None:
-            return int(entry["step"])
-    return 0
+    _, entry, _ = newest_verified(list((root / "checkpoints").glob("last*.ckpt")))
+    return int(entry["step"]) if entry is not None else 0
 
 
 def damage(path: Path, how: str) -> None:
@@ -261,8 +256,7 @@ def check_sharded(workdir: Path, model: str, steps: int) -> dict:
     last = root / "checkpoints/last.ckpt"
     partial = (root / "checkpoints/last.ckpt.partial").is_dir()
     committed = json.loads((root / "checkpoints" / MANIFEST).read_text())["checkpoints"]
-    shard = sorted(last.glob("*.distcp"))[0]
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    damage(sorted(last.glob("*.distcp"))[0], "truncate")
     rc = run_to_end(fit(root, model, steps, resume=True, extra=ranks))
     said = (root.parent / f"{root.name}.log").read_text()
     got = read_checkpoint(last) if rc == 0 else {"state_dict": {}}

@@ -100,6 +100,20 @@ def verify(path: Path) -> tuple[dict[str, Any] | None, str]:
     return match, "" if match else why
 
 
+def newest_verified(
+    candidates: list[Path],
+) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
+    """The newest of ``candidates`` (by mtime) that verifies, its manifest entry, and the newer
+    ones skipped, each with why; (None, None, all of them) when none verifies."""
+    rejected = []
+    for path in sorted(candidates, key=lambda p: os.stat(p).st_mtime, reverse=True):
+        entry, why = verify(path)
+        if entry is not None:
+            return path, entry, rejected
+        rejected.append((path, why))
+    return None, None, rejected
+
+
 def commit(
     trainer: Trainer, path: str | Path, keep_previous: bool, weights_only: bool = False
 ) -> None:
@@ -196,23 +210,16 @@ class VerifiedCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(proxy(self))
 
     def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
-        candidates = sorted(
-            (Path(p) for p in super()._find_last_checkpoints(trainer)),
-            key=lambda p: os.stat(p).st_mtime,
-            reverse=True,
-        )
+        candidates = [Path(p) for p in super()._find_last_checkpoints(trainer)]
         if not candidates or read_manifest(candidates[0].parent) is None:
             return {str(p) for p in candidates}  # nothing to verify against: Lightning's choice
-        rejected = []
-        for path in candidates:
-            entry, why = verify(path)
-            if entry is not None:
-                for skipped, reason in rejected:
-                    rank_zero_info(f"capo: not resuming from {skipped}: {reason}")
-                note = f" instead of {rejected[0][0]}" if rejected else ""
-                rank_zero_info(f"capo: resuming from {path} (step {entry['step']}, verified){note}")
-                return {str(path)}
-            rejected.append((path, why))
+        path, entry, rejected = newest_verified(candidates)
+        if path is not None:
+            for skipped, reason in rejected:
+                rank_zero_info(f"capo: not resuming from {skipped}: {reason}")
+            note = f" instead of {rejected[0][0]}" if rejected else ""
+            rank_zero_info(f"capo: resuming from {path} (step {entry['step']}, verified){note}")
+            return {str(path)}
         raise CheckpointUnverifiedError(
             "capo: --ckpt_path last: no checkpoint in "
             f"{candidates[0].parent} verifies against {MANIFEST}: "

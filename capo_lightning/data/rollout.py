@@ -33,9 +33,8 @@ class ScoredGroup:
     prompt: str  # formatted
     completions: list[Completion]
     rewards: list[float]
-    ungraded: bool = (
-        False  # a reward was NaN (the grader failed): rewards 0, masked out of the loss
-    )
+    # a reward was NaN (the grader failed): rewards 0, masked out of the loss
+    ungraded: bool = False
 
     def varies(self, tol: float = 1e-6) -> bool:
         """True when the rewards differ (max - min > tol), i.e. the group has a learning signal."""

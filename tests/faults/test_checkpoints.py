@@ -26,15 +26,6 @@ from tests.faults.harness import STEPS, assert_same_as_reference, output, run, s
 pytestmark = pytest.mark.faults
 
 
-def _damage(path: Path, how: str) -> None:
-    data = bytearray(path.read_bytes())
-    if how == "truncate":
-        path.write_bytes(data[: len(data) // 2])
-    else:  # one bit of a tensor's bytes, size unchanged: only the content hash can tell
-        data[len(data) // 2] ^= 0x01
-        path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("how", [pytest.param("truncate", marks=pytest.mark.slow), "flip"])
 def test_a_damaged_last_is_refused_by_name_and_last_resumes_from_the_previous(
     how: str, reference: dict, tiny_model_dir: Path, tmp_path: Path
@@ -44,7 +35,7 @@ def test_a_damaged_last_is_refused_by_name_and_last_resumes_from_the_previous(
     folder = root / "checkpoints"
     last, previous = folder / "last.ckpt", folder / "last.previous.ckpt"
     assert verify(last)[0]["step"] == STEPS - 1 and verify(previous)[0]["step"] == STEPS - 2
-    _damage(last, how)
+    soak.damage(last, how)
     assert verify(last) == (None, "its content does not match the manifest (truncated or corrupted)")
 
     assert run(root, tiny_model_dir, resume=str(last)) != 0
@@ -63,8 +54,8 @@ def test_when_no_checkpoint_verifies_the_resume_stops_naming_each(tiny_model_dir
     root = tmp_path / "run"
     assert run(root, tiny_model_dir, steps=2) == 0, output(root)[-3000:]
     folder = root / "checkpoints"
-    _damage(folder / "last.ckpt", "truncate")
-    _damage(folder / "last.previous.ckpt", "flip")
+    soak.damage(folder / "last.ckpt", "truncate")
+    soak.damage(folder / "last.previous.ckpt", "flip")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert run(root, tiny_model_dir, resume=True, steps=3) != 0
     assert f"no checkpoint in {folder} verifies against {MANIFEST}: " in output(root)

@@ -19,6 +19,7 @@ import torch
 from capo_lightning.callbacks.verified_checkpoint import PARTIAL, verify
 from capo_lightning.commands.export import read_checkpoint
 from capo_lightning.faults import RANK_VARIABLE, VARIABLE
+from tests.faults.harness import soak
 from tests.integration.test_launch import _fit_args, _overlay
 from tests.integration.test_rank_death import _start, _wait
 
@@ -51,8 +52,7 @@ def test_a_kill_between_shards_commits_nothing_and_a_damaged_folder_falls_back(
     assert last.is_dir() and verify(last)[0]["step"] == STEPS - 1
     assert verify(previous)[0]["step"] == STEPS - 2
 
-    shard = sorted(last.glob("*.distcp"))[0]
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    soak.damage(sorted(last.glob("*.distcp"))[0], "truncate")
     monkeypatch.delenv(VARIABLE)
     monkeypatch.delenv(RANK_VARIABLE)
     codes, log = _launch(tiny_model_dir, folder, tmp_path, "resumed", "--ckpt_path=last")
