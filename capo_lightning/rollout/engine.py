@@ -49,6 +49,9 @@ class Completion:
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS) or "length" (hit max_new_tokens)
     text: str  # decoded response, special tokens removed
+    # [L_i] log q(token) of the distribution it was drawn from (after temperature, top-k, top-p;
+    # 0 when greedy); None where the engine does not report it
+    sample_logprobs: list[float] | None = None
 
 
 class RolloutEngine(ABC):

@@ -1,4 +1,5 @@
-"""Rollouts with transformers ``generate`` on the policy object itself (the CPU default)."""
+"""Rollouts on the policy object itself (the CPU default): capo's decoding loop, or transformers
+``generate``."""
 
 from __future__ import annotations
 
@@ -10,14 +11,23 @@ from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
 from capo_lightning.models.lora import transformers_model
+from capo_lightning.rollout.decode import decode
 from capo_lightning.rollout.engine import Completion, RolloutEngine, SamplingConfig
+
+LOOPS = ("compact", "generate")
 
 
 class HFEngine(RolloutEngine):
-    """Samples with ``policy.generate``; shares the policy, so weights are never stale.
+    """Samples on the policy object itself; shares the policy, so weights are never stale.
+
+    ``loop="compact"`` (the default) decodes with :func:`capo_lightning.rollout.decode.decode`,
+    which drops each answer from the batch (and its KV cache) once it has ended;
+    ``loop="generate"`` calls ``policy.generate``, which computes every row until the longest
+    answer ends. Both sample from the same distribution (temperature, top-k, top-p in transformers'
+    order), from different random streams: the same ``seed`` gives different tokens in the two.
 
     Behavior logprobs are those of the raw model (temperature 1, no top-k/top-p), so they compare
-    like for like with the trainer's logprobs. They are read while ``generate`` runs
+    like for like with the trainer's logprobs. ``generate``'s are read while it runs
     (:class:`_RawLogprobs`), one step at a time, instead of asking it for every step's logits
     (``output_logits``, which keeps an [n, L, V] fp32 copy: 60 GB at the paper's shape) and a
     log-softmax of each.
@@ -28,15 +38,19 @@ class HFEngine(RolloutEngine):
     and their logits are not read as behaviour logprobs.
 
     Args:
-        max_batch_size: rows (prompts x samples) per ``generate`` call; bounds memory.
+        max_batch_size: rows (prompts x samples) decoded together; bounds memory.
+        loop: ``"compact"`` (capo's loop) or ``"generate"`` (transformers').
     """
 
     shares_policy = True
 
-    def __init__(self, max_batch_size: int = 64) -> None:
+    def __init__(self, max_batch_size: int = 64, loop: str = "compact") -> None:
         if max_batch_size < 1:
             raise ValueError(f"HFEngine max_batch_size must be >= 1, got {max_batch_size}")
+        if loop not in LOOPS:
+            raise ValueError(f"HFEngine loop must be one of {LOOPS}, got {loop!r}")
         self.max_batch_size = max_batch_size
+        self.loop = loop
         self.policy: Any = None
         self.tokenizer: Any = None
 
@@ -57,22 +71,50 @@ class HFEngine(RolloutEngine):
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
+                if self.loop == "compact":  # one draw per row and step, fixed before any decodes
+                    uniforms = torch.rand(sampling.max_new_tokens, len(rows), dtype=torch.float64)
                 for start in range(0, len(rows), self.max_batch_size):
-                    out.extend(
-                        self._generate_rows(rows[start : start + self.max_batch_size], sampling)
-                    )
+                    chunk = rows[start : start + self.max_batch_size]
+                    if self.loop == "compact":
+                        drawn = uniforms[:, start : start + len(chunk)]
+                        out.extend(self._decode_rows(chunk, sampling, drawn))
+                    else:
+                        out.extend(self._generate_rows(chunk, sampling))
         finally:
             self.policy.train(was_training)
         return out
 
-    def _generate_rows(self, rows: list[str], sampling: SamplingConfig) -> list[Completion]:
-        tok = self.tokenizer
-        enc = tok(
+    def _encode(self, rows: list[str]) -> tuple[Tensor, Tensor]:
+        """Left-padded ``input_ids`` [n, P] and ``attention_mask`` [n, P] on the policy's device."""
+        enc = self.tokenizer(
             rows, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
         )
         device = next(self.policy.parameters()).device
-        input_ids = enc["input_ids"].to(device)  # [n, P]
-        attention_mask = enc["attention_mask"].to(device)  # [n, P]
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def _decode_rows(
+        self, rows: list[str], sampling: SamplingConfig, uniforms: Tensor
+    ) -> list[Completion]:
+        input_ids, attention_mask = self._encode(rows)
+        synced = _sharded_over_ranks(self.policy)
+        got = decode(
+            self.policy, input_ids, attention_mask, sampling, self._eos_ids(), uniforms, synced
+        )
+        return [
+            Completion(
+                prompt_ids=input_ids[i][attention_mask[i].bool()].tolist(),
+                token_ids=got.tokens[i],
+                logprobs=got.logprobs[i],
+                finish_reason=got.finish_reasons[i],
+                text=self.tokenizer.decode(got.tokens[i], skip_special_tokens=True),
+                sample_logprobs=got.sample_logprobs[i],
+            )
+            for i in range(len(rows))
+        ]
+
+    def _generate_rows(self, rows: list[str], sampling: SamplingConfig) -> list[Completion]:
+        tok = self.tokenizer
+        input_ids, attention_mask = self._encode(rows)  # [n, P] each
         greedy = sampling.temperature == 0
         synced = _sharded_over_ranks(self.policy)
         with _RawLogprobs(self.policy) as raw:

@@ -1,4 +1,6 @@
-"""HFEngine's behaviour logprobs, read while generate runs, against generate's own per-step logits."""
+"""HFEngine's behaviour logprobs: with ``loop="generate"``, read while generate runs, against generate's own per-step
+logits; on a LoRA policy, with either loop, against the policy's own scoring (the compact loop:
+test_rollout_loop.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ def test_streamed_logprobs_equal_the_raw_logits_of_each_step(
     """Same seed, same sampled tokens; each token's logprob is log_softmax of that step's RAW logits (temperature
     1, no top-k), as ``output_logits=True`` returns them: what the trainer's logprobs compare against."""
     policy, tokenizer = load_policy(PolicySpec(str(tiny_model_dir)))
-    engine = HFEngine(max_batch_size=8)
+    engine = HFEngine(max_batch_size=8, loop="generate")
     engine.bind(policy, tokenizer)
     prompts = ["1+2=", "what is 7 times 3?", "9"]
     sampling = SamplingConfig(max_new_tokens=10, temperature=temperature, top_k=top_k, seed=11)
@@ -47,12 +49,18 @@ def test_streamed_logprobs_equal_the_raw_logits_of_each_step(
         assert any(lp < -1e-3 for c in got for lp in c.logprobs)
 
 
-def test_streamed_logprobs_of_a_lora_policy(tiny_model_dir: Path) -> None:
-    """A PEFT model's generate calls the wrapped transformers model directly: the hooks still see every step."""
+@pytest.mark.parametrize("loop", ["compact", "generate"])
+def test_streamed_logprobs_of_a_lora_policy(tiny_model_dir: Path, loop: str) -> None:
+    """A PEFT model's generate calls the wrapped transformers model directly: the hooks still see every step; the
+    compact loop calls the PEFT model's forward, adapters included."""
     from capo_lightning.models.lora import LoraSpec
 
     policy, tokenizer = load_policy(PolicySpec(str(tiny_model_dir), lora=LoraSpec(rank=4, target_modules=["q_proj"])))
-    engine = HFEngine()
+    with torch.no_grad():  # adapters that change the output, so a loop that skipped them would differ
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    engine = HFEngine(loop=loop)
     engine.bind(policy, tokenizer)
     got = engine.generate(["1+2=", "3"], n=2, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, seed=5))
     assert all(len(c.logprobs) == len(c.token_ids) >= 1 for c in got)
