@@ -22,9 +22,9 @@ medians.
 
 Roofline: what this machine allows for one decoding step of m rows, from its measured fp32 matmul throughput
 (a 1024 x 1024 x 1024 ``torch.mm``) and memory bandwidth (a 256 MiB copy, read + write): a step reads every weight
-once (4 bytes x parameters) and does 2 x parameters FLOPs per row (attention over the short cache neglected), so
-tokens/s <= min(m x FLOP/s / (2 N), m x bandwidth / (4 N)) at m = the batch's rows. Printed next to the measured
-rates at the quickstart shape's full batch.
+once (4 bytes x parameters N) and does 2N FLOPs per row (attention over the short cache neglected), so
+tokens/s <= min(FLOP/s / (2N), m x bandwidth / (4N)) at m = the batch's rows: compute-bound above
+m = 2 x FLOP/s / bandwidth rows. Printed next to the measured rates at the full batch.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def roofline(params: int, rows: int) -> dict:
     for _ in range(5):
         dst.copy_(src)
     bandwidth = 5 * 2 * src.numel() * 4 / (time.perf_counter() - start)
-    compute, memory = rows * flops / (2 * params), rows * bandwidth / (4 * params)
+    compute, memory = flops / (2 * params), rows * bandwidth / (4 * params)
     return {"gflops": flops / 1e9, "gbps": bandwidth / 1e9, "bound_tok_s": min(compute, memory),
             "compute_tok_s": compute, "memory_tok_s": memory}  # fmt: skip
 

@@ -74,6 +74,7 @@ SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parents[1]
 CAPO_CONFIG = ROOT / "benchmarks" / "vs_trl_capo.yaml"
 VLLM_CONFIG = ROOT / "conf" / "engine" / "vllm_cpu.yaml"
+HF_CONFIG = ROOT / "conf" / "engine" / "hf.yaml"
 BUNDLED = "bundled:smollm2-135m-instruct"
 SOURCE = {"min_value": 10, "max_value": 99, "ops": ["+"]}  # as in vs_trl_capo.yaml's data.train_source
 SEED = 0
@@ -100,6 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64, help="max new tokens per completion")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--capo-engine", choices=("hf", "vllm"), default="hf", help="capo's rollout engine")
+    p.add_argument("--capo-loop", choices=("compact", "generate"), default="compact", help="HFEngine's loop")
+    p.add_argument("--seed", type=int, default=SEED, help="the prompts' stream and order, and both sides' seeds")
     p.add_argument("--capo-python", help="default .venv/bin/python (.venv-vllm/bin/python with --capo-engine vllm)")
     p.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
     p.add_argument("--trl-first", action="store_true", help="run TRL before capo")
@@ -135,7 +138,7 @@ def make_prompts(args: argparse.Namespace, work: Path) -> dict:
     """The model folder and the questions of every step, in capo's order, from capo's own code."""
     out = work / "prompts.json"
     cmd = [args.capo_python, str(SCRIPT), "--role", "prompts", "--out", str(out)]
-    cmd += ["--steps", str(args.steps), "--prompts", str(args.prompts)]
+    cmd += ["--steps", str(args.steps), "--prompts", str(args.prompts), "--seed", str(args.seed)]
     child(cmd, work / "prompts.log", "prompts")
     return json.loads(out.read_text())
 
@@ -146,6 +149,9 @@ def run_capo(args: argparse.Namespace, work: Path) -> dict:
     cmd = [args.capo_python, "-m", "capo_lightning", "fit", "--config", str(CAPO_CONFIG)]
     if args.capo_engine == "vllm":
         cmd += ["--config", str(VLLM_CONFIG)]
+    else:
+        cmd += ["--config", str(HF_CONFIG), "--model.engine.init_args.loop", args.capo_loop]
+    cmd += ["--seed_everything", str(args.seed)]
     cmd += [
         "--trainer.max_steps", str(args.steps), "--trainer.default_root_dir", str(root),
         "--data.prompts_per_step", str(args.prompts), "--data.group_size", str(args.samples),
@@ -160,6 +166,7 @@ def run_capo(args: argparse.Namespace, work: Path) -> dict:
         "generate_s": [float(r["time/generate_s"]) for r in rows[1:]],
         "tokens": [float(r["rollout/response_length_mean"]) * completions for r in rows[1:]],
         "reward": [float(r["train/reward_mean"]) for r in rows[1:]],
+        "tokens_all": [float(r["rollout/response_length_mean"]) * completions for r in rows],
     }
 
 
@@ -177,7 +184,7 @@ def run_trl_side(args: argparse.Namespace, work: Path, prompts: dict) -> dict:
     out = work / "trl_result.json"
     spec.write_text(json.dumps(prompts | {
         "steps": args.steps, "prompts": args.prompts, "samples": args.samples, "new_tokens": args.new_tokens,
-        "lr": args.lr, "gradient_checkpointing": args.trl_gradient_checkpointing, "seed": SEED,
+        "lr": args.lr, "gradient_checkpointing": args.trl_gradient_checkpointing, "seed": args.seed,
         "output_dir": str(work / "trl"), "out": str(out),
     }))  # fmt: skip
     run = child([args.trl_python, str(SCRIPT), "--role", "trl", "--spec", str(spec)], work / "trl.log", "TRL")
@@ -242,7 +249,8 @@ def report(results: dict, prompts: dict, args: argparse.Namespace) -> None:
     """Print the table, the per-step times and the RATIO lines; write --json."""
     summary = {name: summarize(side) for name, side in results.items()}
     capo, trl = summary["capo"], summary["TRL"]
-    print(f"\ncapo: {prompts['versions']}, engine {args.capo_engine}")
+    loop = f", loop {args.capo_loop}" if args.capo_engine == "hf" else ""
+    print(f"\ncapo: {prompts['versions']}, engine {args.capo_engine}{loop}, seed {args.seed}")
     print(f"TRL:  {results['TRL']['versions']}, reward {results['TRL']['reward_fn']}, prompt token ids equal "
           f"to capo's: {results['TRL']['prompt_ids_equal']}")  # fmt: skip
     print(f"\n{'':36} {'capo':>9} {'TRL':>9} {'capo/TRL':>9}")
@@ -251,6 +259,7 @@ def report(results: dict, prompts: dict, args: argparse.Namespace) -> None:
         print(f"{label:36} {capo[key]:9{fmt}} {trl[key]:9{fmt}} {ratio}")
     for name, side in results.items():
         print(f"{name} step s (timed steps): {' '.join(f'{s:.1f}' for s in side['step_s'])}")
+        print(f"{name} completion tokens, every step: {' '.join(f'{t:.0f}' for t in side['tokens_all'])}")
     print(f"\nRATIO capo/TRL seconds per step = {capo['s_per_step'] / trl['s_per_step']:.3f}")
     print(f"RATIO capo/TRL completion tokens per second = {capo['tokens_per_s'] / trl['tokens_per_s']:.3f}")
     print(f"RATIO capo/TRL peak RSS = {capo['peak_rss_gib'] / trl['peak_rss_gib']:.3f}")
@@ -273,7 +282,7 @@ def write_prompts(args: argparse.Namespace) -> None:
     from capo_lightning.models.policy import PolicySpec, load_tokenizer, resolve_model_dir
 
     spec = PolicySpec(BUNDLED)
-    order = PromptOrder(ArithmeticSource(seed=SEED, **SOURCE), SEED, args.prompts, max_sampling_rounds=1)
+    order = PromptOrder(ArithmeticSource(seed=args.seed, **SOURCE), args.seed, args.prompts, max_sampling_rounds=1)
     items = [order.train_item(step, j, 0, 1) for step in range(args.steps) for j in range(args.prompts)]
     tokenizer = load_tokenizer(spec)
     texts = [get_template("chat").format(item.prompt, tokenizer) for item in items]
@@ -309,6 +318,7 @@ def run_trl(spec_path: Path) -> None:
     Path(spec["out"]).write_text(json.dumps({
         "step_s": clock.step_s(), "generate_s": clock.generate_s[1:], "tokens": clock.tokens[1:],
         "reward": clock.rewards[1:], "reward_fn": reward_name, "prompt_ids_equal": ids_equal,
+        "tokens_all": clock.tokens,
         "versions": f"trl {trl.__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
     }))  # fmt: skip
 

@@ -111,7 +111,7 @@ def decode(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache, positions = step_out.past_key_values, positions[:, -1:] + 1
+    cache, positions = getattr(step_out, cache_kw), positions[:, -1:] + 1
     for t in range(sampling.max_new_tokens):
         logits = step_out.logits[:, -1].float()  # [m, V]
         tokens, raw, sampled = _pick(logits, sampling, greedy, uniforms[t, rows])
@@ -175,8 +175,8 @@ def _pick(
 
 
 def _cache_keyword(model: Any) -> str:
-    """The forward's name for the KV cache: ``cache`` from transformers 5.24 (which deprecates
-    ``past_key_values``), ``past_key_values`` before."""
+    """The forward's (and its output's) name for the KV cache: ``cache`` from transformers 5.24
+    (which deprecates ``past_key_values``), ``past_key_values`` before."""
     forward = transformers_model(model).forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
