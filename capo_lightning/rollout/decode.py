@@ -119,7 +119,7 @@ def decode(
         ended = live & torch.isin(tokens, eos)
         stopped[rows[ended]] = True
         live &= ~ended
-        if t + 1 == sampling.max_new_tokens or not _any_rank(bool(live.any()), synced):
+        if t + 1 == sampling.max_new_tokens or not _any_rank(bool(live.any()), synced, device):
             break
         keep = live.nonzero().squeeze(1)
         if keep.numel() == 0:  # synced: this rank's rows have ended, another rank's have not
@@ -181,17 +181,11 @@ def _cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
-def _any_rank(flag: bool, synced: bool) -> bool:
-    """Whether ``flag`` holds on any rank (this rank's ``flag`` when not ``synced``)."""
+def _any_rank(flag: bool, synced: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (this rank's ``flag`` when not ``synced``); the
+    all-reduce runs on ``device``, the policy's (CUDA under NCCL)."""
     if not synced:
         return flag
-    both = torch.tensor([float(flag)], device=_collective_device())
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    return bool(both.item() > 0)
-
-
-def _collective_device() -> torch.device:
-    """The device the default process group's collectives run on (CUDA under NCCL)."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    anywhere = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)
+    return bool(anywhere.item() > 0)

@@ -33,9 +33,9 @@ class HFEngine(RolloutEngine):
     log-softmax of each.
 
     On a policy sharded over ranks (FSDP2) every decoding step all-gathers parameters, so every
-    rank steps until all ranks' completions have ended (transformers' ``synced_gpus``: one
-    all-reduce per step); a rank whose completions ended first runs forwards that sample nothing,
-    and their logits are not read as behaviour logprobs.
+    rank steps until all ranks' completions have ended (one all-reduce per step: the compact loop's
+    own, or transformers' ``synced_gpus``); a rank whose completions ended first runs forwards that
+    sample nothing, and their logits are not read as behaviour logprobs.
 
     Args:
         max_batch_size: rows (prompts x samples) decoded together; bounds memory.

@@ -44,7 +44,7 @@ def frequent_token(model, enc: dict, steps: int) -> int:
         rows_with = sum(token in row.tolist() for row in out)
         if 0 < rows_with < out.shape[0]:
             return token
-    pytest.skip("no token separates the rows of this tiny model's greedy output")
+    pytest.fail("no token separates the rows of this tiny model's greedy output: the test cannot end rows early")
 
 
 @pytest.mark.parametrize(
